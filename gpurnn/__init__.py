@@ -1,0 +1,15 @@
+"""gpurnn: recurrent networks (tanh/ReLU RNN, LSTM, GRU) with BPTT, on NVIDIA GPUs through
+Numba CUDA kernels and CuPy, and on CPUs through Numba CPU kernels, behind one interface.
+
+    import gpurnn
+    m = gpurnn.LSTM(input_size, hidden_size, device="auto")
+    out, state = m(x)                 # x [T, B, I]
+    dx, dstate = m.backward(dout)     # BPTT; gradients in m.grads
+"""
+from .backend import cuda_unavailable_reason, get_backend
+from .layers import GRU, LSTM, RNN, RNNBase, is_grad_enabled, no_grad
+
+__version__ = "0.1.0"
+
+__all__ = ["RNN", "LSTM", "GRU", "RNNBase", "no_grad", "is_grad_enabled", "get_backend",
+           "cuda_unavailable_reason", "__version__"]

@@ -1,0 +1,246 @@
+"""Time-loop drivers: one forward and one backward per cell, for one direction of one layer.
+
+Written once against the backend interface (``gpurnn/backend.py``), so the CPU and the CUDA
+backends run the same loop.  Per step: one recurrent GEMM (two for the seed-form GRU), then one
+fused step kernel (two for the seed-form GRU).  Around the loop: one GEMM for the input
+projection of all steps, and whole-sequence GEMMs for the weight gradients.
+
+Time runs ``t = 0..T-1`` (``T-1..0`` when ``reverse``).  States are stored by time: ``hs`` has
+``T+1`` slots, the state before step ``t`` is ``hs[t]`` and after it ``hs[t+1]`` (swapped when
+``reverse``: before ``hs[t+1]``, after ``hs[t]``).  In inference there are two slots used in
+turn, and one slot of saved gates, so memory does not grow with ``T``.
+
+What the forward keeps for the backward (the ``Tape``):
+
+* ``x``      [T, B, I]   the input (for ``dW_ih``)
+* ``hs``     [T+1, B, H] the hidden states (for ``dW_hh`` and the gate derivatives)
+* ``cs``     [T+1, B, H] the LSTM cell states
+* ``gates``  [T, B, 4H]  post-activation gates: LSTM i, f, g, o; GRU r, z, n and the fourth
+                          block ``W_hn h + b_hn`` (reset after) or ``r * h`` (seed form); none (RNN)
+* ``lengths`` [B] int32  valid steps of each sequence
+"""
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """Which cell: ``mode`` in rnn, lstm, gru; options that change the math."""
+
+    mode: str
+    relu: bool = False
+    reset_after: bool = False
+
+    @property
+    def gates(self):
+        """Gate blocks in the weight matrices (G)."""
+        return {"rnn": 1, "lstm": 4, "gru": 3}[self.mode]
+
+    @property
+    def saved_gates(self):
+        """Gate blocks saved per step for the backward."""
+        return {"rnn": 0, "lstm": 4, "gru": 4}[self.mode]
+
+    @property
+    def has_cell_state(self):
+        return self.mode == "lstm"
+
+
+@dataclass
+class Weights:
+    """One direction of one layer.  w_ih [G*H, I], w_hh [G*H, H], b_ih [G*H], b_hh [G*H]."""
+
+    w_ih: Any
+    w_hh: Any
+    b_ih: Any
+    b_hh: Any
+
+
+@dataclass
+class Tape:
+    x: Any
+    hs: Any
+    cs: Optional[Any]
+    gates: Optional[Any]
+    lengths: Any
+    reverse: bool
+    h_last: Any
+    c_last: Optional[Any]
+
+
+class Workspace:
+    """Buffers allocated once per shape and reused by every later call of the same shape."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self._buffers = {}
+
+    def get(self, name, shape, dtype):
+        shape = tuple(int(s) for s in shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = self.backend.empty(shape, dtype)
+            self._buffers[name] = buf
+        return buf
+
+    def nbytes(self):
+        return sum(int(b.nbytes) for b in self._buffers.values())
+
+
+def _slots(T, step, reverse, training):
+    """(time t, slot of the state before t, slot after t, slot of the saved gates)."""
+    t = T - 1 - step if reverse else step
+    if not training:
+        return t, step % 2, (step + 1) % 2, 0
+    if reverse:
+        return t, t + 1, t, t
+    return t, t, t + 1, t
+
+
+def forward(be, cell, w, x, h0, c0, lengths, reverse, training, ws):
+    """Run one direction over the sequence.
+
+    x [T, B, I]; h0, c0 [B, H] (c0 None unless LSTM); lengths [B] int32 on the device.
+    Returns ``y`` [T, B, H] (a fresh array; zero past each sequence's length) and the ``Tape``,
+    whose ``h_last``/``c_last`` [B, H] are the states after each sequence's last valid step.
+    """
+    xp = be.xp
+    T, B, I = x.shape
+    H = w.w_hh.shape[1]
+    G = cell.gates
+    dtype = x.dtype
+    k = be.kernels(dtype)
+    n_slots = T + 1 if training else 2
+
+    xg = ws.get("xg", (T, B, G * H), dtype)  # [T, B, G*H]
+    be.matmul(x.reshape(T * B, I), w.w_ih.T, out=xg.reshape(T * B, G * H))
+    xg += w.b_ih
+    y = be.empty((T, B, H), dtype)  # [T, B, H]
+    hs = ws.get("hs", (n_slots, B, H), dtype)  # [T+1 or 2, B, H]
+    first = _slots(T, 0, reverse, training)[1]
+    hs[first] = h0
+    cs = gates = None
+    if cell.has_cell_state:
+        cs = ws.get("cs", (n_slots, B, H), dtype)  # [T+1 or 2, B, H]
+        cs[first] = c0
+    if cell.saved_gates:
+        gates = ws.get("gates", (T if training else 1, B, cell.saved_gates * H), dtype)
+    hg = ws.get("hg", (B, G * H), dtype)  # [B, G*H] recurrent product of one step
+
+    if cell.mode == "rnn":
+        for step in range(T):
+            t, p, n, _ = _slots(T, step, reverse, training)
+            be.matmul(hs[p], w.w_hh.T, out=hg)
+            k["rnn_forward_step"](B, H, y[t], hs[n], xg[t], hg, w.b_hh, hs[p], lengths, t,
+                                  int(cell.relu))
+    elif cell.mode == "lstm":
+        for step in range(T):
+            t, p, n, s = _slots(T, step, reverse, training)
+            be.matmul(hs[p], w.w_hh.T, out=hg)
+            k["lstm_forward_step"](B, H, y[t], hs[n], cs[n], gates[s], xg[t], hg, w.b_hh,
+                                   hs[p], cs[p], lengths, t)
+    elif cell.reset_after:
+        for step in range(T):
+            t, p, n, s = _slots(T, step, reverse, training)
+            be.matmul(hs[p], w.w_hh.T, out=hg)
+            k["gru_forward_step"](B, H, y[t], hs[n], gates[s], xg[t], hg, w.b_hh, hs[p],
+                                  lengths, t)
+    else:
+        hg_rz = ws.get("hg_rz", (B, 2 * H), dtype)  # [B, 2H]
+        hg_n = ws.get("hg_n", (B, H), dtype)  # [B, H]
+        rh = ws.get("rh", (B, H), dtype)  # [B, H]
+        w_hrz, w_hn = w.w_hh[: 2 * H], w.w_hh[2 * H:]
+        for step in range(T):
+            t, p, n, s = _slots(T, step, reverse, training)
+            be.matmul(hs[p], w_hrz.T, out=hg_rz)
+            k["gru_seed_reset_step"](B, H, rh, gates[s], xg[t], hg_rz, w.b_hh, hs[p], lengths, t)
+            be.matmul(rh, w_hn.T, out=hg_n)
+            k["gru_seed_candidate_step"](B, H, y[t], hs[n], gates[s], xg[t], hg_n, w.b_hh, hs[p],
+                                         lengths, t)
+
+    last = _slots(T, T - 1, reverse, training)[2]
+    h_last = hs[last].copy()
+    c_last = cs[last].copy() if cs is not None else None
+    tape = Tape(x=x, hs=hs, cs=cs, gates=gates, lengths=lengths, reverse=reverse,
+                h_last=h_last, c_last=c_last)
+    return y, tape
+
+
+def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
+    """BPTT through one direction, for the forward that produced ``tape`` (a training forward).
+
+    dy [T, B, H] gradient of the output (ignored past each length); dh_last, dc_last [B, H]
+    gradients of the final states (dc_last None unless LSTM).  Overwrites ``grads`` (a
+    ``Weights`` of gradient arrays) and returns ``dx`` [T, B, I] (fresh), ``dh0``, ``dc0`` [B, H].
+    """
+    x, hs, cs, gates, lengths = tape.x, tape.hs, tape.cs, tape.gates, tape.lengths
+    T, B, I = x.shape
+    H = w.w_hh.shape[1]
+    G = cell.gates
+    dtype = x.dtype
+    k = be.kernels(dtype)
+    reverse = tape.reverse
+
+    dg = ws.get("dg", (T, B, G * H), dtype)  # [T, B, G*H] pre-activation grads, input path
+    dh_carry = ws.get("dh_carry", (B, H), dtype)  # [B, H]
+    dh_rec = ws.get("dh_rec", (B, H), dtype)  # [B, H] dg_{t+1} @ W_hh
+    dh_carry[...] = dh_last
+    dh_rec[...] = 0
+    if cell.has_cell_state:
+        dc = ws.get("dc", (B, H), dtype)  # [B, H]
+        dc[...] = dc_last
+    dgh = dg
+    if cell.mode == "gru" and cell.reset_after:
+        dgh = ws.get("dgh", (T, B, G * H), dtype)  # [T, B, 3H] recurrent path
+
+    # Undo the forward's steps in the opposite order.
+    for step in reversed(range(T)):
+        t, p, n, _ = _slots(T, step, reverse, True)
+        if cell.mode == "rnn":
+            k["rnn_backward_step"](B, H, dg[t], dh_carry, dy[t], dh_rec, hs[n], lengths, t,
+                                   int(cell.relu))
+            be.matmul(dg[t], w.w_hh, out=dh_rec)
+        elif cell.mode == "lstm":
+            k["lstm_backward_step"](B, H, dg[t], dh_carry, dc, dy[t], dh_rec, gates[t], cs[n],
+                                    cs[p], lengths, t)
+            be.matmul(dg[t], w.w_hh, out=dh_rec)
+        elif cell.reset_after:
+            k["gru_backward_step"](B, H, dg[t], dgh[t], dh_carry, dy[t], dh_rec, gates[t], hs[p],
+                                   lengths, t)
+            be.matmul(dgh[t], w.w_hh, out=dh_rec)
+        else:
+            drh = ws.get("drh", (B, H), dtype)  # [B, H] dL/d(r*h_prev)
+            k["gru_seed_candidate_backward_step"](B, H, dg[t], dh_carry, dy[t], dh_rec, gates[t],
+                                                  hs[p], lengths, t)
+            be.matmul(dg[t][:, 2 * H:], w.w_hh[2 * H:], out=drh)
+            k["gru_seed_reset_backward_step"](B, H, dg[t], dh_carry, drh, gates[t], hs[p],
+                                              lengths, t)
+            be.matmul(dg[t][:, : 2 * H], w.w_hh[: 2 * H], out=dh_rec)
+
+    dh0 = dh_carry + dh_rec
+    dc0 = dc.copy() if cell.has_cell_state else None
+
+    # Whole-sequence GEMMs for the weight gradients; bias gradients as plain sums (no atomics).
+    D = dg.reshape(T * B, G * H)
+    Dh = dgh.reshape(T * B, G * H)
+    h_prev = (hs[1:] if reverse else hs[:T]).reshape(T * B, H)  # [T*B, H] state before each step
+    be.matmul(D.T, x.reshape(T * B, I), out=grads.w_ih)
+    if cell.mode == "gru" and not cell.reset_after:
+        rh = gates[:, :, 3 * H:].reshape(T * B, H)  # [T*B, H] r * h_prev, input of W_hn
+        be.matmul(D[:, : 2 * H].T, h_prev, out=grads.w_hh[: 2 * H])
+        be.matmul(D[:, 2 * H:].T, rh, out=grads.w_hh[2 * H:])
+    else:
+        be.matmul(Dh.T, h_prev, out=grads.w_hh)
+    D.sum(axis=0, out=grads.b_ih)
+    Dh.sum(axis=0, out=grads.b_hh)
+    dx = be.empty((T, B, I), dtype)
+    be.matmul(D, w.w_ih, out=dx.reshape(T * B, I))
+    return dx, dh0, dc0
+
+
+def activation_bytes(cell, T, B, H, itemsize):
+    """Bytes the tape of one training forward holds per layer and direction, beside the input
+    and the output: ``hs`` (and ``cs``) [T+1, B, H] and the saved gates [T, B, 4H]."""
+    states = (T + 1) * B * H * (2 if cell.has_cell_state else 1)
+    return int(itemsize) * (states + T * B * cell.saved_gates * H)

@@ -1,0 +1,46 @@
+"""Test set-up.
+
+The CUDA backend is tested without a GPU through Numba's CUDA simulator, which must be switched
+on before Numba is first imported: so it is decided here, once, for the whole session.  On a
+machine with a working GPU and CuPy the real GPU is used instead (force either way by setting
+NUMBA_ENABLE_CUDASIM yourself).
+"""
+import os
+
+
+def _gpu_present():
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "0" if _gpu_present() else "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+SIMULATOR = os.environ["NUMBA_ENABLE_CUDASIM"] == "1"
+
+#: (class name, constructor options) of every cell and form.
+CELLS = [
+    ("RNN", {}),
+    ("RNN", {"nonlinearity": "relu"}),
+    ("LSTM", {}),
+    ("GRU", {}),
+    ("GRU", {"reset_after": True}),
+]
+CELL_IDS = ["rnn_tanh", "rnn_relu", "lstm", "gru_seed", "gru_reset_after"]
+
+
+def cell_params():
+    return pytest.mark.parametrize("cell,opts", CELLS, ids=CELL_IDS)
+
+
+@pytest.fixture
+def rng(request):
+    # A fresh, test-specific stream: different tests see different data, reruns the same.
+    seed = abs(hash(request.node.nodeid)) % (2**32)
+    return np.random.default_rng(seed)
