@@ -1,0 +1,56 @@
+"""The CUDA backend (its Numba CUDA kernels and the cuda driver path) gives the CPU backend's
+results: outputs, final states and every gradient.  Without a GPU this runs the very same
+kernels in Numba's CUDA simulator, so the sizes are kept small."""
+import numpy as np
+import pytest
+
+from conftest import SIMULATOR, cell_params
+from helpers import host, make, random_state, state_tuple
+
+TOL = {"float64": dict(rtol=1e-11, atol=1e-12), "float32": dict(rtol=1e-5, atol=1e-6)}
+
+
+def _run(layer, x, state, lengths, R, Rs):
+    be = layer.backend
+    out, final = layer(be.asarray(x), state, lengths=lengths)
+    dx, d0 = layer.backward(be.asarray(R), Rs)
+    result = {"out": out, "dx": dx, **{f"final{i}": s for i, s in enumerate(state_tuple(final))},
+              **{f"dstate{i}": s for i, s in enumerate(state_tuple(d0))}, **layer.grads}
+    return {k: host(layer, v) for k, v in result.items()}
+
+
+def _to(layer, state):
+    parts = tuple(layer.backend.asarray(layer.backend.to_numpy(s)) for s in state_tuple(state))
+    return parts if len(parts) == 2 else parts[0]
+
+
+@cell_params()
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("layers,bidirectional,lengths", [
+    (1, False, None), (2, True, [3, 1, 0]), (1, True, [2, 3, 3])], ids=["plain", "stack_bidir_len", "bidir_len"])
+def test_cuda_matches_cpu(cell, opts, dtype, layers, bidirectional, lengths, rng):
+    T, B, I, H = 3, 3, 2, 5
+    kw = dict(num_layers=layers, bidirectional=bidirectional, dtype=dtype, seed=7)
+    cpu = make(cell, opts, I, H, device="cpu", **kw)
+    gpu = make(cell, opts, I, H, device="cuda", **kw)
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    state = random_state(cpu, B, rng)
+    out, final = cpu(x, state)
+    R = rng.standard_normal(out.shape).astype(dtype)
+    Rs = tuple(rng.standard_normal(s.shape).astype(dtype) for s in state_tuple(final))
+    Rs = Rs if len(Rs) == 2 else Rs[0]
+    lengths = None if lengths is None else np.array(lengths)
+    want = _run(cpu, x, state, lengths, R, Rs)
+    got = _run(gpu, x, _to(gpu, state), lengths, R, _to(gpu, Rs))
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], err_msg=k, **TOL[dtype])
+
+
+def test_simulator_is_what_runs_here():
+    """Without a GPU, device='cuda' must be the simulator (not silently the CPU backend)."""
+    import gpurnn
+
+    backend = gpurnn.get_backend("cuda")
+    assert backend.name == "cuda"
+    if SIMULATOR:
+        assert backend.simulator and backend.xp is np
