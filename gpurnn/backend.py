@@ -9,9 +9,12 @@ The time-loop drivers (``gpurnn/drivers.py``) are written once against this inte
   tested on machines without a GPU.
 """
 import functools
+import logging
 import os
 
 import numpy as np
+
+_log = logging.getLogger("gpurnn")
 
 
 class Backend:
@@ -106,10 +109,12 @@ class CUDABackend(Backend):
         return "<gpurnn backend cuda (simulator)>" if self.simulator else "<gpurnn backend cuda>"
 
 
+def _simulator_on():
+    return os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
 def cuda_unavailable_reason():
-    """``None`` when the CUDA backend can run here, else a short reason why not."""
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        return None
+    """``None`` when a real GPU can run the CUDA backend here, else a short reason why not."""
     try:
         import cupy
     except ImportError:
@@ -122,6 +127,8 @@ def cuda_unavailable_reason():
         return f"no usable CUDA driver or GPU: {exc}"
     if count < 1:
         return "no CUDA GPU found"
+    if _simulator_on():
+        return "NUMBA_ENABLE_CUDASIM=1: Numba simulates CUDA on the CPU"
     try:
         from numba import cuda
 
@@ -140,12 +147,15 @@ def get_backend(device):
     if not isinstance(device, str):
         raise TypeError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
     if device == "auto":
-        device = "cuda" if cuda_unavailable_reason() is None else "cpu"
+        # A real GPU only: the simulator is a test tool, far slower than the CPU backend.
+        reason = cuda_unavailable_reason()
+        device = "cuda" if reason is None else "cpu"
+        _log.info("device='auto' chose %s%s", device, f" ({reason})" if reason else "")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
     if device not in _BACKENDS:
         if device == "cuda":
-            reason = cuda_unavailable_reason()
+            reason = None if _simulator_on() else cuda_unavailable_reason()
             if reason is not None:
                 raise RuntimeError(f"device='cuda' is not available: {reason}")
             _BACKENDS[device] = CUDABackend()

@@ -1,0 +1,131 @@
+"""Layer options beyond one plain layer: dropout, inference mode, zero-length sequences,
+forget_bias, the activation-memory figure."""
+import numpy as np
+import pytest
+
+import gpurnn
+from conftest import cell_params
+from helpers import make, random_state, state_tuple
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_dropout_between_layers_only_and_reproducible(device, rng):
+    x = rng.standard_normal((4, 3, 2))
+    a = make("LSTM", {}, 2, 5, device=device, num_layers=2, dropout=0.5, seed=3)
+    b = make("LSTM", {}, 2, 5, device=device, num_layers=2, dropout=0.5, seed=3)
+    plain = make("LSTM", {}, 2, 5, device=device, num_layers=2, seed=3)
+    out_a, out_b, out_plain = a(x)[0], b(x)[0], plain(x)[0]
+    np.testing.assert_array_equal(out_a, out_b)            # same seed, same masks
+    assert not np.allclose(out_a, out_plain)               # dropout acted between the layers
+    single = make("LSTM", {}, 2, 5, device=device, dropout=0.5, seed=3)
+    np.testing.assert_array_equal(single(x)[0], make("LSTM", {}, 2, 5, device=device, seed=3)(x)[0])
+    a.eval()                                               # off in inference
+    np.testing.assert_array_equal(a(x)[0], out_plain)
+
+
+@cell_params()
+def test_dropout_backward_matches_finite_differences(cell, opts, rng):
+    T, B, I, H = 3, 2, 2, 3
+    layer = make(cell, opts, I, H, num_layers=2, bidirectional=True, dropout=0.4, seed=5)
+    x = rng.standard_normal((T, B, I))
+
+    def run():  # the same masks on every call
+        layer._dropout_rng = np.random.default_rng(99)
+        return layer(x)[0]
+
+    R = rng.standard_normal(run().shape)
+    run()
+    layer.backward(R)
+    analytic = {k: v.copy() for k, v in layer.grads.items()}
+    for name in ("weight_ih_l0", "weight_hh_l0_reverse", "bias_hh_l0"):
+        p = layer.params[name]
+        for idx in [tuple(rng.integers(s) for s in p.shape) for _ in range(4)]:
+            old = p[idx]
+            p[idx] = old + 1e-6
+            up = (run() * R).sum()
+            p[idx] = old - 1e-6
+            down = (run() * R).sum()
+            p[idx] = old
+            np.testing.assert_allclose((up - down) / 2e-6, analytic[name][idx], rtol=1e-5, atol=1e-7)
+
+
+@cell_params()
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_inference_equals_training_forward_and_keeps_no_activations(cell, opts, device, rng):
+    T, B, I, H = 6, 2, 3, 4
+    layer = make(cell, opts, I, H, device=device, num_layers=2, bidirectional=True, seed=1)
+    x = rng.standard_normal((T, B, I))
+    state = random_state(layer, B, rng)
+    lengths = np.array([6, 3])
+    out_train, final_train = layer(x, state, lengths=lengths)
+    layer.eval()
+    out_eval, final_eval = layer(x, state, lengths=lengths)
+    np.testing.assert_allclose(out_eval, out_train, rtol=1e-13, atol=1e-14)
+    for a, b in zip(state_tuple(final_eval), state_tuple(final_train)):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
+    # The tape buffers of inference hold two state slots and one gate slot, whatever T is.
+    for ws in layer._workspaces.values():
+        assert ws._buffers["hs"].shape[0] == 2
+        if layer.cell.saved_gates:
+            assert ws._buffers["gates"].shape[0] == 1
+    assert layer._tape is None
+
+
+def test_inference_memory_does_not_grow_with_T(rng):
+    layer = make("LSTM", {}, 3, 8, seed=0).eval()
+    sizes = []
+    for T in (10, 40):
+        layer._workspaces.clear()
+        layer(rng.standard_normal((T, 2, 3)))
+        tape_bytes = sum(ws._buffers[k].nbytes for ws in layer._workspaces.values()
+                         for k in ("hs", "cs", "gates"))
+        sizes.append(tape_bytes)
+    assert sizes[0] == sizes[1]
+    # while a training forward keeps exactly activation_bytes of tape
+    layer.train()
+    layer._workspaces.clear()
+    layer(rng.standard_normal((40, 2, 3)))
+    kept = sum(ws._buffers[k].nbytes for ws in layer._workspaces.values() for k in ("hs", "cs", "gates"))
+    assert kept == layer.activation_bytes(40, 2) > 10 * sizes[0]
+
+
+@cell_params()
+def test_zero_length_sequence(cell, opts, rng):
+    """Defined behaviour: zero outputs, the initial state as final state, and the final-state
+    gradient passes straight to the initial state."""
+    layer = make(cell, opts, 3, 4, seed=2, bidirectional=True)
+    x = rng.standard_normal((5, 2, 3))
+    state = random_state(layer, 2, rng)
+    out, final = layer(x, state, lengths=[0, 5])
+    assert not out[:, 0].any()
+    for f, s in zip(state_tuple(final), state_tuple(state)):
+        np.testing.assert_array_equal(f[:, 0], s[:, 0])
+    dfinal = tuple(rng.standard_normal(f.shape) for f in state_tuple(final))
+    dx, d0 = layer.backward(rng.standard_normal(out.shape), dfinal if len(dfinal) == 2 else dfinal[0])
+    assert not dx[:, 0].any()
+    for d, df in zip(state_tuple(d0), dfinal):
+        np.testing.assert_array_equal(d[:, 0], df[:, 0])
+
+
+def test_forget_bias():
+    layer = gpurnn.LSTM(3, 4, forget_bias=1.0, num_layers=2, seed=0)
+    for name, b in layer.params.items():
+        if name.startswith("bias_ih"):
+            np.testing.assert_array_equal(b[4:8], 1.0)
+        if name.startswith("bias_hh"):
+            np.testing.assert_array_equal(b[4:8], 0.0)
+    default = gpurnn.LSTM(3, 4, seed=0)
+    assert np.abs(default.params["bias_ih_l0"]).max() <= 0.5  # PyTorch's U(-1/sqrt(H), 1/sqrt(H))
+
+
+def test_seed_makes_weights_reproducible():
+    a, b, c = (gpurnn.GRU(3, 5, seed=s) for s in (1, 1, 2))
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k])
+    assert not np.array_equal(a.params["weight_hh_l0"], c.params["weight_hh_l0"])
+
+
+def test_auto_device_says_which():
+    layer = gpurnn.LSTM(2, 3, device="auto")
+    assert layer.device in ("cpu", "cuda")
+    assert (layer.device == "cuda") == (gpurnn.cuda_unavailable_reason() is None)
