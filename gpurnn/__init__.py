@@ -7,9 +7,11 @@ Numba CUDA kernels and CuPy, and on CPUs through Numba CPU kernels, behind one i
     dx, dstate = m.backward(dout)     # BPTT; gradients in m.grads
 """
 from .backend import cuda_unavailable_reason, get_backend
+from .interchange import from_onnx, from_torch
 from .layers import GRU, LSTM, RNN, RNNBase, is_grad_enabled, no_grad
+from .memory import OutOfMemory
 
 __version__ = "0.1.0"
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNBase", "no_grad", "is_grad_enabled", "get_backend",
-           "cuda_unavailable_reason", "__version__"]
+           "cuda_unavailable_reason", "OutOfMemory", "from_torch", "from_onnx", "__version__"]

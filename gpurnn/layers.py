@@ -11,7 +11,7 @@ import threading
 
 import numpy as np
 
-from . import drivers
+from . import drivers, memory
 from .backend import get_backend
 
 _grad_state = threading.local()
@@ -235,6 +235,7 @@ class RNNBase:
         lengths_host = self._check_lengths(lengths, T, B)
         lengths_dev = self.backend.asarray(lengths_host)
         training = self.training and is_grad_enabled()
+        memory.check_fits(self, T, B, training)
         H, D = self.hidden_size, self.num_directions
 
         h_n = self.backend.empty(self._state_shape(B), self.dtype)
@@ -354,11 +355,31 @@ class RNNBase:
         for name, host in converted.items():
             self.params[name][...] = self.backend.asarray(host.astype(self.dtype))
 
+    def stream(self, chunks, state=None):
+        """Inference over a sequence too long for one call, given as an iterable of chunks
+        ``[t_i, B, I]`` (``[B, t_i, I]`` if batch_first): yields ``(out_i, state_i)``, carrying
+        the state from chunk to chunk.  Memory depends on the chunk size, not the total length;
+        the outputs equal one call over the concatenated sequence."""
+        with no_grad():
+            for chunk in chunks:
+                out, state = self.forward(chunk, state)
+                yield out, state
+
     def activation_bytes(self, T, B):
         """Bytes a training forward keeps for the backward (over all layers and directions),
         beyond the layer inputs and outputs; an inference forward keeps none of it."""
         per = drivers.activation_bytes(self.cell, T, B, self.hidden_size, self.dtype.itemsize)
         return per * self.num_layers * self.num_directions
+
+    def to_torch(self):
+        """A ``torch.nn.RNN``/``LSTM``/``GRU`` with a copy of these weights (gpurnn/interchange.py)."""
+        from .interchange import to_torch
+        return to_torch(self)
+
+    def to_onnx(self, path):
+        """Write this layer as an ONNX model of ONNX's RNN/LSTM/GRU operators (gpurnn/interchange.py)."""
+        from .interchange import to_onnx
+        to_onnx(self, path)
 
     def __repr__(self):
         opts = f"{self.input_size}, {self.hidden_size}"
