@@ -52,6 +52,18 @@ class Backend:
     def is_array(self, a):
         return isinstance(a, self.xp.ndarray)
 
+    def forward_sequence(self, cell, w, xg, y, hs, cs, gates, hg, lengths, reverse, training):
+        """Run a whole direction's forward loop in one go, if this backend can for this cell
+        and shape; return whether it did (else the driver runs its per-step loop).  Arguments
+        as the driver's loop uses them, ``hs[first]`` (and ``cs``) already holding ``h0``."""
+        return False
+
+    def run_graph(self, key, enqueue):
+        """Run ``enqueue()``, a function that only puts work on the current stream.  A backend
+        with graphs on captures it once per ``key`` and replays the capture afterwards, so
+        every buffer ``enqueue`` touches must keep its address for a given ``key``."""
+        enqueue()
+
     def __repr__(self):
         return f"<gpurnn backend {self.name}>"
 
@@ -66,11 +78,38 @@ class CPUBackend(Backend):
 
 
 class CUDABackend(Backend):
+    """CuPy arrays, cuBLAS GEMMs through CuPy, Numba CUDA kernels on CuPy's current stream.
+
+    Options (see docs/gpu.md: what each does, what is tested where).  Each defaults to its
+    environment variable, so ``device="cuda"`` picks them up; they may also be set on the
+    backend object (``gpurnn.get_backend("cuda").persistent = True``):
+
+    * ``launch`` (``GPURNN_CUDA_LAUNCH``, default ``"eager"``): how the step kernels are
+      launched, one of ``kernels.cuda.LAUNCH_MODES``.
+    * ``persistent`` (``GPURNN_PERSISTENT=1``, default off): ``forward_sequence`` runs a whole
+      direction's forward as one persistent kernel where ``W_hh`` fits on chip.
+    * ``graphs`` (``GPURNN_CUDA_GRAPHS=1``, default off): ``run_graph`` captures a sequence's
+      launches once per key as a CUDA graph and replays it.  Untested on hardware.
+    * ``tf32`` (``GPURNN_TF32=1``, default off): float32 GEMMs on TF32 tensor cores: inputs
+      rounded to a 10-bit mantissa (unit roundoff 2^-11, about 4.9e-4, against float32's
+      2^-24, about 6e-8), products accumulated in float32.
+    """
+
     name = "cuda"
 
-    def __init__(self):
+    def __init__(self, launch=None, persistent=None, graphs=None, tf32=None):
         from numba import cuda
 
+        from .kernels.cuda import LAUNCH_MODES
+
+        self.launch = os.environ.get("GPURNN_CUDA_LAUNCH", "eager") if launch is None else launch
+        if self.launch not in LAUNCH_MODES:
+            raise ValueError(f"launch (GPURNN_CUDA_LAUNCH) must be one of {LAUNCH_MODES}, "
+                             f"got {self.launch!r}")
+        self.persistent = _env_flag("GPURNN_PERSISTENT") if persistent is None else bool(persistent)
+        self.graphs = _env_flag("GPURNN_CUDA_GRAPHS") if graphs is None else bool(graphs)
+        self.tf32 = _env_flag("GPURNN_TF32") if tf32 is None else bool(tf32)
+        self._graph_cache = {}
         self.simulator = bool(cuda.config.ENABLE_CUDASIM)
         if self.simulator:
             self.xp = np
@@ -84,10 +123,14 @@ class CUDABackend(Backend):
     def kernels(self, dtype):
         from . import kernels
 
-        launchers = kernels.cuda_kernels(np.dtype(dtype))
+        launchers = kernels.cuda_kernels(np.dtype(dtype), self.launch)
         if self.simulator:
             return launchers
         stream = self._numba_stream()
+        if self.launch == "fast":
+            from numba.cuda.cudadrv.driver import _to_core_stream
+
+            stream = _to_core_stream(stream)
         return {name: functools.partial(fn, stream=stream) for name, fn in launchers.items()}
 
     def _numba_stream(self):
@@ -95,6 +138,90 @@ class CUDABackend(Backend):
         from numba import cuda
 
         return cuda.external_stream(cupy.cuda.get_current_stream().ptr)
+
+    def matmul(self, a, b, out):
+        if not (self.tf32 and out.dtype == np.float32 and not self.simulator):
+            self.xp.matmul(a, b, out=out)
+            return
+        # CuPy's compute type is process-wide state: set it for this product only.
+        from cupy._core import _routines_linalg as linalg
+
+        previous = linalg.get_compute_type(np.float32)
+        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32)
+        try:
+            self.xp.matmul(a, b, out=out)
+        finally:
+            linalg.set_compute_type(np.float32, previous)
+
+    def forward_sequence(self, cell, w, xg, y, hs, cs, gates, hg, lengths, reverse, training):
+        if not self.persistent:
+            return False
+        from .kernels import persistent
+
+        if cell.mode not in persistent.PERSISTENT_MODES or (cell.mode == "gru"
+                                                           and not cell.reset_after):
+            return False
+        T, B, H = y.shape
+        kernel = persistent.persistent_kernels(y.dtype)[cell.mode]
+        shape = self._persistent_shape(kernel, cell.gates, B, H, y.dtype)
+        if shape is None:
+            return False
+        stream = 0 if self.simulator else self._numba_stream()
+        persistent.launch_persistent(kernel, shape, T, B, H, y, hs, cs, gates, xg, hg, w.w_hh,
+                                     w.b_hh, lengths, reverse, training, cell.relu, stream)
+        return True
+
+    def _persistent_shape(self, kernel, G, B, H, dtype):
+        from .kernels import persistent
+
+        itemsize = np.dtype(dtype).itemsize
+        if self.simulator:
+            # One block (the simulator's cooperative grids have one) of few Python threads.
+            return persistent.plan(G, B, H, itemsize, 1, _DEFAULT_SHARED_BYTES, lanes=4,
+                                   max_groups=2)
+        from numba import cuda
+
+        sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
+        shape = persistent.plan(G, B, H, itemsize, sms, _DEFAULT_SHARED_BYTES)
+        if shape is None:
+            return None
+        n_blocks, _, _, _, threads, nbytes = shape
+        overload = next(iter(kernel.overloads.values()))
+        if n_blocks > overload.max_cooperative_grid_blocks(threads, nbytes):
+            return None
+        return shape
+
+    def run_graph(self, key, enqueue):
+        if not self.graphs or self.simulator:
+            enqueue()
+            return
+        graph = self._graph_cache.get(key)
+        if graph is None:
+            try:
+                graph = self._capture(enqueue)
+            except Exception as exc:  # noqa: BLE001 - any capture failure falls back, loudly
+                _log.warning("CUDA graph capture failed (%s: %s); running without graphs for "
+                             "%r", type(exc).__name__, exc, key)
+                graph = _CAPTURE_FAILED
+            self._graph_cache[key] = graph
+        if graph is _CAPTURE_FAILED:
+            enqueue()
+        else:
+            graph.launch(self.xp.cuda.get_current_stream())
+
+    def _capture(self, enqueue):
+        """A CUDA graph of everything ``enqueue()`` puts on the current stream (not run yet)."""
+        cupy = self.xp
+        origin = cupy.cuda.get_current_stream()
+        capture = cupy.cuda.Stream(non_blocking=True)  # the legacy stream cannot capture
+        capture.wait_event(origin.record())
+        with capture:  # the current stream while capturing: the kernels and GEMMs go there
+            capture.begin_capture()
+            try:
+                enqueue()
+            finally:
+                graph = capture.end_capture()
+        return graph
 
     def to_numpy(self, a):
         if self.simulator:
@@ -107,6 +234,18 @@ class CUDABackend(Backend):
 
     def __repr__(self):
         return "<gpurnn backend cuda (simulator)>" if self.simulator else "<gpurnn backend cuda>"
+
+
+#: Shared memory a block gets without raising its dynamic limit (cudaFuncSetAttribute).
+_DEFAULT_SHARED_BYTES = 48 * 1024
+_CAPTURE_FAILED = object()
+
+
+def _env_flag(name):
+    value = os.environ.get(name, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def _simulator_on():

@@ -16,7 +16,7 @@ def cpu_kernels(dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def cuda_kernels(dtype):
+def cuda_kernels(dtype, launch="eager"):
     from .cuda import make_cuda_kernels
 
-    return make_cuda_kernels(np.dtype(dtype))
+    return make_cuda_kernels(np.dtype(dtype), launch)

@@ -1,0 +1,49 @@
+"""Every CUDA kernel of gpurnn compiled to PTX, on any machine (no GPU or driver needed).
+
+Used by the PTX tests and by ``benchmarks/kernel_resources.py``.  ``numba.cuda.compile_ptx``
+itself needs no GPU, but a kernel that calls ``numba.njit`` functions (all of ours: the gate
+math of ``cell_math``) makes numba-cuda compile those as device functions for "the current
+device", and asking for it fails without a CUDA driver.  ``compile_ptx`` here answers that
+question with the target's compute capability for the duration of the compile.  Device
+functions are compiled once per argument types and reused, so within one process they keep
+the first target's capability; their LLVM IR does not depend on it for our code, and the
+kernel itself is compiled for the target asked.
+"""
+import contextlib
+import types
+
+import numpy as np
+from numba import cuda
+
+
+@contextlib.contextmanager
+def _target_device(cc):
+    from numba.cuda import dispatcher
+
+    real = dispatcher.get_current_device
+    dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=cc)
+    try:
+        yield
+    finally:
+        dispatcher.get_current_device = real
+
+
+def compile_ptx(fn, sig, cc):
+    """PTX text of kernel ``fn`` (a plain Python function) for signature ``sig`` and ``cc``."""
+    with _target_device(tuple(cc)):
+        ptx, _ = cuda.compile_ptx(fn, sig, cc=tuple(cc))
+    return ptx
+
+
+def all_kernels(dtype):
+    """``{kernel name: (python function, signature)}`` of every CUDA kernel for ``dtype``."""
+    from .cuda import kernel_signature, make_cuda_python_kernels
+    from .persistent import make_persistent_python_kernels, persistent_signature
+
+    dtype = np.dtype(dtype)
+    out = {name: (fn, kernel_signature(name, dtype))
+           for name, fn in make_cuda_python_kernels(dtype).items()}
+    sig = persistent_signature(dtype)
+    out.update({f"persistent_{mode}_forward": (fn, sig)
+                for mode, fn in make_persistent_python_kernels(dtype).items()})
+    return out

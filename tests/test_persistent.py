@@ -1,0 +1,144 @@
+"""The persistent forward kernel (one launch for all T steps) gives the per-step driver's
+results on the CPU backend: outputs, every state slot and the saved gates.  Under the CUDA
+simulator a cooperative grid has one block, so the slicing of the hidden units over blocks is
+exercised by giving that block several slices, and checked on its own for many blocks."""
+import numpy as np
+import pytest
+
+from gpurnn import drivers
+from gpurnn.backend import CPUBackend, CUDABackend
+from gpurnn.kernels import persistent
+
+TOL = {"float64": dict(rtol=1e-12, atol=1e-13), "float32": dict(rtol=1e-5, atol=1e-6)}
+CELLS = {"rnn_tanh": drivers.CellSpec("rnn"), "rnn_relu": drivers.CellSpec("rnn", relu=True),
+         "lstm": drivers.CellSpec("lstm"), "gru": drivers.CellSpec("gru", reset_after=True)}
+
+
+def test_step_slots_are_the_drivers_slots():
+    for T in (1, 2, 5):
+        for step in range(T):
+            for reverse in (False, True):
+                for training in (False, True):
+                    assert (persistent.step_slots(T, step, reverse, training)
+                            == drivers._slots(T, step, reverse, training))
+
+
+@pytest.mark.parametrize("G,H,n_slices,n_blocks", [
+    (4, 5, 2, 1), (4, 5, 2, 2), (3, 37, 5, 3), (1, 128, 128, 132), (4, 7, 7, 2)])
+def test_slices_hold_every_row_once(G, H, n_slices, n_blocks):
+    U = -(-H // n_slices)
+    rows = -(-n_slices // n_blocks) * G * U
+    held = [persistent.slice_row(r, blk, n_blocks, G, U, H, n_slices)
+            for blk in range(n_blocks) for r in range(rows)]
+    held = [row for row in held if row >= 0]
+    assert sorted(held) == list(range(G * H))
+
+
+def test_plan_fits_shared_memory_or_refuses():
+    shape = persistent.plan(4, 4, 256, 4, 132, 48 * 1024)
+    n_blocks, n_slices, U, lanes, threads, nbytes = shape
+    assert n_blocks <= 132 and n_slices * U >= 256 and (n_slices - 1) * U < 256
+    assert nbytes <= 48 * 1024 and threads % lanes == 0
+    assert nbytes == persistent.shared_bytes(4, U, n_slices, n_blocks, 4, 256, threads, 4)
+    # LSTM W_hh at H=1024 in float32 is 16 MiB: not in 132 blocks of 48 KiB.
+    assert persistent.plan(4, 64, 1024, 4, 132, 48 * 1024) is None
+
+
+def _problem(cell, dtype, T, B, I, H, rng):
+    G = cell.gates
+    w = drivers.Weights(*(rng.standard_normal(s).astype(dtype) * 0.5
+                          for s in [(G * H, I), (G * H, H), (G * H,), (G * H,)]))
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    h0 = rng.standard_normal((B, H)).astype(dtype)
+    c0 = rng.standard_normal((B, H)).astype(dtype) if cell.has_cell_state else None
+    lengths = np.array([T, max(T - 1, 0)][:B] + [T] * (B - 2), dtype=np.int32)
+    return w, x, h0, c0, lengths
+
+
+def _buffers(cell, w, x, h0, c0, training, reverse):
+    """What the driver hands its loop: xg, poisoned outputs and slots, h0 (c0) in place."""
+    T, B, I = x.shape
+    H, G = w.w_hh.shape[1], cell.gates
+    S = T + 1 if training else 2
+    poison = np.nan
+    xg = (x.reshape(T * B, I) @ w.w_ih.T + w.b_ih).reshape(T, B, G * H)
+    y = np.full((T, B, H), poison, x.dtype)
+    hs = np.full((S, B, H), poison, x.dtype)
+    cs = np.full((S, B, H), poison, x.dtype) if cell.has_cell_state else None
+    gates = (np.full((T if training else 1, B, 4 * H), poison, x.dtype)
+             if cell.saved_gates else None)
+    first = drivers._slots(T, 0, reverse, training)[1]
+    hs[first] = h0
+    if cs is not None:
+        cs[first] = c0
+    hg = np.full((B, G * H), poison, x.dtype)
+    return xg, y, hs, cs, gates, hg
+
+
+def _check(cell, dtype, training, reverse, got, want_y, tape, lengths):
+    y, hs, cs, gates = got
+    np.testing.assert_allclose(y, want_y, **TOL[dtype])
+    if training:
+        np.testing.assert_allclose(hs, tape.hs, **TOL[dtype])
+        if cs is not None:
+            np.testing.assert_allclose(cs, tape.cs, **TOL[dtype])
+        if gates is not None:  # gates of padded steps are never written, by either path
+            valid = np.arange(y.shape[0])[:, None] < lengths[None, :]
+            np.testing.assert_allclose(gates[valid], tape.gates[valid], **TOL[dtype])
+    last = drivers._slots(y.shape[0], y.shape[0] - 1, reverse, training)[2]
+    np.testing.assert_allclose(hs[last], tape.h_last, **TOL[dtype])
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+@pytest.mark.parametrize("dtype,training,reverse,n_slices", [
+    ("float64", True, False, 2), ("float64", False, True, 3), ("float32", True, True, 1)])
+def test_persistent_kernel_matches_cpu(name, dtype, training, reverse, n_slices, rng):
+    cell = CELLS[name]
+    T, B, I, H = 3, 2, 2, 5
+    w, x, h0, c0, lengths = _problem(cell, dtype, T, B, I, H, rng)
+    cpu = CPUBackend()
+    want_y, tape = drivers.forward(cpu, cell, w, x, h0, c0, lengths, reverse, training,
+                                   drivers.Workspace(cpu))
+    xg, y, hs, cs, gates, hg = _buffers(cell, w, x, h0, c0, training, reverse)
+    U = -(-H // n_slices)
+    lanes, threads = 2, 4
+    shape = (1, n_slices, U, lanes, threads,
+             persistent.shared_bytes(cell.gates, U, n_slices, 1, B, H, threads, x.itemsize))
+    kernel = persistent.persistent_kernels(dtype)[cell.mode]
+    persistent.launch_persistent(kernel, shape, T, B, H, y, hs, cs, gates, xg, hg, w.w_hh,
+                                 w.b_hh, lengths, reverse, training, cell.relu)
+    _check(cell, dtype, training, reverse, (y, hs, cs, gates), want_y, tape, lengths)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_backend_forward_sequence(name, rng):
+    """The backend's hook plans the launch itself and runs it only when asked to."""
+    cell = CELLS[name]
+    T, B, I, H = 2, 1, 3, 4
+    w, x, h0, c0, lengths = _problem(cell, "float64", T, B, I, H, rng)
+    cpu = CPUBackend()
+    want_y, tape = drivers.forward(cpu, cell, w, x, h0, c0, lengths, False, True,
+                                   drivers.Workspace(cpu))
+    bufs = _buffers(cell, w, x, h0, c0, True, False)
+    xg, y, hs, cs, gates, hg = bufs
+    assert not CUDABackend(persistent=False).forward_sequence(cell, w, *bufs, lengths, False,
+                                                              True)
+    assert np.isnan(y).all()
+    assert CUDABackend(persistent=True).forward_sequence(cell, w, *bufs, lengths, False, True)
+    _check(cell, "float64", True, False, (y, hs, cs, gates), want_y, tape, lengths)
+
+
+def test_seed_form_gru_is_left_to_the_step_path(rng):
+    cell = drivers.CellSpec("gru", reset_after=False)
+    w, x, h0, c0, lengths = _problem(cell, "float64", 2, 1, 2, 3, rng)
+    bufs = _buffers(cell, w, x, h0, c0, True, False)
+    assert not CUDABackend(persistent=True).forward_sequence(cell, w, *bufs, lengths, False,
+                                                             True)
+
+
+def test_bad_option_values_are_refused(monkeypatch):
+    monkeypatch.setenv("GPURNN_PERSISTENT", "yes")
+    with pytest.raises(ValueError, match="GPURNN_PERSISTENT must be 0 or 1, got 'yes'"):
+        CUDABackend()
+    with pytest.raises(ValueError, match="launch .* must be one of"):
+        CUDABackend(launch="quick", persistent=False)
