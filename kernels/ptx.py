@@ -47,3 +47,32 @@ def all_kernels(dtype):
     out.update({f"persistent_{mode}_forward": (fn, sig)
                 for mode, fn in make_persistent_python_kernels(dtype).items()})
     return out
+
+
+def write_all(out_dir, dtypes=("float32", "float64"), ccs=((8, 0), (9, 0))):
+    """Write ``{name}-{dtype}-sm_{cc}.ptx`` for every kernel into ``out_dir``; return the paths.
+
+    Needs Numba's real CUDA target: run it in a process without ``NUMBA_ENABLE_CUDASIM=1``
+    (``python -m gpurnn.kernels.ptx OUT_DIR``), as the tests and the resource report do."""
+    import os
+
+    if cuda.config.ENABLE_CUDASIM:
+        raise RuntimeError("compiling to PTX needs NUMBA_ENABLE_CUDASIM unset or 0")
+    paths = []
+    for dtype in dtypes:
+        for name, (fn, sig) in all_kernels(dtype).items():
+            for cc in ccs:
+                path = os.path.join(out_dir, f"{name}-{dtype}-sm_{cc[0]}{cc[1]}.ptx")
+                with open(path, "w") as f:
+                    f.write(compile_ptx(fn, sig, cc))
+                paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m gpurnn.kernels.ptx OUT_DIR")
+    for path in write_all(sys.argv[1]):
+        print(path)

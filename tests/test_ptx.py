@@ -1,0 +1,92 @@
+"""Every CUDA kernel compiles to PTX for sm_80 and sm_90, in float32 and float64, on a machine
+without a GPU; the float32 PTX has no float64 instruction (a bare ``1.0`` in the math would add
+them); and the fast launcher packs exactly the parameters each compiled kernel declares."""
+import os
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from gpurnn.kernels.cuda import kernel_signature, pack_args
+from gpurnn.kernels.ptx import all_kernels
+
+NAMES = sorted(all_kernels(np.float32))
+_F64 = re.compile(r"\.f64\b")
+
+
+@pytest.fixture(scope="module")
+def ptx(tmp_path_factory):
+    """{(name, dtype, cc): PTX text}, compiled once for the module, in a child process: this
+    session runs Numba's CUDA simulator (conftest.py), which has no compiler."""
+    out_dir = tmp_path_factory.mktemp("ptx")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    subprocess.run([sys.executable, "-m", "gpurnn.kernels.ptx", str(out_dir)], env=env,
+                   check=True, capture_output=True, timeout=900)
+    out = {}
+    for path in out_dir.iterdir():
+        name, dtype, sm = path.stem.split("-")
+        out[name, dtype, (int(sm[3]), int(sm[4]))] = path.read_text()
+    assert len(out) == len(NAMES) * 4
+    return out
+
+
+def _entry_params(text):
+    """The ``.param`` declarations of the PTX's one ``.entry``."""
+    entries = re.findall(r"\.entry\s+\S+\((.*?)\)", text, flags=re.S)
+    assert len(entries) == 1, "one kernel entry per PTX module"
+    return re.findall(r"\.param\s+(\.\w+)", entries[0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("cc", [(8, 0), (9, 0)], ids=["sm_80", "sm_90"])
+def test_compiles_and_float32_has_no_float64(ptx, name, cc):
+    f32, f64 = ptx[name, "float32", cc], ptx[name, "float64", cc]
+    target = f".target sm_{cc[0]}{cc[1]}"
+    assert target in f32 and target in f64
+    assert not _F64.findall(f32), f"float32 {name} has float64 instructions"
+    assert _F64.findall(f64), f"float64 {name} has no float64 instruction: wrong dtype bound?"
+
+
+def _device_like(a):
+    """The attributes of a CuPy array that ``pack_args`` reads, over a NumPy array."""
+    return SimpleNamespace(dtype=a.dtype, ndim=a.ndim, flags=a.flags, size=a.size,
+                           itemsize=a.itemsize, data=SimpleNamespace(ptr=a.ctypes.data),
+                           shape=a.shape, strides=a.strides)
+
+
+def _args_for(sig, dtype):
+    args = []
+    for ty in sig:
+        if hasattr(ty, "ndim"):
+            shape = (3, 5, 7)[:ty.ndim]
+            args.append(_device_like(np.zeros(shape, np.dtype(str(ty.dtype)))))
+        else:
+            args.append(4)
+    return args
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if not n.startswith("persistent")])
+def test_fast_launch_packs_the_declared_parameters(ptx, name):
+    for dtype in ("float32", "float64"):
+        sig = kernel_signature(name, dtype)
+        packed = pack_args(sig, _args_for(sig, dtype))
+        params = _entry_params(ptx[name, dtype, (9, 0)])
+        assert len(packed) == len(params)
+        assert set(params) == {".u64"}  # pointers, sizes, int64 scalars: all 8 bytes
+
+
+def test_fast_launch_refuses_mismatched_arrays():
+    sig = kernel_signature("rnn_forward_step", "float32")
+    args = _args_for(sig, "float32")
+    args[2] = _device_like(np.zeros((3, 5), np.float64))
+    with pytest.raises(TypeError, match="argument 2: expected a C-contiguous 2-D float32 array, "
+                                        "got 2-D float64"):
+        pack_args(sig, args)
+    args[2] = _device_like(np.zeros((5, 3), np.float32).T)
+    with pytest.raises(TypeError, match="C-contiguous: False"):
+        pack_args(sig, args)
+    with pytest.raises(TypeError, match="takes 11 arguments, got 10"):
+        pack_args(sig, args[:-1])
