@@ -1,0 +1,41 @@
+"""benchmarks/gpu_compare.py: without a GPU it says so and exits with status 2 (no traceback,
+nothing measured); with one, a tiny run completes and prints its table."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import SIMULATOR
+
+SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "gpu_compare.py")
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.skipif(not SIMULATOR, reason="a GPU is present: the tiny real run below applies")
+def test_without_a_gpu_it_says_so_and_measures_nothing():
+    done = _run("--shapes", "3,2,8", "--cells", "gru")
+    assert done.returncode == 2
+    assert "gpu_compare: no GPU, nothing measured:" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
+@pytest.mark.skipif(SIMULATOR, reason="needs a GPU")
+def test_tiny_run_on_the_gpu_completes():
+    done = _run("--shapes", "3,2,8", "--cells", "gru", "lstm", "--variants", "eager,fast+persistent",
+                "--warmup", "1", "--repeat", "3")
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("eager ", "fast+"))]
+    assert len(rows) == 2 * 4  # printed as measured, then again in the final table
+
+
+def test_bad_arguments_are_refused():
+    done = _run("--shapes", "3,2")
+    assert done.returncode == 2 and "a shape is T,B,H (three ints), got '3,2'" in done.stderr
+    done = _run("--variants", "turbo")
+    assert done.returncode == 2 and "a variant is MODE[+persistent][+tf32]" in done.stderr
