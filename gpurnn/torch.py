@@ -177,6 +177,9 @@ class _GpurnnMixin:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.dropout >= 1:
+            raise ValueError(f"gpurnn.torch.{type(self).__name__}: dropout must be in [0, 1), "
+                             f"got {self.dropout}")
         self._engines = {}
 
     def __getstate__(self):  # pickling / deepcopy: gpurnn layers are rebuilt on the next call

@@ -76,3 +76,21 @@ def test_bad_modules_refused():
         gpurnn.from_torch(torch.nn.Linear(3, 4))
     with pytest.raises(ValueError, match="float32 or float64, got float16"):
         gpurnn.from_torch(torch.nn.GRU(3, 4).half())
+
+
+def test_device_argument(tmp_path, rng):
+    """from_torch and from_onnx build the layer on the device asked for (CUDA: the simulator
+    in CI) with the same outputs."""
+    ref = torch.nn.GRU(3, 4, num_layers=2, dtype=torch.float64)
+    x = rng.standard_normal((3, 2, 3))
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(x))[0].numpy()
+    layer = gpurnn.from_torch(ref, device="cuda")
+    assert layer.device == "cuda"
+    out, _ = layer.eval()(layer.backend.asarray(x))
+    np.testing.assert_allclose(layer.backend.to_numpy(out), expected, **TOL["float64"])
+    layer.to_onnx(tmp_path / "m.onnx")
+    back = gpurnn.from_onnx(tmp_path / "m.onnx", device="cuda")
+    assert back.device == "cuda"
+    out, _ = back.eval()(back.backend.asarray(x))
+    np.testing.assert_allclose(back.backend.to_numpy(out), expected, **TOL["float64"])

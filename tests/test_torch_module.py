@@ -277,6 +277,8 @@ def test_copy_and_pickle():
 def test_bad_input():
     with pytest.raises(ValueError, match="proj_size=2 is not supported"):
         gt.LSTM(3, 4, proj_size=2)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0"):
+        gt.GRU(3, 4, num_layers=2, dropout=1.0)
     m = gt.LSTM(3, 4)
     with pytest.raises(TypeError, match="gpurnn runs float32 and float64.*torch.float16"):
         m.half()(torch.randn(2, 1, 3).half())
