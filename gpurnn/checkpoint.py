@@ -1,0 +1,141 @@
+"""Checkpoints: save and resume a training run exactly.
+
+Format (``.npz``, read with ``allow_pickle=False``): a NumPy zip archive of plain arrays
+
+* ``meta``          0-d str: JSON ``{"format": "gpurnn-checkpoint", "version": 1, "step": int,
+                    "rng_state": <numpy Generator bit_generator.state>, "config": {...},
+                    "optimizer": {"name", "t", "hyperparams"}}``
+* ``model/<name>``  every model parameter (``Model.params`` names)
+* ``optim/<slot>/<name>``  the optimiser's per-parameter buffers (Adam ``m``, ``v``; momentum
+                    ``velocity``)
+* ``sha256``        0-d str: SHA-256 over every other entry (name, dtype, shape, bytes, in
+                    sorted name order).  A file that is truncated or altered is refused.
+
+Writes are atomic: the archive goes to a temporary file in the same directory, is flushed and
+fsynced, then renamed over the target (``os.replace``); a save killed at any point leaves the
+previous checkpoint as it was.
+"""
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+FORMAT = "gpurnn-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: truncated, corrupted, or of another format."""
+
+
+def _digest(arrays):
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(name.encode() + b"\0" + a.dtype.str.encode() + b"\0" + str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def save_arrays(path, arrays, meta):
+    """Write ``arrays`` (name -> NumPy array) and ``meta`` (JSON-able dict) to ``path``
+    atomically, with the format version and the checksum."""
+    payload = {name: np.asarray(a) for name, a in arrays.items()}
+    for name, a in payload.items():
+        if a.dtype.kind == "O":
+            raise TypeError(f"checkpoint entry {name} must be a plain array, got dtype object")
+    payload["meta"] = np.array(json.dumps({"format": FORMAT, "version": VERSION, **meta}))
+    payload["sha256"] = np.array(_digest(payload))
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory):
+    # Makes the rename itself durable; some systems cannot open a directory for that.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_arrays(path):
+    """(arrays, meta) of a checkpoint; CheckpointError when it is damaged or not one."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupted?): "
+                              f"{exc}") from exc
+    if "meta" not in arrays or "sha256" not in arrays:
+        raise CheckpointError(f"{path} is not a gpurnn checkpoint (no meta/sha256 entries)")
+    stored = str(arrays.pop("sha256"))
+    if _digest(arrays) != stored:
+        raise CheckpointError(f"{path} fails its SHA-256 check: the file was altered or damaged")
+    meta = json.loads(str(arrays.pop("meta")))
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{path} has format version {meta.get('version')!r}; this gpurnn "
+                              f"reads version {VERSION}")
+    return arrays, meta
+
+
+def save_checkpoint(path, model, optimizer, step, rng, config=None):
+    """Save a run: the model's weights, the optimiser's state, the step, and the state of the
+    data generator ``rng`` (a ``numpy.random.Generator``); ``config`` any JSON-able dict."""
+    arrays = {f"model/{name}": a for name, a in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    arrays.update({f"optim/{name}": a for name, a in opt["buffers"].items()})
+    meta = {"step": int(step), "rng_state": rng.bit_generator.state, "config": config or {},
+            "optimizer": {"name": type(optimizer).__name__, "t": opt["t"],
+                          "hyperparams": opt["hyperparams"]}}
+    save_arrays(path, arrays, meta)
+
+
+def load_checkpoint(path):
+    """{"step", "rng_state", "config", "optimizer", "model": {name: array},
+    "optim_buffers": {slot/name: array}} of a checkpoint."""
+    arrays, meta = load_arrays(path)
+    meta["model"] = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
+    meta["optim_buffers"] = {k[len("optim/"):]: v for k, v in arrays.items()
+                             if k.startswith("optim/")}
+    return meta
+
+
+def restore(checkpoint, model, optimizer, rng):
+    """Put a loaded checkpoint's state into ``model``, ``optimizer`` and ``rng``; returns the
+    step to continue from."""
+    name = checkpoint["optimizer"]["name"]
+    if name != type(optimizer).__name__:
+        raise CheckpointError(f"checkpoint has optimiser {name}, the run has "
+                              f"{type(optimizer).__name__}")
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict({"t": checkpoint["optimizer"]["t"],
+                               "hyperparams": checkpoint["optimizer"]["hyperparams"],
+                               "buffers": checkpoint["optim_buffers"]})
+    state = checkpoint["rng_state"]
+    if state.get("bit_generator") != type(rng.bit_generator).__name__:
+        raise CheckpointError(f"checkpoint's generator is {state.get('bit_generator')}, the run "
+                              f"uses {type(rng.bit_generator).__name__}")
+    rng.bit_generator.state = state
+    return int(checkpoint["step"])

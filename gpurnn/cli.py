@@ -1,0 +1,335 @@
+"""The ``gpurnn`` command: ``train``, ``gradflow``, ``info``.
+
+    gpurnn train                      # an LSTM on the adding problem, about a minute on a CPU
+    gpurnn train --task digits --cell gru --steps 2000 --out runs/digits
+    gpurnn train --resume runs/digits --steps 4000     # continue exactly where it stopped
+    gpurnn gradflow --task adding --seq-len 100        # ||dL/dh_t|| of RNN vs LSTM vs GRU
+    gpurnn info
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+#: per task: defaults of the options not given (seq_len None: the task's own)
+TASK_DEFAULTS = {
+    "adding": {"seq_len": 30, "hidden": 32, "batch": 32, "steps": 1000, "lr": 1e-2},
+    "copy": {"seq_len": 20, "hidden": 64, "batch": 32, "steps": 1500, "lr": 1e-2},
+    "digits": {"seq_len": 8, "hidden": 64, "batch": 32, "steps": 1000, "lr": 1e-2},
+    "charlm": {"seq_len": 100, "hidden": 128, "batch": 32, "steps": 1000, "lr": 3e-3},
+}
+#: options that define a run; on --resume they come from the checkpoint
+RUN_OPTIONS = ("task", "cell", "seq_len", "hidden", "layers", "batch", "lr", "optimizer", "clip",
+               "clip_value", "seed", "dtype", "reduction")
+CHECKPOINT = "checkpoint.npz"
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _add_model_options(p):
+    p.add_argument("--task", choices=["adding", "copy", "digits", "charlm"])
+    p.add_argument("--seq-len", type=_positive_int, help="sequence length (task's default)")
+    p.add_argument("--hidden", type=_positive_int, help="hidden size")
+    p.add_argument("--batch", type=_positive_int, help="sequences per step")
+    p.add_argument("--seed", type=int, help="seed of the weights and the data (default 0)")
+    p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--dtype", choices=["float32", "float64"])
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="gpurnn", description="Recurrent networks (RNN, LSTM, "
+                                     "GRU) with BPTT on GPUs and CPUs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train", help="train a model on an embedded task",
+                        description="Train a recurrent model on an embedded task. With no "
+                        "options: an LSTM on the adding problem (length 30), about a minute on "
+                        "a laptop CPU.")
+    _add_model_options(tr)
+    tr.add_argument("--cell", choices=["rnn", "lstm", "gru"])
+    tr.add_argument("--layers", type=_positive_int, help="stacked recurrent layers (default 1)")
+    tr.add_argument("--steps", type=_positive_int, help="total training steps (a resumed run "
+                    "continues up to this many)")
+    tr.add_argument("--lr", type=_positive_float, help="learning rate")
+    tr.add_argument("--optimizer", choices=["sgd", "momentum", "adam"])
+    tr.add_argument("--clip", type=float, help="clip gradients to this global norm "
+                    "(default 1.0; 0 for none)")
+    tr.add_argument("--clip-value", type=_positive_float, help="clip each gradient entry to "
+                    "[-v, v]")
+    tr.add_argument("--reduction", choices=["mean", "sum"], help="loss over positions: mean "
+                    "(default) or sum (the seed's sum over time)")
+    tr.add_argument("--eval-every", type=_positive_int, help="steps between test evaluations "
+                    "(default steps/10)")
+    tr.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints "
+                    "(default: at evaluations and at the end)")
+    tr.add_argument("--out", help="run directory: metrics.jsonl, checkpoint.npz, plots "
+                    "(default gpurnn-runs/<task>-<cell>-<time>; on --resume, the checkpoint's)")
+    tr.add_argument("--stop-at", type=float, help="stop at the first evaluation whose test "
+                    "metric reaches this value (e.g. 0.01 for the adding problem's MSE)")
+    tr.add_argument("--resume", help="a checkpoint file or a run directory to continue from")
+    tr.add_argument("--gradflow", action="store_true", help="also record ||dL/dh_t|| against t "
+                    "before and after training")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    gf = sub.add_parser("gradflow", help="||dL/dh_t|| against t: RNN vs LSTM vs GRU",
+                        description="The norm of dL/dh_t against t for the loss on the last step, "
+                        "for RNN, LSTM and GRU at initialisation on the same task and data: the "
+                        "vanishing gradient made visible.")
+    _add_model_options(gf)
+    gf.add_argument("--cells", default="rnn,lstm,gru", help="comma-separated cells")
+    gf.add_argument("--out", default=".", help="directory for gradflow.png and gradflow.json")
+
+    sub.add_parser("info", help="version, backends, GPU, and why CUDA is not used")
+    return parser
+
+
+# ---------------------------------------------------------------------------- train
+def _run_config(args, checkpoint):
+    """The run's options: from the checkpoint on resume (explicit options must agree), else
+    from the arguments and the task's defaults."""
+    given = {k: getattr(args, k) for k in RUN_OPTIONS if getattr(args, k) is not None}
+    if checkpoint is not None:
+        config = dict(checkpoint["config"])
+        clash = {k: (v, config.get(k)) for k, v in given.items() if config.get(k) != v}
+        if clash:
+            raise ValueError("options differ from the checkpoint's run: " + ", ".join(
+                f"--{k.replace('_', '-')} {v} (checkpoint: {c})" for k, (v, c) in clash.items()))
+        return config
+    task = given.get("task", "adding")
+    config = {"task": task, "cell": "lstm", "layers": 1, "optimizer": "adam", "clip": 1.0,
+              "clip_value": None, "seed": 0, "dtype": "float32", "reduction": "mean",
+              **{k: v for k, v in TASK_DEFAULTS[task].items() if k != "steps"}}
+    config.update(given)
+    return config
+
+
+def _make_run(config, device):
+    from .model import model_for_task
+    from .optim import OPTIMIZERS
+    from .tasks import make_task
+
+    task = make_task(config["task"], config["seq_len"])
+    model = model_for_task(task, cell=config["cell"], hidden_size=config["hidden"],
+                           num_layers=config["layers"], device=device, dtype=config["dtype"],
+                           seed=config["seed"])
+    optimizer = OPTIMIZERS[config["optimizer"]](model.params, model.grads, lr=config["lr"])
+    rng = np.random.default_rng([config["seed"], 2])  # the data stream, apart from the weights'
+    return task, model, optimizer, rng
+
+
+def _resolve_resume(path):
+    if os.path.isdir(path):
+        return os.path.join(path, CHECKPOINT)
+    return path
+
+
+def _write_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _gradflow_record(model, task, batch, label):
+    from .model import gradient_flow
+
+    norms = gradient_flow(model, batch, task.loss)
+    return {"label": label, "norms": [float(v) for v in norms]}
+
+
+def cmd_train(args):
+    from tqdm import tqdm
+
+    from .checkpoint import load_checkpoint, restore, save_checkpoint
+    from .model import evaluate, fit
+    from .plots import plot_gradflow, plot_training
+
+    checkpoint = None
+    if args.resume:
+        resume_path = _resolve_resume(args.resume)
+        checkpoint = load_checkpoint(resume_path)
+    config = _run_config(args, checkpoint)
+    steps = args.steps or (checkpoint["config"].get("steps") if checkpoint else None) \
+        or TASK_DEFAULTS[config["task"]]["steps"]
+    config["steps"] = steps
+    out = args.out or (os.path.dirname(os.path.abspath(resume_path)) if checkpoint else
+                       os.path.join("gpurnn-runs", f"{config['task']}-{config['cell']}-"
+                                    f"{time.strftime('%Y%m%d-%H%M%S')}"))
+    os.makedirs(out, exist_ok=True)
+
+    task, model, optimizer, rng = _make_run(config, args.device)
+    start = restore(checkpoint, model, optimizer, rng) if checkpoint else 0
+    if start >= steps:
+        raise ValueError(f"the checkpoint is at step {start}: give --steps above it to continue")
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    ckpt_path = os.path.join(out, CHECKPOINT)
+    eval_every = args.eval_every or max(1, steps // 10)
+    ckpt_every = args.checkpoint_every or eval_every
+    clip = config["clip"] or None
+    print(f"gpurnn train: {task.describe()}; {model!r}, {model.num_params()} parameters; "
+          f"{config['optimizer']} lr {config['lr']}, batch {config['batch']}, "
+          f"steps {start + 1}..{steps}; run directory {out}", file=sys.stderr)
+    if not checkpoint:
+        _write_jsonl(metrics_path, {"config": config, "start": 0})
+    gradflow_batch = task.batch(np.random.default_rng([config["seed"], 3]), 16) \
+        if args.gradflow else None
+    gradflow = []
+    if args.gradflow:
+        gradflow.append(_gradflow_record(model, task, gradflow_batch, f"step {start}"))
+
+    bar = tqdm(total=steps, initial=start, unit="step", disable=args.quiet or None,
+               dynamic_ncols=True)
+    speed = []
+
+    def on_step(record):
+        speed.append(record["seq_per_s"])
+        _write_jsonl(metrics_path, record)
+        if "test" in record:
+            bar.write(f"step {record['step']}: test " + ", ".join(
+                f"{k} {v:.4g}" for k, v in record["test"].items()))
+        if record["step"] % ckpt_every == 0 or record["step"] == steps or record.get("stopped"):
+            save_checkpoint(ckpt_path, model, optimizer, record["step"], rng, config)
+        bar.set_postfix(loss=f"{record['loss']:.4g}", seq_s=f"{record['seq_per_s']:.0f}",
+                        refresh=False)
+        bar.update(1)
+
+    t0 = time.perf_counter()
+    history = fit(model, task, optimizer, rng, steps, config["batch"], start_step=start,
+                  reduction=config["reduction"], clip_norm=clip, clip_value=config["clip_value"],
+                  eval_every=eval_every, stop_at=args.stop_at, on_step=on_step)
+    bar.close()
+    wall = time.perf_counter() - t0
+    final = history[-1]["test"]
+    last_step = history[-1]["step"]
+
+    records = _read_jsonl(metrics_path)
+    metric = task.metric
+    title = f"{config['task']} (T={task.seq_len}), {config['cell']} H={config['hidden']}"
+    plot_training(records, os.path.join(out, "loss.png"), title, metric,
+                  task.baseline.get(metric))
+    written = ["metrics.jsonl", CHECKPOINT, "loss.png"]
+    if args.gradflow:
+        gradflow.append(_gradflow_record(model, task, gradflow_batch, f"step {last_step}"))
+        with open(os.path.join(out, "gradflow.json"), "w") as f:
+            json.dump(gradflow, f)
+        plot_gradflow({g["label"]: g["norms"] for g in gradflow},
+                      os.path.join(out, "gradflow.png"), f"||dL/dh_t||, {title}")
+        written += ["gradflow.json", "gradflow.png"]
+    stopped = bool(history[-1].get("stopped"))
+    summary = {"summary": True, "step": last_step, "trained_steps": last_step - start,
+               "stopped_at_target": stopped, "wall_s": round(wall, 2),
+               "seq_per_s": round(float(np.median(speed)), 1), "test": final,
+               "baseline": task.baseline, "device": model.device}
+    _write_jsonl(metrics_path, summary)
+    why = f" (reached --stop-at {args.stop_at})" if stopped else ""
+    print(f"\ndone: {last_step - start} steps in {wall:.1f} s on {model.device}{why}, "
+          f"median {summary['seq_per_s']} sequences/s")
+    for k, v in final.items():
+        base = task.baseline.get(k)
+        print(f"  test {k}: {v:.4g}" + (f"   (learned nothing: {base:.4g})" if base else ""))
+    print(f"  wrote {', '.join(written)} in {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- gradflow
+def cmd_gradflow(args):
+    from .model import gradient_flow, model_for_task
+    from .plots import plot_gradflow
+    from .tasks import make_task
+
+    name = args.task or "adding"
+    task = make_task(name, args.seq_len or (100 if name in ("adding", "charlm") else None))
+    seed = 0 if args.seed is None else args.seed
+    batch = task.batch(np.random.default_rng([seed, 3]), args.batch or 16)
+    curves = {}
+    for cell in [c.strip() for c in args.cells.split(",") if c.strip()]:
+        model = model_for_task(task, cell=cell, hidden_size=args.hidden or 64, device=args.device,
+                               dtype=args.dtype or "float64", seed=seed)
+        curves[cell] = gradient_flow(model, batch, task.loss)
+    T = task.seq_len
+    rows = sorted({T - 1, *range(T - 1, -1, -max(1, T // 10)), 0}, reverse=True)
+    print(f"mean ||dL/dh_t|| at initialisation, loss on the last step; {task.describe()}, "
+          f"hidden {args.hidden or 64}, batch {batch.target.shape[0]}, seed {seed}")
+    print("     t " + "".join(f"{c:>12}" for c in curves))
+    for t in rows:
+        print(f"{t:>6} " + "".join(f"{curves[c][t]:>12.3e}" for c in curves))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gradflow.json"), "w") as f:
+        json.dump({"task": task.describe(), "curves": {c: [float(v) for v in n]
+                                                       for c, n in curves.items()}}, f)
+    plot_gradflow(curves, os.path.join(args.out, "gradflow.png"),
+                  f"||dL/dh_t|| at initialisation, {task.describe()}")
+    print(f"wrote gradflow.png and gradflow.json in {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- info
+def _version(dist):
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cmd_info(args):
+    import numba
+
+    from . import __version__, cuda_unavailable_reason
+
+    print(f"gpurnn {__version__}")
+    print(f"python {sys.version.split()[0]}, numpy {np.__version__}, numba {numba.__version__}, "
+          f"numba-cuda {_version('numba-cuda') or 'not installed'}")
+    cupy_versions = [f"{d} {_version(d)}" for d in ("cupy-cuda12x", "cupy-cuda13x", "cupy")
+                     if _version(d)]
+    print(f"cupy: {', '.join(cupy_versions) if cupy_versions else 'not installed'}")
+    reason = cuda_unavailable_reason()
+    print("backends: cpu (NumPy + Numba CPU kernels): available")
+    if reason is None:
+        if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+            print("          cuda: Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1), not a GPU")
+        else:
+            import cupy
+
+            props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+            name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+            print(f"          cuda (CuPy + Numba CUDA kernels): available, GPU {name}")
+    else:
+        print(f"          cuda: not used: {reason}")
+    print(f"device='auto' picks: {'cuda' if reason is None else 'cpu'}")
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    commands = {"train": cmd_train, "gradflow": cmd_gradflow, "info": cmd_info}
+    try:
+        return commands[args.command](args)
+    except (ValueError, RuntimeError, FloatingPointError) as exc:
+        print(f"gpurnn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Optimisers and gradient clipping, updating parameters in place on their own device.
+
+``params`` and ``grads`` are dicts name -> array (NumPy, or CuPy on a GPU), the same names in
+both, as ``Model.params`` / ``Model.grads`` and the layers' ``params`` / ``grads``.  Every
+update is a few in-place elementwise array operations on the device through the arrays' own
+module: no weight, gradient or optimiser state is copied to the host.
+"""
+import numpy as np
+
+from .losses import _xp
+
+
+def _check_dicts(params, grads):
+    if not isinstance(params, dict) or not isinstance(grads, dict):
+        raise TypeError(f"params and grads must be dicts name -> array, got "
+                        f"{type(params).__name__} and {type(grads).__name__}")
+    if set(params) != set(grads):
+        raise ValueError(f"params and grads must have the same names: only in params "
+                         f"{sorted(set(params) - set(grads))}, only in grads "
+                         f"{sorted(set(grads) - set(params))}")
+    for name, p in params.items():
+        if tuple(p.shape) != tuple(grads[name].shape):
+            raise ValueError(f"grad {name} must have the shape of its parameter "
+                             f"{tuple(p.shape)}, got {tuple(grads[name].shape)}")
+
+
+def global_norm(grads):
+    """sqrt(sum of every squared gradient entry), as a 0-d array on the device (no host sync)."""
+    arrays = list(grads.values())
+    if not arrays:
+        raise ValueError("global_norm needs at least one gradient")
+    xp = _xp(arrays[0])
+    total = sum(xp.vdot(g.ravel(), g.ravel()) for g in arrays)
+    return xp.sqrt(total)
+
+
+def clip_grad_norm(grads, max_norm, eps=1e-6):
+    """Scale every gradient by ``min(1, max_norm / (norm + eps))`` in place, where ``norm`` is
+    the global norm over all of them.  Returns the norm before clipping (0-d device array)."""
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
+    norm = global_norm(grads)
+    xp = _xp(norm)
+    scale = xp.minimum(1.0, max_norm / (norm + eps))  # stays on the device
+    for g in grads.values():
+        g *= scale.astype(g.dtype)
+    return norm
+
+
+def clip_grad_value(grads, clip_value):
+    """Clip every gradient entry to ``[-clip_value, clip_value]`` in place."""
+    if not clip_value > 0:
+        raise ValueError(f"clip_value must be > 0, got {clip_value!r}")
+    for g in grads.values():
+        _xp(g).clip(g, -clip_value, clip_value, out=g)
+
+
+class Optimizer:
+    """Base: ``step()`` updates ``params`` in place from ``grads``; ``state_dict()`` /
+    ``load_state_dict()`` hold the step count and per-parameter buffers as NumPy arrays."""
+
+    #: names of the per-parameter buffers (same shape as the parameter)
+    slots = ()
+
+    def __init__(self, params, grads, lr):
+        _check_dicts(params, grads)
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        self.params, self.grads, self.lr = params, grads, float(lr)
+        self.t = 0
+        self.state = {slot: {name: _xp(p).zeros_like(p) for name, p in params.items()}
+                      for slot in self.slots}
+
+    def step(self):
+        self.t += 1
+        for name, p in self.params.items():
+            self._update(name, p, self.grads[name])
+
+    def _update(self, name, p, g):
+        raise NotImplementedError
+
+    def hyperparams(self):
+        return {"lr": self.lr}
+
+    def state_dict(self):
+        """{'t': int, 'hyperparams': dict, 'buffers': {slot/name: numpy array}}."""
+        buffers = {}
+        for slot, arrays in self.state.items():
+            for name, a in arrays.items():
+                buffers[f"{slot}/{name}"] = _to_numpy(a)
+        return {"t": self.t, "hyperparams": self.hyperparams(), "buffers": buffers}
+
+    def load_state_dict(self, state):
+        if state.get("hyperparams") != self.hyperparams():
+            raise ValueError(f"optimiser state is for hyperparameters {state.get('hyperparams')}, "
+                             f"this {type(self).__name__} has {self.hyperparams()}")
+        expected = {f"{slot}/{name}" for slot, arrays in self.state.items() for name in arrays}
+        if set(state["buffers"]) != expected:
+            raise ValueError(f"optimiser state buffers do not match: missing "
+                             f"{sorted(expected - set(state['buffers']))}, unexpected "
+                             f"{sorted(set(state['buffers']) - expected)}")
+        for slot, arrays in self.state.items():
+            for name, a in arrays.items():
+                host = np.asarray(state["buffers"][f"{slot}/{name}"])
+                if host.shape != tuple(a.shape):
+                    raise ValueError(f"optimiser buffer {slot}/{name} must have shape "
+                                     f"{tuple(a.shape)}, got {host.shape}")
+                a[...] = _xp(a).asarray(host.astype(a.dtype))
+        self.t = int(state["t"])
+
+
+def _to_numpy(a):
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.array(a)
+
+
+class SGD(Optimizer):
+    """The seed's update ``W <- W - lr * dL/dW``."""
+
+    def _update(self, name, p, g):
+        p -= p.dtype.type(self.lr) * g
+
+
+class Momentum(Optimizer):
+    """SGD with momentum (PyTorch's form): ``v <- mu v + g``, ``W <- W - lr v``."""
+
+    slots = ("velocity",)
+
+    def __init__(self, params, grads, lr, momentum=0.9):
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        self.momentum = float(momentum)
+        super().__init__(params, grads, lr)
+
+    def hyperparams(self):
+        return {"lr": self.lr, "momentum": self.momentum}
+
+    def _update(self, name, p, g):
+        v = self.state["velocity"][name]
+        v *= p.dtype.type(self.momentum)
+        v += g
+        p -= p.dtype.type(self.lr) * v
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba, 2015) with bias correction:
+    ``m <- b1 m + (1-b1) g``, ``v <- b2 v + (1-b2) g^2``,
+    ``W <- W - lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)``."""
+
+    slots = ("m", "v")
+
+    def __init__(self, params, grads, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+        b1, b2 = betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"betas must both lie in [0, 1), got {betas!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        self.betas, self.eps = (float(b1), float(b2)), float(eps)
+        super().__init__(params, grads, lr)
+
+    def hyperparams(self):
+        return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps}
+
+    def _update(self, name, p, g):
+        b1, b2 = self.betas
+        f = p.dtype.type
+        m, v = self.state["m"][name], self.state["v"][name]
+        xp = _xp(p)
+        m *= f(b1)
+        m += f(1 - b1) * g
+        v *= f(b2)
+        v += f(1 - b2) * (g * g)
+        step_size = self.lr / (1 - b1 ** self.t)
+        denom = xp.sqrt(v / f(1 - b2 ** self.t))
+        denom += f(self.eps)
+        p -= f(step_size) * (m / denom)
+
+
+OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam}

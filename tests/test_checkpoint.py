@@ -1,0 +1,138 @@
+"""Checkpoints: round trips, atomic writes (an interrupted save keeps the previous file),
+damaged files refused, and resume equivalence: a run split in two equals one run, bit for bit."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from gpurnn import checkpoint as ck
+from gpurnn.model import fit, model_for_task
+from gpurnn.optim import Adam, Momentum
+from gpurnn.tasks import make_task
+
+
+def _run(seed=0, cell="gru", opt_cls=Adam):
+    task = make_task("adding", 6)
+    model = model_for_task(task, cell, hidden_size=7, seed=seed)
+    opt = opt_cls(model.params, model.grads, lr=1e-2)
+    return task, model, opt, np.random.default_rng([seed, 2])
+
+
+def _train(task, model, opt, rng, start, steps):
+    fit(model, task, opt, rng, steps=steps, batch_size=5, start_step=start, clip_norm=1.0)
+
+
+def test_round_trip(tmp_path):
+    task, model, opt, rng = _run()
+    _train(task, model, opt, rng, 0, 2)
+    path = tmp_path / "c.npz"
+    ck.save_checkpoint(path, model, opt, 2, rng, {"task": "adding"})
+    loaded = ck.load_checkpoint(path)
+    assert loaded["step"] == 2 and loaded["config"] == {"task": "adding"}
+    _, model2, opt2, rng2 = _run(seed=5)
+    assert ck.restore(loaded, model2, opt2, rng2) == 2
+    for k, v in model.state_dict().items():
+        assert np.array_equal(model2.state_dict()[k], v) and model2.params[k].dtype == v.dtype
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert a["t"] == b["t"] == 2
+    assert all(np.array_equal(a["buffers"][k], b["buffers"][k]) for k in a["buffers"])
+    assert np.array_equal(rng.random(4), rng2.random(4))
+    with np.load(path, allow_pickle=False) as npz:  # plain arrays, no pickles
+        meta = json.loads(str(npz["meta"]))
+    assert meta["format"] == "gpurnn-checkpoint" and meta["version"] == 1
+
+
+@pytest.mark.parametrize("opt_cls", [Adam, Momentum])
+def test_resume_equals_one_run_bit_for_bit(tmp_path, opt_cls):
+    one = _run(opt_cls=opt_cls)
+    _train(*one, 0, 6)
+
+    first = _run(opt_cls=opt_cls)
+    _train(*first, 0, 3)
+    path = tmp_path / "half.npz"
+    ck.save_checkpoint(path, first[1], first[2], 3, first[3])
+    second = _run(seed=11, opt_cls=opt_cls)  # other weights and data stream until restored
+    start = ck.restore(ck.load_checkpoint(path), second[1], second[2], second[3])
+    _train(*second, start, 6)
+
+    for k, v in one[1].state_dict().items():
+        assert np.array_equal(second[1].state_dict()[k], v), k
+    a, b = one[2].state_dict(), second[2].state_dict()
+    assert all(np.array_equal(a["buffers"][k], b["buffers"][k]) for k in a["buffers"])
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    task, model, opt, rng = _run()
+    path = tmp_path / "c.npz"
+    ck.save_checkpoint(path, model, opt, 1, rng)
+    before = path.read_bytes()
+    _train(task, model, opt, rng, 1, 2)
+
+    real_savez = np.savez
+
+    def dies_mid_write(f, **arrays):
+        real_savez(f, **arrays)
+        f.truncate(f.tell() // 2)  # half of it on disk, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.np, "savez", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(path, model, opt, 2, rng)
+    assert path.read_bytes() == before
+    assert ck.load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["c.npz"]  # no temporary file left behind
+
+
+def test_truncated_and_altered_files_are_refused(tmp_path):
+    task, model, opt, rng = _run()
+    path = tmp_path / "c.npz"
+    ck.save_checkpoint(path, model, opt, 1, rng)
+    data = path.read_bytes()
+    for cut in (len(data) // 2, len(data) - 30, 10):
+        bad = tmp_path / f"cut{cut}.npz"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ck.CheckpointError, match="truncated or corrupted"):
+            ck.load_checkpoint(bad)
+    # altered payload, re-zipped validly: only the checksum can tell
+    arrays, meta = ck.load_arrays(path)
+    name = next(k for k in arrays if k.startswith("model/"))
+    arrays[name] = arrays[name].copy()
+    arrays[name].flat[0] += 1
+    stored = dict(arrays, meta=np.array(json.dumps(meta)),
+                  sha256=np.array(ck._digest({**arrays, "meta": np.array(json.dumps(meta))})))
+    ok = tmp_path / "ok.npz"
+    np.savez(ok, **stored)
+    ck.load_arrays(ok)  # a consistent file loads
+    with np.load(path, allow_pickle=False) as npz:
+        stored["sha256"] = npz["sha256"]  # the original checksum no longer fits
+    altered = tmp_path / "altered.npz"
+    np.savez(altered, **stored)
+    with pytest.raises(ck.CheckpointError, match="SHA-256"):
+        ck.load_checkpoint(altered)
+
+
+def test_other_format_or_version_refused(tmp_path):
+    path = tmp_path / "v.npz"
+    ck.save_arrays(path, {"x": np.zeros(2)}, {})
+    arrays, meta = ck.load_arrays(path)
+    assert np.array_equal(arrays["x"], np.zeros(2))
+    meta["version"] = 99
+    payload = {"x": np.zeros(2), "meta": np.array(json.dumps(meta))}
+    payload["sha256"] = np.array(ck._digest(payload))
+    np.savez(path, **payload)
+    with pytest.raises(ck.CheckpointError, match="format version 99"):
+        ck.load_arrays(path)
+    plain = tmp_path / "plain.npz"
+    np.savez(plain, x=np.zeros(2))
+    with pytest.raises(ck.CheckpointError, match="not a gpurnn checkpoint"):
+        ck.load_arrays(plain)
+
+
+def test_restore_refuses_another_optimiser(tmp_path):
+    task, model, opt, rng = _run()
+    path = tmp_path / "c.npz"
+    ck.save_checkpoint(path, model, opt, 0, rng)
+    _, model2, opt2, rng2 = _run(opt_cls=Momentum)
+    with pytest.raises(ck.CheckpointError, match="optimiser Adam"):
+        ck.restore(ck.load_checkpoint(path), model2, opt2, rng2)
