@@ -279,10 +279,26 @@ def tf32_check(n=1024):
     return out
 
 
+def watch_persistent(backend):
+    """A list that gets True each time ``backend`` runs a forward as one persistent kernel, so
+    the table says whether a ``+persistent`` variant really took that path (it falls back to
+    the per-step loop where the plan does not fit, or where the driver does not ask)."""
+    seen = []
+    run = backend.forward_sequence
+
+    def forward_sequence(*args):
+        ran = run(*args)
+        seen.append(ran)
+        return ran
+
+    backend.forward_sequence = forward_sequence
+    return seen
+
+
 def fmt_table(results):
     head = (f"{'variant':<18} {'cell':<5} {'T,B,H':<13} {'train ours':>10} {'cuDNN':>8} {'ratio':>6} "
             f"{'infer ours':>10} {'cuDNN':>8} {'ratio':>6} {'tape MB':>8} {'kept MB':>8} "
-            f"{'cuDNN MB':>8} {'rel err':>8}")
+            f"{'cuDNN MB':>8} {'rel err':>8} {'persistent':>10}")
     lines = [head, "-" * len(head)]
     for r in results:
         mb = 1 / 2**20
@@ -293,7 +309,8 @@ def fmt_table(results):
             f"{r['ours_infer_ms']:>10.3f} {r['torch_infer_ms']:>8.3f} "
             f"{r['ours_infer_ms'] / r['torch_infer_ms']:>6.2f} "
             f"{r['ours_tape_bytes'] * mb:>8.2f} {r['ours_kept_bytes'] * mb:>8.2f} "
-            f"{r['torch_kept_bytes'] * mb:>8.2f} {r['rel_err']:>8.1e}")
+            f"{r['torch_kept_bytes'] * mb:>8.2f} {r['rel_err']:>8.1e} "
+            f"{'ran' if r['persistent_ran'] else '-':>10}")
     return "\n".join(lines)
 
 
@@ -342,13 +359,16 @@ def main(argv=None):
             f"{k} {v:.1e}" for k, v in report["tf32_rel_err"].items()), flush=True)
 
     backend = gpurnn.get_backend("cuda")
+    ran_persistent = watch_persistent(backend)
     for variant in args.variants:
         backend.launch, backend.persistent, backend.tf32 = (
             variant["launch"], variant["persistent"], variant["tf32"])
         for cell in args.cells:
             for T, B, H in args.shapes:
+                ran_persistent.clear()
                 row = measure_cell(cell, T, B, H, args.dtype, args.warmup, args.repeat)
-                row.update(variant=variant["name"], cell=cell, shape=[T, B, H])
+                row.update(variant=variant["name"], cell=cell, shape=[T, B, H],
+                           persistent_ran=any(ran_persistent))
                 report["results"].append(row)
                 print(fmt_table([row]).splitlines()[-1], flush=True)
     print()
