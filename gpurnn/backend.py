@@ -58,6 +58,13 @@ class Backend:
         as the driver's loop uses them, ``hs[first]`` (and ``cs``) already holding ``h0``."""
         return False
 
+    def backward_sequence(self, cell, w, tape, dg, dgh, dh_carry, dc, dy, dh_rec):
+        """Run a whole direction's backward loop in one go, if this backend can; return whether
+        it did.  Arguments as the driver's loop uses them (``dgh`` is ``dg`` unless the
+        reset-after GRU, ``dc`` None unless LSTM; ``dh_rec`` zero): on return ``dg``/``dgh``
+        hold every step's gradients and ``dh_carry``, ``dc``, ``dh_rec`` what the loop leaves."""
+        return False
+
     def run_graph(self, key, enqueue):
         """Run ``enqueue()``, a function that only puts work on the current stream.  A backend
         with graphs on captures it once per ``key`` and replays the capture afterwards, so
@@ -71,10 +78,23 @@ class Backend:
 class CPUBackend(Backend):
     name = "cpu"
 
+    def __init__(self):
+        self._loops = {}
+
     def kernels(self, dtype):
         from . import kernels
 
         return kernels.cpu_kernels(np.dtype(dtype))
+
+    def compiled_loops(self, dtype):
+        """The drivers' time loops compiled with Numba around NumPy's BLAS (``kernels/cpu.py``),
+        or None where that BLAS cannot be called from Numba: the drivers then loop in Python."""
+        dtype = np.dtype(dtype)
+        if dtype not in self._loops:
+            from .kernels import cpu
+
+            self._loops[dtype] = cpu.make_cpu_loops(dtype, self.kernels(dtype))
+        return self._loops[dtype]
 
 
 class CUDABackend(Backend):
@@ -154,16 +174,13 @@ class CUDABackend(Backend):
             linalg.set_compute_type(np.float32, previous)
 
     def forward_sequence(self, cell, w, xg, y, hs, cs, gates, hg, lengths, reverse, training):
-        if not self.persistent:
+        if not self.persistent or not self._persistent_cell(cell):
             return False
         from .kernels import persistent
 
-        if cell.mode not in persistent.PERSISTENT_MODES or (cell.mode == "gru"
-                                                           and not cell.reset_after):
-            return False
         T, B, H = y.shape
-        kernel = persistent.persistent_kernels(y.dtype)[cell.mode]
-        shape = self._persistent_shape(kernel, cell.gates, B, H, y.dtype)
+        kernel = persistent.persistent_kernels(y.dtype)[cell.mode][0]
+        shape = self._persistent_shape(kernel, cell.gates, B, H, y.dtype, backward=False)
         if shape is None:
             return False
         stream = 0 if self.simulator else self._numba_stream()
@@ -171,18 +188,42 @@ class CUDABackend(Backend):
                                      w.b_hh, lengths, reverse, training, cell.relu, stream)
         return True
 
-    def _persistent_shape(self, kernel, G, B, H, dtype):
+    def backward_sequence(self, cell, w, tape, dg, dgh, dh_carry, dc, dy, dh_rec):
+        if not self.persistent or not self._persistent_cell(cell):
+            return False
+        from .kernels import persistent
+
+        T, B, H = dy.shape
+        kernel = persistent.persistent_kernels(dy.dtype)[cell.mode][1]
+        shape = self._persistent_shape(kernel, cell.gates, B, H, dy.dtype, backward=True)
+        if shape is None:
+            return False
+        stream = 0 if self.simulator else self._numba_stream()
+        persistent.launch_persistent_backward(
+            kernel, shape, T, B, H, dg, dgh, dh_carry, dc, dy, dh_rec, tape.hs, tape.cs,
+            tape.gates, w.w_hh, tape.lengths, tape.reverse, cell.relu, stream)
+        return True
+
+    @staticmethod
+    def _persistent_cell(cell):
+        from .kernels import persistent
+
+        return cell.mode in persistent.PERSISTENT_MODES and (cell.mode != "gru"
+                                                             or cell.reset_after)
+
+    def _persistent_shape(self, kernel, G, B, H, dtype, backward):
         from .kernels import persistent
 
         itemsize = np.dtype(dtype).itemsize
         if self.simulator:
             # One block (the simulator's cooperative grids have one) of few Python threads.
             return persistent.plan(G, B, H, itemsize, 1, _DEFAULT_SHARED_BYTES, lanes=4,
-                                   max_groups=2)
+                                   max_groups=2, backward=backward)
         from numba import cuda
 
         sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
-        shape = persistent.plan(G, B, H, itemsize, sms, _DEFAULT_SHARED_BYTES)
+        shape = persistent.plan(G, B, H, itemsize, sms, _DEFAULT_SHARED_BYTES,
+                                backward=backward)
         if shape is None:
             return None
         n_blocks, _, _, _, threads, nbytes = shape

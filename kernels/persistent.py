@@ -51,7 +51,7 @@ def step_slots(T, step, reverse, training):
 
 
 def slice_row(r, block, n_blocks, G, U, H, n_slices):
-    """Row of ``W_hh`` held at local row ``r`` of ``block``'s shared memory, or -1 (padding).
+    """Row of ``W_hh`` held at local row ``r`` of ``block``'s shared memory (forward), or -1.
 
     Local rows run over the block's slices, then gates, then units of the slice."""
     per_slice = G * U
@@ -64,13 +64,29 @@ def slice_row(r, block, n_blocks, G, U, H, n_slices):
     return -1
 
 
+def slice_unit(r, block, n_blocks, U, H, n_slices):
+    """Unit (column of ``W_hh``) held at local row ``r`` of ``block`` (backward), or -1.
+
+    Local rows run over the block's slices, then units of the slice."""
+    local_slice = r // U
+    j = (block + local_slice * n_blocks) * U + r - local_slice * U
+    if block + local_slice * n_blocks < n_slices and j < H:
+        return j
+    return -1
+
+
 def _cell_steps(math_, simulator):
-    """``{mode: step(b, j, H, t, p, n, s, y, hs, cs, gates, xg, hg, b_hh, lengths, relu)}``:
-    each cell's element function called on the slots of one step (one signature for all)."""
+    """Each cell's element functions called on the slots of one step, one signature per
+    direction of time: ``{mode: (forward_step, backward_step, recurrent_grad)}``.
+
+    ``recurrent_grad(dg, dgh)`` is the gradient whose product with ``W_hh`` flows back to
+    ``h_prev``: ``dgh`` for the reset-after GRU (its n block is ``r * dgx_n``), else ``dg``."""
     def elem(name):
         return math_[name].py_func if simulator else math_[name]
 
     rnn, lstm, gru = elem("rnn_forward_elem"), elem("lstm_forward_elem"), elem("gru_forward_elem")
+    rnn_b, lstm_b, gru_b = (elem("rnn_backward_elem"), elem("lstm_backward_elem"),
+                            elem("gru_backward_elem"))
 
     # y [T, B, H]; hs, cs [S, B, H]; gates [T or 1, B, 4H]; xg [T, B, G*H]; hg [B, G*H]
     def rnn_step(b, j, H, t, p, n, s, y, hs, cs, gates, xg, hg, b_hh, lengths, relu):
@@ -82,25 +98,93 @@ def _cell_steps(math_, simulator):
     def gru_step(b, j, H, t, p, n, s, y, hs, cs, gates, xg, hg, b_hh, lengths, relu):
         gru(b, j, H, y[t], hs[n], gates[s], xg[t], hg, b_hh, hs[p], lengths, t)
 
-    steps = {"rnn": rnn_step, "lstm": lstm_step, "gru": gru_step}
+    # dg, dgh [T, B, G*H]; dh_carry, dc, dh_rec [B, H]; dy [T, B, H]; hs, cs [T+1, B, H];
+    # gates [T, B, 4H]
+    def rnn_back(b, j, H, t, p, n, dg, dgh, dh_carry, dc, dy, dh_rec, hs, cs, gates, lengths,
+                 relu):
+        rnn_b(b, j, H, dg[t], dh_carry, dy[t], dh_rec, hs[n], lengths, t, relu)
+
+    def lstm_back(b, j, H, t, p, n, dg, dgh, dh_carry, dc, dy, dh_rec, hs, cs, gates, lengths,
+                  relu):
+        lstm_b(b, j, H, dg[t], dh_carry, dc, dy[t], dh_rec, gates[t], cs[n], cs[p], lengths, t)
+
+    def gru_back(b, j, H, t, p, n, dg, dgh, dh_carry, dc, dy, dh_rec, hs, cs, gates, lengths,
+                 relu):
+        gru_b(b, j, H, dg[t], dgh[t], dh_carry, dy[t], dh_rec, gates[t], hs[p], lengths, t)
+
+    def input_path(dg, dgh):
+        return dg
+
+    def recurrent_path(dg, dgh):
+        return dgh
+
+    steps = {"rnn": (rnn_step, rnn_back, input_path), "lstm": (lstm_step, lstm_back, input_path),
+             "gru": (gru_step, gru_back, recurrent_path)}
     if simulator:
         return steps
-    return {mode: numba.njit(inline="always")(fn) for mode, fn in steps.items()}
+    return {mode: tuple(numba.njit(inline="always")(fn) for fn in fns)
+            for mode, fns in steps.items()}
+
+
+def _make_block_products(row_of, unit_of):
+    """The block-wide product of the persistent kernels, over the given row maps."""
+    def block_products(smem, rows, K, B, v_at, part_at, out, backward, block, n_blocks, G, U, H,
+                       n_slices, lanes, zero):
+        """``out[b, c(r)] = M[r, :] . V[b, :]`` for every local row ``r`` and batch row ``b``,
+        with ``M`` [rows, K] at the start of ``smem`` and ``V`` [B, K] at ``v_at``; ``c(r)`` is
+        the row of ``W_hh`` (forward) or the unit (backward) that local row ``r`` holds.
+        ``lanes`` threads share each product (strided partial sums at ``part_at``, summed by the
+        first lane).  Every thread of the block must call it: it has block barriers inside."""
+        tid = cuda.threadIdx.x
+        group = tid // lanes
+        lane = tid - group * lanes
+        n_groups = cuda.blockDim.x // lanes
+        n_dots = rows * B
+        # Every thread runs the same number of passes: the barriers inside are uniform.
+        for first in range(0, n_dots, n_groups):
+            dot = first + group
+            r = dot // B
+            b = dot - r * B
+            acc = zero
+            if dot < n_dots:
+                for i in range(lane, K, lanes):
+                    acc += smem[r * K + i] * smem[v_at + b * K + i]
+            smem[part_at + tid] = acc
+            cuda.syncthreads()
+            if lane == 0 and dot < n_dots:
+                if backward:
+                    col = unit_of(r, block, n_blocks, U, H, n_slices)
+                else:
+                    col = row_of(r, block, n_blocks, G, U, H, n_slices)
+                if col >= 0:
+                    total = zero
+                    for k in range(lanes):
+                        total += smem[part_at + tid + k]
+                    out[b, col] = total
+            cuda.syncthreads()
+
+    return block_products
 
 
 def make_persistent_python_kernels(dtype):
-    """``{mode: python kernel function}``, not yet jitted (``compile_ptx`` takes these)."""
+    """``{mode: (forward kernel, backward kernel)}`` as Python functions, not yet jitted
+    (``compile_ptx`` takes these)."""
     dtype = np.dtype(dtype)
     simulator = bool(cuda.config.ENABLE_CUDASIM)
     zero = dtype.type(0)
     shared_type = numba.from_dtype(dtype)
-    row_of = slice_row if simulator else numba.njit(inline="always")(slice_row)
-    slots_of = step_slots if simulator else numba.njit(inline="always")(step_slots)
-    return {mode: _persistent_kernel(step, zero, shared_type, row_of, slots_of)
-            for mode, step in _cell_steps(make_cell_math(dtype), simulator).items()}
+    if simulator:
+        helpers = (step_slots, slice_row, slice_unit)
+        helpers += (_make_block_products(slice_row, slice_unit),)
+    else:
+        helpers = tuple(numba.njit(inline="always")(f) for f in (step_slots, slice_row, slice_unit))
+        helpers += (cuda.jit(device=True, inline="always")(_make_block_products(*helpers[1:])),)
+    return {mode: (_forward_kernel(fwd, zero, shared_type, *helpers),
+                   _backward_kernel(back, rec, zero, shared_type, *helpers))
+            for mode, (fwd, back, rec) in _cell_steps(make_cell_math(dtype), simulator).items()}
 
 
-def _persistent_kernel(cell_step, zero, shared_type, row_of, slots_of):
+def _forward_kernel(cell_step, zero, shared_type, slots_of, row_of, unit_of, products):
     def persistent_forward(T, B, H, n_slices, U, lanes, y, hs, cs, gates, xg, hg, w_hh, b_hh,
                            lengths, reverse, training, relu):
         # y [T, B, H]; hs, cs [T+1 or 2, B, H] (cs: any such array unless LSTM);
@@ -121,11 +205,6 @@ def _persistent_kernel(cell_step, zero, shared_type, row_of, slots_of):
             w_row = row_of(r, block, n_blocks, G, U, H, n_slices)
             smem[idx] = w_hh[w_row, idx - r * H] if w_row >= 0 else zero
         cuda.syncthreads()
-
-        group = tid // lanes  # the dot product this thread helps with, per pass
-        lane = tid - group * lanes
-        n_groups = n_threads // lanes
-        n_dots = rows * B
         grid = cuda.cg.this_grid()
         for step in range(T):
             t, p, n, s = slots_of(T, step, reverse, training)
@@ -133,25 +212,8 @@ def _persistent_kernel(cell_step, zero, shared_type, row_of, slots_of):
                 b = idx // H
                 smem[h_at + idx] = hs[p, b, idx - b * H]
             cuda.syncthreads()
-            # Every thread runs the same number of passes: the barriers inside are uniform.
-            for first in range(0, n_dots, n_groups):
-                dot = first + group
-                r = dot // B
-                b = dot - r * B
-                acc = zero
-                if dot < n_dots:
-                    for i in range(lane, H, lanes):
-                        acc += smem[r * H + i] * smem[h_at + b * H + i]
-                smem[part_at + tid] = acc
-                cuda.syncthreads()
-                if lane == 0 and dot < n_dots:
-                    w_row = row_of(r, block, n_blocks, G, U, H, n_slices)
-                    if w_row >= 0:
-                        total = zero
-                        for k in range(lanes):
-                            total += smem[part_at + tid + k]
-                        hg[b, w_row] = total
-                cuda.syncthreads()
+            products(smem, rows, H, B, h_at, part_at, hg, 0, block, n_blocks, G, U, H,
+                     n_slices, lanes, zero)
             # The gate math of this block's units: reads only hg columns this block wrote.
             per_slice = U * B
             for idx in range(tid, rows // G * B, n_threads):
@@ -159,41 +221,98 @@ def _persistent_kernel(cell_step, zero, shared_type, row_of, slots_of):
                 rem = idx - local_slice * per_slice
                 u = rem // B
                 b = rem - u * B
-                sl = block + local_slice * n_blocks
-                j = sl * U + u
-                if sl < n_slices and j < H:
+                j = unit_of(local_slice * U + u, block, n_blocks, U, H, n_slices)
+                if j >= 0:
                     cell_step(b, j, H, t, p, n, s, y, hs, cs, gates, xg, hg, b_hh, lengths, relu)
             grid.sync()
 
     return persistent_forward
 
 
-def persistent_signature(dtype):
-    """Fixed signature of the persistent kernels, for eager compilation and PTX."""
+def _backward_kernel(cell_back, recurrent_grad, zero, shared_type, slots_of, row_of, unit_of,
+                     products):
+    def persistent_backward(T, B, H, n_slices, U, lanes, dg, dgh, dh_carry, dc, dy, dh_rec, hs,
+                            cs, gates, w_hh, lengths, reverse, relu):
+        # dg, dgh [T, B, G*H] (dgh: GRU's recurrent-path gradient, any such array otherwise);
+        # dh_carry, dc, dh_rec [B, H] (in place; dc any such array unless LSTM; dh_rec zero on
+        # entry, dg_first @ W_hh on exit); dy [T, B, H]; hs, cs [T+1, B, H]; gates [T, B, 4H];
+        # w_hh [G*H, H]; lengths [B].  The same work, in the same order, as the driver's loop.
+        G = w_hh.shape[0] // H
+        K = G * H
+        tid = cuda.threadIdx.x
+        n_threads = cuda.blockDim.x
+        block = cuda.blockIdx.x
+        n_blocks = cuda.gridDim.x
+        rows = (n_slices + n_blocks - 1) // n_blocks * U  # W_hh columns held by this block
+        # Dynamic shared memory: [rows, G*H] W_hh columns | [B, G*H] gradient | partials.
+        smem = cuda.shared.array(0, dtype=shared_type)
+        v_at = rows * K
+        part_at = v_at + B * K
+        for idx in range(tid, rows * K, n_threads):
+            r = idx // K
+            j = unit_of(r, block, n_blocks, U, H, n_slices)
+            smem[idx] = w_hh[idx - r * K, j] if j >= 0 else zero
+        cuda.syncthreads()
+        grid = cuda.cg.this_grid()
+        rec = recurrent_grad(dg, dgh)
+        for it in range(T + 1):
+            if it > 0:
+                # dh_rec = (gradient of the step done last) @ W_hh, for this block's units.
+                t_done = slots_of(T, T - it, reverse, 1)[0]
+                for idx in range(tid, B * K, n_threads):
+                    b = idx // K
+                    smem[v_at + idx] = rec[t_done, b, idx - b * K]
+                cuda.syncthreads()
+                products(smem, rows, K, B, v_at, part_at, dh_rec, 1, block, n_blocks, G, U, H,
+                         n_slices, lanes, zero)
+            if it < T:
+                t, p, n, s = slots_of(T, T - 1 - it, reverse, 1)
+                for idx in range(tid, rows * B, n_threads):
+                    r = idx // B
+                    j = unit_of(r, block, n_blocks, U, H, n_slices)
+                    if j >= 0:
+                        cell_back(idx - r * B, j, H, t, p, n, dg, dgh, dh_carry, dc, dy, dh_rec,
+                                  hs, cs, gates, lengths, relu)
+            grid.sync()
+
+    return persistent_backward
+
+
+def persistent_signature(dtype, backward=False):
+    """Fixed signature of the persistent forward (or backward) kernels, for eager compilation
+    and PTX."""
     scalar = numba.from_dtype(np.dtype(dtype))
     i64 = numba.int64
-    a3, a2, a1 = scalar[:, :, ::1], scalar[:, ::1], scalar[::1]
-    return (i64,) * 6 + (a3, a3, a3, a3, a3, a2, a2, a1, numba.int32[::1], i64, i64, i64)
+    a3, a2, a1, lengths = scalar[:, :, ::1], scalar[:, ::1], scalar[::1], numba.int32[::1]
+    if backward:  # dg, dgh, dh_carry, dc, dy, dh_rec, hs, cs, gates, w_hh, lengths, reverse, relu
+        return (i64,) * 6 + (a3, a3, a2, a2, a3, a2, a3, a3, a3, a2, lengths, i64, i64)
+    # y, hs, cs, gates, xg, hg, w_hh, b_hh, lengths, reverse, training, relu
+    return (i64,) * 6 + (a3, a3, a3, a3, a3, a2, a2, a1, lengths, i64, i64, i64)
 
 
-def shared_bytes(G, U, n_slices, n_blocks, B, H, threads, itemsize):
-    """Dynamic shared memory of one block: its ``W_hh`` rows, ``h_prev`` and the partials."""
-    rows = -(-n_slices // n_blocks) * G * U
-    return (rows * H + B * H + threads) * itemsize
+def shared_bytes(G, U, n_slices, n_blocks, B, H, threads, itemsize, backward=False):
+    """Dynamic shared memory of one block: its share of ``W_hh`` (``G*U`` rows of ``H``
+    forward, ``U`` columns of ``G*H`` backward: the same count), the staged vector
+    (``h_prev`` [B, H] forward, the gradient [B, G*H] backward) and the partial sums."""
+    held = -(-n_slices // n_blocks) * G * U * H
+    staged = B * H * (G if backward else 1)
+    return (held + staged + threads) * itemsize
 
 
 @functools.lru_cache(maxsize=None)
-def plan(G, B, H, itemsize, max_blocks, smem_limit, lanes=32, max_groups=8):
+def plan(G, B, H, itemsize, max_blocks, smem_limit, lanes=32, max_groups=8, backward=False):
     """Launch shape ``(n_blocks, n_slices, U, lanes, threads, shared_bytes)`` of the persistent
-    kernel, or ``None`` when ``W_hh`` does not fit in ``max_blocks`` blocks of ``smem_limit``
-    bytes of shared memory each.  One slice per block, as many blocks as useful (up to one per
-    unit), ``lanes`` threads per dot product and up to ``max_groups`` dot products at a time."""
+    forward (or backward) kernel, or ``None`` when it does not fit in ``max_blocks`` blocks of
+    ``smem_limit`` bytes of shared memory each.  One slice per block, as many blocks as useful
+    (up to one per unit), ``lanes`` threads per dot product and up to ``max_groups`` dot
+    products at a time."""
     n_blocks = max(1, min(max_blocks, H))
     U = -(-H // n_blocks)
     n_slices = -(-H // U)
     n_blocks = min(n_blocks, n_slices)
-    threads = lanes * max(1, min(max_groups, G * U * B))
-    nbytes = shared_bytes(G, U, n_slices, n_blocks, B, H, threads, itemsize)
+    dots = U * B * (1 if backward else G)
+    threads = lanes * max(1, min(max_groups, dots))
+    nbytes = shared_bytes(G, U, n_slices, n_blocks, B, H, threads, itemsize, backward)
     if nbytes > smem_limit:
         return None
     return n_blocks, n_slices, U, lanes, threads, nbytes
@@ -201,20 +320,22 @@ def plan(G, B, H, itemsize, max_blocks, smem_limit, lanes=32, max_groups=8):
 
 @functools.lru_cache(maxsize=None)
 def persistent_kernels(dtype):
-    """``{mode: kernel}`` compiled for ``dtype`` (eagerly on a GPU, lazily in the simulator)."""
+    """``{mode: (forward, backward)}`` kernels for ``dtype`` (compiled eagerly on a GPU, lazily
+    in the simulator)."""
     dtype = np.dtype(dtype)
     fns = make_persistent_python_kernels(dtype)
     if cuda.config.ENABLE_CUDASIM:
-        return {mode: cuda.jit(fn) for mode, fn in fns.items()}
-    sig = persistent_signature(dtype)
-    return {mode: cuda.jit(sig)(fn) for mode, fn in fns.items()}
+        return {mode: (cuda.jit(fwd), cuda.jit(back)) for mode, (fwd, back) in fns.items()}
+    fwd_sig, back_sig = persistent_signature(dtype), persistent_signature(dtype, backward=True)
+    return {mode: (cuda.jit(fwd_sig)(fwd), cuda.jit(back_sig)(back))
+            for mode, (fwd, back) in fns.items()}
 
 
 def launch_persistent(kernel, shape, T, B, H, y, hs, cs, gates, xg, hg, w_hh, b_hh, lengths,
                       reverse, training, relu, stream=0):
-    """Run all ``T`` steps in one cooperative launch of ``kernel`` with ``shape`` from ``plan``
-    (array shapes as ``persistent_forward``'s; ``cs`` and ``gates`` None where the cell has
-    none)."""
+    """Run all ``T`` forward steps in one cooperative launch of ``kernel`` with ``shape`` from
+    ``plan`` (array shapes as ``persistent_forward``'s; ``cs`` and ``gates`` None where the cell
+    has none)."""
     n_blocks, n_slices, U, lanes, threads, nbytes = shape
     # An empty view stands in for a missing array: the kernel never touches it, and no alias
     # of a real argument is passed (the simulator copies each argument back after the launch).
@@ -223,3 +344,18 @@ def launch_persistent(kernel, shape, T, B, H, y, hs, cs, gates, xg, hg, w_hh, b_
     kernel[n_blocks, threads, stream, nbytes](
         T, B, H, n_slices, U, lanes, y, hs, cs, gates, xg, hg, w_hh, b_hh, lengths,
         int(reverse), int(training), int(relu))
+
+
+def launch_persistent_backward(kernel, shape, T, B, H, dg, dgh, dh_carry, dc, dy, dh_rec, hs,
+                               cs, gates, w_hh, lengths, reverse, relu, stream=0):
+    """Run all ``T`` backward steps in one cooperative launch (array shapes as
+    ``persistent_backward``'s; ``dgh``, ``dc``, ``cs``, ``gates`` None where the cell has none,
+    and ``dgh`` None also when it is ``dg`` itself)."""
+    n_blocks, n_slices, U, lanes, threads, nbytes = shape
+    dgh = dg[:0] if dgh is None or dgh is dg else dgh
+    dc = dh_carry[:0] if dc is None else dc
+    cs = hs[:0] if cs is None else cs
+    gates = dg[:0] if gates is None else gates
+    kernel[n_blocks, threads, stream, nbytes](
+        T, B, H, n_slices, U, lanes, dg, dgh, dh_carry, dc, dy, dh_rec, hs, cs, gates, w_hh,
+        lengths, int(reverse), int(relu))

@@ -43,9 +43,10 @@ def all_kernels(dtype):
     dtype = np.dtype(dtype)
     out = {name: (fn, kernel_signature(name, dtype))
            for name, fn in make_cuda_python_kernels(dtype).items()}
-    sig = persistent_signature(dtype)
-    out.update({f"persistent_{mode}_forward": (fn, sig)
-                for mode, fn in make_persistent_python_kernels(dtype).items()})
+    fwd_sig, back_sig = persistent_signature(dtype), persistent_signature(dtype, backward=True)
+    for mode, (fwd, back) in make_persistent_python_kernels(dtype).items():
+        out[f"persistent_{mode}_forward"] = (fwd, fwd_sig)
+        out[f"persistent_{mode}_backward"] = (back, back_sig)
     return out
 
 

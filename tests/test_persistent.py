@@ -1,5 +1,6 @@
-"""The persistent forward kernel (one launch for all T steps) gives the per-step driver's
-results on the CPU backend: outputs, every state slot and the saved gates.  Under the CUDA
+"""The persistent kernels (one launch for all T steps) give the per-step driver's results on
+the CPU backend: forward, the outputs, every state slot and the saved gates; backward, every
+step's pre-activation gradients and the carried gradients the loop leaves.  Under the CUDA
 simulator a cooperative grid has one block, so the slicing of the hidden units over blocks is
 exercised by giving that block several slices, and checked on its own for many blocks."""
 import numpy as np
@@ -34,6 +35,15 @@ def test_slices_hold_every_row_once(G, H, n_slices, n_blocks):
     assert sorted(held) == list(range(G * H))
 
 
+@pytest.mark.parametrize("H,n_slices,n_blocks", [(5, 2, 1), (37, 5, 3), (128, 128, 132)])
+def test_backward_slices_hold_every_column_once(H, n_slices, n_blocks):
+    U = -(-H // n_slices)
+    rows = -(-n_slices // n_blocks) * U
+    held = [persistent.slice_unit(r, blk, n_blocks, U, H, n_slices)
+            for blk in range(n_blocks) for r in range(rows)]
+    assert sorted(j for j in held if j >= 0) == list(range(H))
+
+
 def test_plan_fits_shared_memory_or_refuses():
     shape = persistent.plan(4, 4, 256, 4, 132, 48 * 1024)
     n_blocks, n_slices, U, lanes, threads, nbytes = shape
@@ -42,6 +52,11 @@ def test_plan_fits_shared_memory_or_refuses():
     assert nbytes == persistent.shared_bytes(4, U, n_slices, n_blocks, 4, 256, threads, 4)
     # LSTM W_hh at H=1024 in float32 is 16 MiB: not in 132 blocks of 48 KiB.
     assert persistent.plan(4, 64, 1024, 4, 132, 48 * 1024) is None
+    # Backward stages the [B, 4H] gradient instead of h [B, H]: the same shape fits or not by it.
+    back = persistent.plan(4, 4, 256, 4, 132, 48 * 1024, backward=True)
+    assert back[5] == persistent.shared_bytes(4, U, n_slices, n_blocks, 4, 256, back[4], 4, True)
+    assert back[5] - back[4] * 4 == nbytes - threads * 4 + 3 * 4 * 256 * 4
+    assert persistent.plan(4, 12, 256, 4, 132, 48 * 1024, backward=True) is None
 
 
 def _problem(cell, dtype, T, B, I, H, rng):
@@ -104,7 +119,7 @@ def test_persistent_kernel_matches_cpu(name, dtype, training, reverse, n_slices,
     lanes, threads = 2, 4
     shape = (1, n_slices, U, lanes, threads,
              persistent.shared_bytes(cell.gates, U, n_slices, 1, B, H, threads, x.itemsize))
-    kernel = persistent.persistent_kernels(dtype)[cell.mode]
+    kernel = persistent.persistent_kernels(dtype)[cell.mode][0]
     persistent.launch_persistent(kernel, shape, T, B, H, y, hs, cs, gates, xg, hg, w.w_hh,
                                  w.b_hh, lengths, reverse, training, cell.relu)
     _check(cell, dtype, training, reverse, (y, hs, cs, gates), want_y, tape, lengths)
@@ -142,3 +157,75 @@ def test_bad_option_values_are_refused(monkeypatch):
         CUDABackend()
     with pytest.raises(ValueError, match="launch .* must be one of"):
         CUDABackend(launch="quick", persistent=False)
+
+
+def _backward_reference(cell, dtype, training_reverse, rng):
+    """A CPU training forward and backward; returns the inputs of the backward loop and the
+    buffers the CPU loop left (dg, dgh, dh_carry, dc, dh_rec)."""
+    T, B, I, H = 3, 2, 2, 5
+    w, x, h0, c0, lengths = _problem(cell, dtype, T, B, I, H, rng)
+    cpu = CPUBackend()
+    ws = drivers.Workspace(cpu)
+    y, tape = drivers.forward(cpu, cell, w, x, h0, c0, lengths, training_reverse, True, ws)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dh_last = rng.standard_normal((B, H)).astype(dtype)
+    dc_last = rng.standard_normal((B, H)).astype(dtype) if cell.has_cell_state else None
+    grads = drivers.Weights(*(np.empty_like(a) for a in (w.w_ih, w.w_hh, w.b_ih, w.b_hh)))
+    drivers.backward(cpu, cell, w, tape, dy, dh_last, dc_last, grads, ws)
+    G = cell.gates
+    left = {name: ws.get(name, shape, x.dtype).copy() for name, shape in [
+        ("dg", (T, B, G * H)), ("dh_carry", (B, H)), ("dh_rec", (B, H))]}
+    if cell.has_cell_state:
+        left["dc"] = ws.get("dc", (B, H), x.dtype).copy()
+    if cell.mode == "gru":
+        left["dgh"] = ws.get("dgh", (T, B, G * H), x.dtype).copy()
+    return w, tape, dy, dh_last, dc_last, left
+
+
+def _backward_buffers(cell, tape, dy, dh_last, dc_last):
+    """What the driver hands its backward loop: poisoned gradients, the carried ones set."""
+    T, B, H = dy.shape
+    G = cell.gates
+    dg = np.full((T, B, G * H), np.nan, dy.dtype)
+    dgh = np.full((T, B, G * H), np.nan, dy.dtype) if cell.mode == "gru" else dg
+    dc = dc_last.copy() if dc_last is not None else None
+    return dg, dgh, dh_last.copy(), dc, np.zeros((B, H), dy.dtype)
+
+
+def _check_backward(cell, dtype, got, left):
+    dg, dgh, dh_carry, dc, dh_rec = got
+    for name, value in [("dg", dg), ("dh_carry", dh_carry), ("dh_rec", dh_rec)] + (
+            [("dc", dc)] if dc is not None else []) + (
+            [("dgh", dgh)] if cell.mode == "gru" else []):
+        np.testing.assert_allclose(value, left[name], err_msg=name, **TOL[dtype])
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+@pytest.mark.parametrize("dtype,reverse,n_slices", [
+    ("float64", False, 2), ("float64", True, 3), ("float32", False, 1)])
+def test_persistent_backward_matches_cpu(name, dtype, reverse, n_slices, rng):
+    cell = CELLS[name]
+    w, tape, dy, dh_last, dc_last, left = _backward_reference(cell, dtype, reverse, rng)
+    T, B, H = dy.shape
+    dg, dgh, dh_carry, dc, dh_rec = _backward_buffers(cell, tape, dy, dh_last, dc_last)
+    U = -(-H // n_slices)
+    lanes, threads = 2, 4
+    shape = (1, n_slices, U, lanes, threads, persistent.shared_bytes(
+        cell.gates, U, n_slices, 1, B, H, threads, dy.itemsize, backward=True))
+    kernel = persistent.persistent_kernels(dtype)[cell.mode][1]
+    persistent.launch_persistent_backward(kernel, shape, T, B, H, dg, dgh, dh_carry, dc, dy,
+                                          dh_rec, tape.hs, tape.cs, tape.gates, w.w_hh,
+                                          tape.lengths, reverse, cell.relu)
+    _check_backward(cell, dtype, (dg, dgh, dh_carry, dc, dh_rec), left)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_backend_backward_sequence(name, rng):
+    cell = CELLS[name]
+    w, tape, dy, dh_last, dc_last, left = _backward_reference(cell, "float64", False, rng)
+    bufs = _backward_buffers(cell, tape, dy, dh_last, dc_last)
+    assert not CUDABackend(persistent=False).backward_sequence(cell, w, tape, *bufs[:4], dy,
+                                                               bufs[4])
+    assert np.isnan(bufs[0]).all()
+    assert CUDABackend(persistent=True).backward_sequence(cell, w, tape, *bufs[:4], dy, bufs[4])
+    _check_backward(cell, "float64", bufs, left)
