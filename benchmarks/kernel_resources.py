@@ -92,8 +92,10 @@ def persistent_shapes():
 
     out = {}
     for mode, G in (("rnn", 1), ("lstm", 4), ("gru", 3)):
-        for B, H in ((4, 256), (1, 128)):
-            out[mode, B, H] = persistent.plan(G, B, H, 4, H100_SMS, 48 * 1024)
+        for direction in ("forward", "backward"):
+            for B, H in ((4, 256), (1, 128)):
+                out[f"persistent_{mode}_{direction}", B, H] = persistent.plan(
+                    G, B, H, 4, H100_SMS, 48 * 1024, backward=direction == "backward")
     return out
 
 
@@ -119,9 +121,8 @@ def main():
             r = ptxas_report(ptxas, path)
             rows = []
             if name.startswith("persistent_"):
-                mode = name.split("_")[1]
-                for (m, B, H), shape in shapes.items():
-                    if m != mode or dtype != "float32":
+                for (kernel, B, H), shape in shapes.items():
+                    if kernel != name or dtype != "float32":
                         continue
                     if shape is None:
                         rows.append((f"B={B},H={H}: does not fit", "", "", ""))
