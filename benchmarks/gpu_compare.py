@@ -125,18 +125,21 @@ def build_pair(cell, T, B, H, dtype, seed):
 
     g_cls, g_opts, t_cls, t_opts = CELLS[cell]
     ours = getattr(gpurnn, g_cls)(H, H, device="cuda", dtype=dtype, seed=seed, **g_opts)
-    theirs = getattr(torch.nn, t_cls)(H, H, **t_opts).to(device="cuda", dtype=getattr(torch, dtype))
+    theirs = getattr(torch.nn, t_cls)(H, H, **t_opts).to(device="cuda",
+                                                          dtype=getattr(torch, dtype))
     theirs.load_state_dict({k: torch.from_numpy(v) for k, v in ours.state_dict().items()})
     rng = np.random.default_rng(seed)
     host = [rng.standard_normal((T, B, H)).astype(dtype) for _ in range(N_INPUTS)]
     dout = rng.standard_normal((T, B, H)).astype(dtype)
-    return ours, theirs, [cupy.asarray(x) for x in host], [torch.from_numpy(x).cuda() for x in host], \
-        cupy.asarray(dout), torch.from_numpy(dout).cuda()
+    gxs = [cupy.asarray(x) for x in host]  # each [T, B, H]
+    txs = [torch.from_numpy(x).cuda() for x in host]
+    return ours, theirs, gxs, txs, cupy.asarray(dout), torch.from_numpy(dout).cuda()
 
 
 def agreement(ours, theirs, gx, tx):
     """Relative error (Frobenius) of gpurnn's inference output against torch's."""
     import cupy
+    import numpy as np
     import torch
 
     import gpurnn
@@ -148,9 +151,11 @@ def agreement(ours, theirs, gx, tx):
         b = theirs.eval()(tx)[0].double().cpu().numpy()
     ours.train()
     theirs.train()
-    import numpy as np
-
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _parts(state):
+    return state if isinstance(state, tuple) else (state,)
 
 
 def measure_cell(cell, T, B, H, dtype, warmup, repeat):
@@ -170,7 +175,7 @@ def measure_cell(cell, T, B, H, dtype, warmup, repeat):
     before = pool.used_bytes()
     out, state = fresh(gxs[0])
     cupy.cuda.Device().synchronize()
-    states = sum(int(s.nbytes) for s in (state if isinstance(state, tuple) else (state,)))
+    states = sum(int(s.nbytes) for s in _parts(state))
     row["ours_kept_bytes"] = pool.used_bytes() - before - int(out.nbytes) - states
     row["ours_tape_bytes"] = fresh.activation_bytes(T, B)
     del fresh, out, state
@@ -208,8 +213,9 @@ def measure_cell(cell, T, B, H, dtype, warmup, repeat):
     base = torch.cuda.memory_allocated()
     out, state = theirs(x)
     torch.cuda.synchronize()
-    states = sum(s.numel() * s.element_size() for s in (state if isinstance(state, tuple) else (state,)))
-    row["torch_kept_bytes"] = torch.cuda.memory_allocated() - base - out.numel() * out.element_size() - states
+    states = sum(s.numel() * s.element_size() for s in _parts(state))
+    row["torch_kept_bytes"] = (torch.cuda.memory_allocated() - base
+                               - out.numel() * out.element_size() - states)
     del out, state, x
     return row
 
@@ -280,25 +286,30 @@ def tf32_check(n=1024):
 
 
 def watch_persistent(backend):
-    """A list that gets True each time ``backend`` runs a forward as one persistent kernel, so
-    the table says whether a ``+persistent`` variant really took that path (it falls back to
-    the per-step loop where the plan does not fit, or where the driver does not ask)."""
-    seen = []
-    run = backend.forward_sequence
+    """A set that gets "fwd" / "bwd" each time ``backend`` runs a forward / backward as one
+    persistent kernel, so the table says whether a ``+persistent`` variant really took that path
+    (it falls back to the per-step loop where the plan does not fit, or where the driver does
+    not ask)."""
+    seen = set()
 
-    def forward_sequence(*args):
-        ran = run(*args)
-        seen.append(ran)
-        return ran
+    def watched(run, tag):
+        def hook(*args):
+            ran = run(*args)
+            if ran:
+                seen.add(tag)
+            return ran
 
-    backend.forward_sequence = forward_sequence
+        return hook
+
+    backend.forward_sequence = watched(backend.forward_sequence, "fwd")
+    backend.backward_sequence = watched(backend.backward_sequence, "bwd")
     return seen
 
 
 def fmt_table(results):
-    head = (f"{'variant':<18} {'cell':<5} {'T,B,H':<13} {'train ours':>10} {'cuDNN':>8} {'ratio':>6} "
-            f"{'infer ours':>10} {'cuDNN':>8} {'ratio':>6} {'tape MB':>8} {'kept MB':>8} "
-            f"{'cuDNN MB':>8} {'rel err':>8} {'persistent':>10}")
+    head = (f"{'variant':<18} {'cell':<5} {'T,B,H':<13} {'train ours':>10} {'cuDNN':>8} "
+            f"{'ratio':>6} {'infer ours':>10} {'cuDNN':>8} {'ratio':>6} {'tape MB':>8} "
+            f"{'kept MB':>8} {'cuDNN MB':>8} {'rel err':>8} {'persistent':>10}")
     lines = [head, "-" * len(head)]
     for r in results:
         mb = 1 / 2**20
@@ -310,7 +321,7 @@ def fmt_table(results):
             f"{r['ours_infer_ms'] / r['torch_infer_ms']:>6.2f} "
             f"{r['ours_tape_bytes'] * mb:>8.2f} {r['ours_kept_bytes'] * mb:>8.2f} "
             f"{r['torch_kept_bytes'] * mb:>8.2f} {r['rel_err']:>8.1e} "
-            f"{'ran' if r['persistent_ran'] else '-':>10}")
+            f"{r['persistent_ran']:>10}")
     return "\n".join(lines)
 
 
@@ -351,8 +362,8 @@ def main(argv=None):
     report = {"info": info, "results": []}
     if args.launch_cost:
         report["launch_us"] = launch_cost()
-        print("host us per launch: " + ", ".join(f"{k} {v:.1f}" for k, v in report["launch_us"].items()),
-              flush=True)
+        print("host us per launch: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in report["launch_us"].items()), flush=True)
     if args.tf32_check:
         report["tf32_rel_err"] = tf32_check()
         print("GEMM rel. error vs float64: " + ", ".join(
@@ -368,7 +379,7 @@ def main(argv=None):
                 ran_persistent.clear()
                 row = measure_cell(cell, T, B, H, args.dtype, args.warmup, args.repeat)
                 row.update(variant=variant["name"], cell=cell, shape=[T, B, H],
-                           persistent_ran=any(ran_persistent))
+                           persistent_ran="+".join(sorted(ran_persistent, reverse=True)) or "-")
                 report["results"].append(row)
                 print(fmt_table([row]).splitlines()[-1], flush=True)
     print()

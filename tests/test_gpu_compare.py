@@ -27,8 +27,8 @@ def test_without_a_gpu_it_says_so_and_measures_nothing():
 
 @pytest.mark.skipif(SIMULATOR, reason="needs a GPU")
 def test_tiny_run_on_the_gpu_completes():
-    done = _run("--shapes", "3,2,8", "--cells", "gru", "lstm", "--variants", "eager,fast+persistent",
-                "--warmup", "1", "--repeat", "3")
+    done = _run("--shapes", "3,2,8", "--cells", "gru", "lstm", "--variants",
+                "eager,fast+persistent", "--warmup", "1", "--repeat", "3")
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith(("eager ", "fast+"))]
     assert len(rows) == 2 * 4  # printed as measured, then again in the final table
