@@ -174,35 +174,42 @@ class CUDABackend(Backend):
             linalg.set_compute_type(np.float32, previous)
 
     def forward_sequence(self, cell, w, xg, y, hs, cs, gates, hg, lengths, reverse, training):
-        if not self.persistent or not self._persistent_cell(cell):
-            return False
         from .kernels import persistent
 
         T, B, H = y.shape
-        kernel = persistent.persistent_kernels(y.dtype)[cell.mode][0]
-        shape = self._persistent_shape(kernel, cell.gates, B, H, y.dtype, backward=False)
-        if shape is None:
+        launch = self._persistent_launch(cell, B, H, y.dtype, backward=False)
+        if launch is None:
             return False
-        stream = 0 if self.simulator else self._numba_stream()
+        kernel, shape, stream = launch
         persistent.launch_persistent(kernel, shape, T, B, H, y, hs, cs, gates, xg, hg, w.w_hh,
                                      w.b_hh, lengths, reverse, training, cell.relu, stream)
         return True
 
     def backward_sequence(self, cell, w, tape, dg, dgh, dh_carry, dc, dy, dh_rec):
-        if not self.persistent or not self._persistent_cell(cell):
-            return False
         from .kernels import persistent
 
         T, B, H = dy.shape
-        kernel = persistent.persistent_kernels(dy.dtype)[cell.mode][1]
-        shape = self._persistent_shape(kernel, cell.gates, B, H, dy.dtype, backward=True)
-        if shape is None:
+        launch = self._persistent_launch(cell, B, H, dy.dtype, backward=True)
+        if launch is None:
             return False
-        stream = 0 if self.simulator else self._numba_stream()
+        kernel, shape, stream = launch
         persistent.launch_persistent_backward(
             kernel, shape, T, B, H, dg, dgh, dh_carry, dc, dy, dh_rec, tape.hs, tape.cs,
             tape.gates, w.w_hh, tape.lengths, tape.reverse, cell.relu, stream)
         return True
+
+    def _persistent_launch(self, cell, B, H, dtype, backward):
+        """(kernel, launch shape, stream) of the persistent path, or None when it is off, the
+        cell has none, or the shape does not fit."""
+        if not self.persistent or not self._persistent_cell(cell):
+            return None
+        from .kernels import persistent
+
+        kernel = persistent.persistent_kernels(dtype)[cell.mode][int(backward)]
+        shape = self._persistent_shape(kernel, cell.gates, B, H, dtype, backward)
+        if shape is None:
+            return None
+        return kernel, shape, 0 if self.simulator else self._numba_stream()
 
     @staticmethod
     def _persistent_cell(cell):

@@ -18,9 +18,9 @@ the grid owns slices ``k, k + gridDim, ...``.  Per step, every block:
    cooperatively and every block must be resident), since the next step needs every unit of
    ``h``.
 
-The states, saved gates and outputs land in exactly the slots the per-step driver uses
-(``step_slots`` is ``gpurnn.drivers._slots`` for the device; a test holds them equal), so a
-training forward run here is followed by the ordinary per-step backward.
+The states, saved gates and outputs land in exactly the slots the per-step driver uses (the
+kernels compute them with the driver's own ``_slots``), so either kernel combines with the
+per-step path for the other direction of time.
 
 Cells: RNN (tanh/ReLU), LSTM, and GRU with the reset after the product.  The seed-form GRU
 needs ``r * h_prev`` of every unit before its second product: one more grid barrier per step,
@@ -33,21 +33,11 @@ import numba
 import numpy as np
 from numba import cuda
 
+from ..drivers import _slots
 from .cell_math import make_cell_math
 
 #: Cells with a persistent forward; GRU only with ``reset_after``.
 PERSISTENT_MODES = ("rnn", "lstm", "gru")
-
-
-def step_slots(T, step, reverse, training):
-    """(time t, slot of the state before t, slot after t, slot of the saved gates);
-    the device twin of ``gpurnn.drivers._slots``."""
-    t = T - 1 - step if reverse else step
-    if not training:
-        return t, step % 2, (step + 1) % 2, 0
-    if reverse:
-        return t, t + 1, t, t
-    return t, t, t + 1, t
 
 
 def slice_row(r, block, n_blocks, G, U, H, n_slices):
@@ -128,14 +118,19 @@ def _cell_steps(math_, simulator):
 
 def _make_block_products(row_of, unit_of):
     """The block-wide product of the persistent kernels, over the given row maps."""
-    def block_products(smem, rows, K, B, v_at, part_at, out, backward, block, n_blocks, G, U, H,
-                       n_slices, lanes, zero):
-        """``out[b, c(r)] = M[r, :] . V[b, :]`` for every local row ``r`` and batch row ``b``,
-        with ``M`` [rows, K] at the start of ``smem`` and ``V`` [B, K] at ``v_at``; ``c(r)`` is
-        the row of ``W_hh`` (forward) or the unit (backward) that local row ``r`` holds.
-        ``lanes`` threads share each product (strided partial sums at ``part_at``, summed by the
-        first lane).  Every thread of the block must call it: it has block barriers inside."""
+    def block_products(smem, rows, K, B, v, v_at, part_at, out, backward, block, n_blocks, G,
+                       U, H, n_slices, lanes, zero):
+        """``out[b, c(r)] = M[r, :] . v[b, :]`` for every local row ``r`` and batch row ``b``,
+        with ``M`` [rows, K] at the start of ``smem``; ``v`` [B, K] is copied to ``smem`` at
+        ``v_at`` first.  ``c(r)`` is the row of ``W_hh`` (forward) or the unit (backward) that
+        local row ``r`` holds.  ``lanes`` threads share each product (strided partial sums at
+        ``part_at``, summed by the first lane).  Every thread of the block must call it: it has
+        block barriers inside."""
         tid = cuda.threadIdx.x
+        for idx in range(tid, B * K, cuda.blockDim.x):
+            b = idx // K
+            smem[v_at + idx] = v[b, idx - b * K]
+        cuda.syncthreads()
         group = tid // lanes
         lane = tid - group * lanes
         n_groups = cuda.blockDim.x // lanes
@@ -174,10 +169,10 @@ def make_persistent_python_kernels(dtype):
     zero = dtype.type(0)
     shared_type = numba.from_dtype(dtype)
     if simulator:
-        helpers = (step_slots, slice_row, slice_unit)
+        helpers = (_slots, slice_row, slice_unit)
         helpers += (_make_block_products(slice_row, slice_unit),)
     else:
-        helpers = tuple(numba.njit(inline="always")(f) for f in (step_slots, slice_row, slice_unit))
+        helpers = tuple(numba.njit(inline="always")(f) for f in (_slots, slice_row, slice_unit))
         helpers += (cuda.jit(device=True, inline="always")(_make_block_products(*helpers[1:])),)
     return {mode: (_forward_kernel(fwd, zero, shared_type, *helpers),
                    _backward_kernel(back, rec, zero, shared_type, *helpers))
@@ -208,11 +203,7 @@ def _forward_kernel(cell_step, zero, shared_type, slots_of, row_of, unit_of, pro
         grid = cuda.cg.this_grid()
         for step in range(T):
             t, p, n, s = slots_of(T, step, reverse, training)
-            for idx in range(tid, B * H, n_threads):
-                b = idx // H
-                smem[h_at + idx] = hs[p, b, idx - b * H]
-            cuda.syncthreads()
-            products(smem, rows, H, B, h_at, part_at, hg, 0, block, n_blocks, G, U, H,
+            products(smem, rows, H, B, hs[p], h_at, part_at, hg, 0, block, n_blocks, G, U, H,
                      n_slices, lanes, zero)
             # The gate math of this block's units: reads only hg columns this block wrote.
             per_slice = U * B
@@ -259,12 +250,8 @@ def _backward_kernel(cell_back, recurrent_grad, zero, shared_type, slots_of, row
             if it > 0:
                 # dh_rec = (gradient of the step done last) @ W_hh, for this block's units.
                 t_done = slots_of(T, T - it, reverse, 1)[0]
-                for idx in range(tid, B * K, n_threads):
-                    b = idx // K
-                    smem[v_at + idx] = rec[t_done, b, idx - b * K]
-                cuda.syncthreads()
-                products(smem, rows, K, B, v_at, part_at, dh_rec, 1, block, n_blocks, G, U, H,
-                         n_slices, lanes, zero)
+                products(smem, rows, K, B, rec[t_done], v_at, part_at, dh_rec, 1, block,
+                         n_blocks, G, U, H, n_slices, lanes, zero)
             if it < T:
                 t, p, n, s = slots_of(T, T - 1 - it, reverse, 1)
                 for idx in range(tid, rows * B, n_threads):

@@ -15,15 +15,6 @@ CELLS = {"rnn_tanh": drivers.CellSpec("rnn"), "rnn_relu": drivers.CellSpec("rnn"
          "lstm": drivers.CellSpec("lstm"), "gru": drivers.CellSpec("gru", reset_after=True)}
 
 
-def test_step_slots_are_the_drivers_slots():
-    for T in (1, 2, 5):
-        for step in range(T):
-            for reverse in (False, True):
-                for training in (False, True):
-                    assert (persistent.step_slots(T, step, reverse, training)
-                            == drivers._slots(T, step, reverse, training))
-
-
 @pytest.mark.parametrize("G,H,n_slices,n_blocks", [
     (4, 5, 2, 1), (4, 5, 2, 2), (3, 37, 5, 3), (1, 128, 128, 132), (4, 7, 7, 2)])
 def test_slices_hold_every_row_once(G, H, n_slices, n_blocks):
