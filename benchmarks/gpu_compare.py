@@ -226,6 +226,7 @@ def launch_cost(n=2000):
     import numpy as np
 
     import gpurnn
+    from gpurnn.kernels.cuda import fast_launch_unavailable
 
     backend = gpurnn.get_backend("cuda")
     saved = backend.launch
@@ -239,6 +240,8 @@ def launch_cost(n=2000):
     out = {}
     try:
         for mode in ("lazy", "eager", "fast"):
+            if mode == "fast" and fast_launch_unavailable():
+                continue
             backend.launch = mode
             step = backend.kernels("float32")["rnn_forward_step"]
             for _ in range(50):
@@ -369,9 +372,14 @@ def main(argv=None):
         print("GEMM rel. error vs float64: " + ", ".join(
             f"{k} {v:.1e}" for k, v in report["tf32_rel_err"].items()), flush=True)
 
+    from gpurnn.kernels.cuda import fast_launch_unavailable
+
     backend = gpurnn.get_backend("cuda")
     ran_persistent = watch_persistent(backend)
     for variant in args.variants:
+        if variant["launch"] == "fast" and fast_launch_unavailable():
+            print(f"skipping {variant['name']}: {fast_launch_unavailable()}", flush=True)
+            continue
         backend.launch, backend.persistent, backend.tf32 = (
             variant["launch"], variant["persistent"], variant["tf32"])
         for cell in args.cells:

@@ -126,6 +126,12 @@ class CUDABackend(Backend):
         if self.launch not in LAUNCH_MODES:
             raise ValueError(f"launch (GPURNN_CUDA_LAUNCH) must be one of {LAUNCH_MODES}, "
                              f"got {self.launch!r}")
+        if self.launch == "fast" and not cuda.config.ENABLE_CUDASIM:
+            from .kernels.cuda import fast_launch_unavailable
+
+            reason = fast_launch_unavailable()
+            if reason is not None:
+                raise RuntimeError(f"launch='fast' is not available: {reason}")
         self.persistent = _env_flag("GPURNN_PERSISTENT") if persistent is None else bool(persistent)
         self.graphs = _env_flag("GPURNN_CUDA_GRAPHS") if graphs is None else bool(graphs)
         self.tf32 = _env_flag("GPURNN_TF32") if tf32 is None else bool(tf32)

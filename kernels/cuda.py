@@ -101,6 +101,19 @@ def _launcher(kernel):
     return launch
 
 
+def fast_launch_unavailable():
+    """``None`` when this numba-cuda has what the ``"fast"`` mode uses (``cuda.core.launch``
+    and ``driver._to_core_stream``, numba-cuda 0.2x), else why not."""
+    try:
+        from cuda.core import LaunchConfig, launch  # noqa: F401
+        from numba.cuda.cudadrv.driver import _to_core_stream  # noqa: F401
+    except ImportError as exc:
+        import numba_cuda
+
+        return f"numba-cuda {numba_cuda.__version__} lacks the cuda.core launch path ({exc})"
+    return None
+
+
 def pack_args(sig, args):
     """The flat kernel parameters Numba's ABI expects for ``args`` typed by ``sig``.
 

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue 6's GPU checks in one device call (docs/gpu.md, "On the first GPU session"): install
+# gpurnn in place, run the test suite on the real GPU with each launch mode and with the
+# persistent kernels, then the gpurnn-vs-cuDNN benchmark.  Logs and JSON go under $OUT (the
+# device tool's folder that comes back), else ./gpu_out.
+#
+#   bash benchmarks/gpu_session.sh [all|tests|bench]
+set -u
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+what=${1:-all}
+case "$what" in all|tests|bench) ;; *) echo "usage: $0 [all|tests|bench], got '$what'" >&2; exit 2;; esac
+
+if ! $py -m pip install --no-deps --no-build-isolation -q -e . > "$out/install.txt" 2>&1; then
+    echo "pip install -e . failed:"; tail -n 20 "$out/install.txt"; exit 1
+fi
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+git rev-parse --short HEAD 2>/dev/null | tee "$out/commit.txt"
+
+run_tests() {  # $1: log name; the environment of the call picks the mode
+    $py -m pytest -q -p no:cacheprovider tests/ > "$out/pytest_$1.txt" 2>&1
+    echo "pytest $1: rc=$? $(tail -n 1 "$out/pytest_$1.txt")"
+}
+if [ "$what" != bench ]; then
+    GPURNN_CUDA_LAUNCH=eager run_tests eager
+    GPURNN_CUDA_LAUNCH=fast run_tests fast
+    GPURNN_CUDA_LAUNCH=fast GPURNN_PERSISTENT=1 run_tests fast_persistent
+fi
+if [ "$what" != tests ]; then
+    $py benchmarks/gpu_compare.py --json "$out/gpu_compare.json" > "$out/gpu_compare.txt" 2>&1
+    echo "gpu_compare: rc=$?"
+    tail -n 45 "$out/gpu_compare.txt"
+fi
