@@ -23,6 +23,9 @@ import zipfile
 
 import numpy as np
 
+from . import checkpoint_checks as checks
+from .nonfinite import require_finite
+
 FORMAT = "gpurnn-checkpoint"
 VERSION = 1
 
@@ -79,6 +82,7 @@ def _fsync_dir(directory):
 def load_arrays(path):
     """(arrays, meta) of a checkpoint; CheckpointError when it is damaged or not one."""
     try:
+        checks.check_archive(path)  # before NumPy allocates what the headers declare
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
     except FileNotFoundError:
@@ -91,7 +95,10 @@ def load_arrays(path):
     stored = str(arrays.pop("sha256"))
     if _digest(arrays) != stored:
         raise CheckpointError(f"{path} fails its SHA-256 check: the file was altered or damaged")
-    meta = json.loads(str(arrays.pop("meta")))
+    try:
+        meta = checks.parse_meta(arrays.pop("meta"))
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("version") != VERSION:
@@ -106,7 +113,9 @@ def save_checkpoint(path, model, optimizer, step, rng, config=None):
     arrays = {f"model/{name}": a for name, a in model.state_dict().items()}
     opt = optimizer.state_dict()
     arrays.update({f"optim/{name}": a for name, a in opt["buffers"].items()})
+    require_finite(arrays, path)
     meta = {"step": int(step), "rng_state": rng.bit_generator.state, "config": config or {},
+            "architecture": checks.architecture(model),
             "optimizer": {"name": type(optimizer).__name__, "t": opt["t"],
                           "hyperparams": opt["hyperparams"]}}
     save_arrays(path, arrays, meta)
@@ -116,6 +125,10 @@ def load_checkpoint(path):
     """{"step", "rng_state", "config", "optimizer", "model": {name: array},
     "optim_buffers": {slot/name: array}} of a checkpoint."""
     arrays, meta = load_arrays(path)
+    try:
+        checks.check_run_meta(meta, arrays)
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not a usable training checkpoint: {exc}") from exc
     meta["model"] = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
     meta["optim_buffers"] = {k[len("optim/"):]: v for k, v in arrays.items()
                              if k.startswith("optim/")}
@@ -125,6 +138,11 @@ def load_checkpoint(path):
 def restore(checkpoint, model, optimizer, rng):
     """Put a loaded checkpoint's state into ``model``, ``optimizer`` and ``rng``; returns the
     step to continue from."""
+    if "architecture" in checkpoint:
+        try:
+            checks.check_architecture(checkpoint["architecture"], model)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from exc
     name = checkpoint["optimizer"]["name"]
     if name != type(optimizer).__name__:
         raise CheckpointError(f"checkpoint has optimiser {name}, the run has "
@@ -137,5 +155,8 @@ def restore(checkpoint, model, optimizer, rng):
     if state.get("bit_generator") != type(rng.bit_generator).__name__:
         raise CheckpointError(f"checkpoint's generator is {state.get('bit_generator')}, the run "
                               f"uses {type(rng.bit_generator).__name__}")
-    rng.bit_generator.state = state
+    try:
+        rng.bit_generator.state = state
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint's generator state is not usable: {exc!r}") from exc
     return int(checkpoint["step"])

@@ -24,7 +24,7 @@ TASK_DEFAULTS = {
 }
 #: options that define a run; on --resume they come from the checkpoint
 RUN_OPTIONS = ("task", "cell", "seq_len", "hidden", "layers", "batch", "lr", "optimizer", "clip",
-               "clip_value", "seed", "dtype", "reduction")
+               "clip_value", "seed", "dtype", "reduction", "tbptt")
 CHECKPOINT = "checkpoint.npz"
 
 
@@ -75,6 +75,12 @@ def build_parser():
                     "(default 1.0; 0 for none)")
     tr.add_argument("--clip-value", type=_positive_float, help="clip each gradient entry to "
                     "[-v, v]")
+    tr.add_argument("--tbptt", type=_positive_int, help="truncated BPTT: train in chunks of "
+                    "this many steps, the state carried across, an update per chunk")
+    tr.add_argument("--on-nonfinite", choices=["stop", "skip", "raise"], default="stop",
+                    help="a NaN or Inf in the loss or gradients (never applied to the weights): "
+                    "stop at the last good weights and save them, exit 3 (default); skip the "
+                    "batch; or raise an error, exit 2")
     tr.add_argument("--reduction", choices=["mean", "sum"], help="loss over positions: mean "
                     "(default) or sum (the seed's sum over time)")
     tr.add_argument("--eval-every", type=_positive_int, help="steps between test evaluations "
@@ -123,11 +129,14 @@ def _run_config(args, checkpoint):
 
 
 def _make_run(config, device):
+    from .backend import get_backend
     from .model import model_for_task
+    from .run_checks import check_run_fits
     from .optim import OPTIMIZERS
     from .tasks import make_task
 
     task = make_task(config["task"], config["seq_len"])
+    check_run_fits(config, task, get_backend(device))
     model = model_for_task(task, cell=config["cell"], hidden_size=config["hidden"],
                            num_layers=config["layers"], device=device, dtype=config["dtype"],
                            seed=config["seed"])
@@ -211,7 +220,8 @@ def cmd_train(args):
         if "test" in record:
             bar.write(f"step {record['step']}: test " + ", ".join(
                 f"{k} {v:.4g}" for k, v in record["test"].items()))
-        if record["step"] % ckpt_every == 0 or record["step"] == steps or record.get("stopped"):
+        if record["step"] % ckpt_every == 0 or record["step"] == steps or record.get("stopped") \
+                or record.get("halted"):
             save_checkpoint(ckpt_path, model, optimizer, record["step"], rng, config)
         bar.set_postfix(loss=f"{record['loss']:.4g}", seq_s=f"{record['seq_per_s']:.0f}",
                         refresh=False)
@@ -220,7 +230,8 @@ def cmd_train(args):
     t0 = time.perf_counter()
     history = fit(model, task, optimizer, rng, steps, config["batch"], start_step=start,
                   reduction=config["reduction"], clip_norm=clip, clip_value=config["clip_value"],
-                  eval_every=eval_every, stop_at=args.stop_at, on_step=on_step)
+                  eval_every=eval_every, stop_at=args.stop_at, on_step=on_step,
+                  tbptt=config.get("tbptt"), on_nonfinite=args.on_nonfinite)
     bar.close()
     wall = time.perf_counter() - t0
     final = history[-1]["test"]
@@ -246,13 +257,17 @@ def cmd_train(args):
                "baseline": task.baseline, "device": model.device}
     _write_jsonl(metrics_path, summary)
     why = f" (reached --stop-at {args.stop_at})" if stopped else ""
+    halted = history[-1].get("halted")
+    if halted:
+        why = (f" (stopped: {history[-1]['nonfinite']}; {CHECKPOINT} holds the last good "
+               f"weights)")
     print(f"\ndone: {last_step - start} steps in {wall:.1f} s on {model.device}{why}, "
           f"median {summary['seq_per_s']} sequences/s")
     for k, v in final.items():
         base = task.baseline.get(k)
         print(f"  test {k}: {v:.4g}" + (f"   (learned nothing: {base:.4g})" if base else ""))
     print(f"  wrote {', '.join(written)} in {out}")
-    return 0
+    return 3 if halted else 0
 
 
 # ---------------------------------------------------------------------------- gradflow
@@ -331,7 +346,7 @@ def _blas_threads(n):
         from threadpoolctl import threadpool_limits
     except ImportError:
         return contextlib.nullcontext()
-    return threadpool_limits(limits=n, user_api="blas")
+    return threadpool_limits(limits=min(n, os.cpu_count() or 1), user_api="blas")  # C int
 
 
 def main(argv=None):
@@ -342,7 +357,7 @@ def main(argv=None):
     try:
         with limit:
             return commands[args.command](args)
-    except (ValueError, RuntimeError, FloatingPointError) as exc:
+    except (ValueError, RuntimeError, FloatingPointError, OSError, MemoryError) as exc:
         print(f"gpurnn {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

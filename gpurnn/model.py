@@ -10,7 +10,9 @@ import numpy as np
 
 from . import losses
 from .layers import GRU, LSTM, RNN, no_grad
+from .nonfinite import NonFiniteGuard
 from .optim import clip_grad_norm, clip_grad_value
+from .tbptt import train_batch
 
 CELLS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
 HEADS = ("all", "last")
@@ -165,6 +167,7 @@ class Model:
                 raise ValueError("head='last' needs every length >= 1, got a zero length")
         xe = self.embedding.forward(x) if self.embedding is not None else x  # [T, B, I]
         out, final = self.rnn(xe, state, lengths=lengths)  # out [T, B, H]
+        self.final_state = final  # where a next chunk starts (truncated BPTT)
         H = out.shape[2]
         if self.head_mode == "all":
             y = self.head.forward(out.reshape(T * B, H)).reshape(T, B, -1)
@@ -232,18 +235,27 @@ def model_for_task(task, cell="lstm", hidden_size=64, **kwargs):
     return Model(cell=cell, hidden_size=hidden_size, **task.model_kwargs(), **kwargs)
 
 
-def train_step(model, task, optimizer, batch, reduction="mean", clip_norm=None, clip_value=None):
+def train_step(model, task, optimizer, batch, reduction="mean", clip_norm=None, clip_value=None,
+               state=None, guard=None):
     """One step: forward, loss, backward, clipping, update.  Returns (loss, grad norm before
-    clipping as a float, or None when no norm clipping)."""
+    clipping as a float, or None when no norm clipping).  ``state``: the initial state (None:
+    zeros).  ``guard`` (a ``nonfinite.NonFiniteGuard``) checks the loss and gradients before
+    clipping; when they are not finite the update is not applied (``guard.report`` says why)."""
     model.train()
-    y = model(batch.x, batch.lengths)
+    y = model(batch.x, batch.lengths, state)
     loss, dy = model.loss(y, batch, task.loss, reduction)
     model.backward(dy)
+    checked = None  # the guard's global gradient norm, reused by the norm clipping
+    if guard is not None:
+        checked = guard.check(loss)
+        if checked is None:
+            return loss, None
     norm = None
     if clip_value is not None:
         clip_grad_value(model.grads, clip_value)
+        checked = None  # no longer the norm of the gradients
     if clip_norm is not None:
-        norm = float(clip_grad_norm(model.grads, clip_norm))
+        norm = float(clip_grad_norm(model.grads, clip_norm, norm=checked))
     optimizer.step()
     return loss, norm
 
@@ -270,32 +282,38 @@ def _reached(task, metrics, stop_at):
 
 
 def fit(model, task, optimizer, rng, steps, batch_size, start_step=0, reduction="mean",
-        clip_norm=None, clip_value=None, eval_every=0, stop_at=None, on_step=None):
+        clip_norm=None, clip_value=None, eval_every=0, stop_at=None, on_step=None,
+        tbptt=None, on_nonfinite="raise"):
     """Train from ``start_step`` up to ``steps`` with batches drawn from ``rng``.
 
     ``on_step(record)`` is called after every step with a dict (step, loss, grad_norm,
     seq_per_s, and the test metrics under ``test`` every ``eval_every`` steps and at the last).
     ``stop_at``: stop early at the first evaluation whose ``task.metric`` reaches this value
-    (that record gets ``"stopped": True``).  Returns the list of records.
+    (that record gets ``"stopped": True``).
+    ``tbptt``: truncated BPTT in chunks of this many steps, an update per chunk (gpurnn/tbptt.py).
+    ``on_nonfinite``: what a NaN or Inf in the loss or gradients does (the update is never
+    applied): "raise" a ``nonfinite.NonFiniteError``; "skip" the batch (its record gets
+    ``nonfinite`` and ``skipped``); "stop" training at the last good weights (the record also
+    gets ``halted`` and the test metrics).  Returns the list of records.
     """
+    guard = NonFiniteGuard(model, on_nonfinite)
     history = []
     for step in range(start_step + 1, steps + 1):
         t0 = time.perf_counter()
         batch = task.batch(rng, batch_size)
-        loss, norm = train_step(model, task, optimizer, batch, reduction, clip_norm, clip_value)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss} at step {step}; try a smaller "
-                                     f"--lr or --clip")
+        loss, norm = train_batch(model, task, optimizer, batch, tbptt, reduction, clip_norm,
+                                 clip_value, guard=guard)
         record = {"step": step, "loss": loss, "grad_norm": norm,
                   "seq_per_s": batch_size / max(time.perf_counter() - t0, 1e-9)}
-        if step == steps or (eval_every and step % eval_every == 0):
+        halted = guard.resolve(step, record)
+        if halted or step == steps or (eval_every and step % eval_every == 0):
             record["test"] = evaluate(model, task)
             if stop_at is not None and _reached(task, record["test"], stop_at):
                 record["stopped"] = True
         history.append(record)
         if on_step is not None:
             on_step(record)
-        if record.get("stopped"):
+        if halted or record.get("stopped"):
             break
     return history
 

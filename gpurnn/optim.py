@@ -34,12 +34,13 @@ def global_norm(grads):
     return xp.sqrt(total)
 
 
-def clip_grad_norm(grads, max_norm, eps=1e-6):
+def clip_grad_norm(grads, max_norm, eps=1e-6, norm=None):
     """Scale every gradient by ``min(1, max_norm / (norm + eps))`` in place, where ``norm`` is
-    the global norm over all of them.  Returns the norm before clipping (0-d device array)."""
+    the global norm over all of them (computed here unless given, as ``global_norm(grads)``).
+    Returns the norm before clipping (0-d device array)."""
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
-    norm = global_norm(grads)
+    norm = global_norm(grads) if norm is None else norm
     xp = _xp(norm)
     scale = xp.minimum(1.0, max_norm / (norm + eps))  # stays on the device
     for g in grads.values():

@@ -1,4 +1,5 @@
-"""Persistent forward kernel: one launch runs all ``T`` steps of one direction of one layer.
+"""Persistent kernels: one launch runs all ``T`` steps of one direction of one layer, forward
+(below) or backward (BPTT: the same structure on ``W_hh``'s columns, see ``_backward_kernel``).
 
 After Diamos et al. 2016 ("Persistent RNNs"): the recurrent weights ``W_hh`` are read from
 device memory once, kept in shared memory for the whole sequence, and each step costs no
@@ -36,7 +37,7 @@ from numba import cuda
 from ..drivers import _slots
 from .cell_math import make_cell_math
 
-#: Cells with a persistent forward; GRU only with ``reset_after``.
+#: Cells with persistent kernels; GRU only with ``reset_after``.
 PERSISTENT_MODES = ("rnn", "lstm", "gru")
 
 

@@ -1,0 +1,45 @@
+"""Checks of a ``gpurnn train`` run before anything of it is allocated.
+
+The layers check each forward's workspace against free memory (``gpurnn/memory.py``), but
+the parameters are allocated when the model is built, before any forward: a run asking for
+``--hidden 1000000`` or ``--layers 1000000`` would otherwise allocate (or loop over) far more
+than the machine has before failing.  ``check_run_fits`` refuses it up front with the sizes.
+"""
+import numpy as np
+
+from .memory import OutOfMemory, free_bytes
+
+_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+#: per-parameter buffers of each optimiser (gpurnn/optim.py)
+_OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adam": 2}
+
+
+def parameter_count(cell, hidden, layers, model_kwargs):
+    """Parameters of ``model_for_task``'s model: recurrent layers, embedding and head.
+    ``model_kwargs``: the task's ``model_kwargs()`` (input_size or vocab_size, output_size)."""
+    G, H = _GATES[cell], hidden
+    vocab = model_kwargs.get("vocab_size")
+    embed = min(64, H) if vocab is not None else 0
+    inputs = embed if vocab is not None else model_kwargs["input_size"]
+    recurrent = sum(G * H * ((inputs if layer == 0 else H) + H + 2) for layer in range(layers))
+    return recurrent + (vocab or 0) * embed + model_kwargs["output_size"] * (H + 1)
+
+
+def check_run_fits(config, task, backend):
+    """Raise ``OutOfMemory`` when the model's parameters, gradients and optimiser buffers
+    alone (plus the float64 draw of the largest weight at initialisation) exceed the free
+    memory of ``backend``'s device."""
+    count = parameter_count(config["cell"], config["hidden"], config["layers"],
+                            task.model_kwargs())
+    item = np.dtype(config["dtype"]).itemsize
+    copies = 2 + _OPTIMIZER_SLOTS[config["optimizer"]]  # weights, gradients, buffers
+    G, H = _GATES[config["cell"]], config["hidden"]
+    need = count * item * copies + 8 * G * H * H
+    free = free_bytes(backend)
+    if free is not None and need > free:
+        gib = 2.0 ** 30
+        raise OutOfMemory(
+            f"a {config['cell']} of hidden size {H} with {config['layers']} layer(s) has "
+            f"{count} parameters: with gradients and {config['optimizer']} buffers about "
+            f"{need / gib:.3g} GiB, but device '{backend.name}' has {free / gib:.3g} GiB free. "
+            f"Lower --hidden or --layers.")
