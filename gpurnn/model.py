@@ -236,15 +236,19 @@ def model_for_task(task, cell="lstm", hidden_size=64, **kwargs):
 
 
 def train_step(model, task, optimizer, batch, reduction="mean", clip_norm=None, clip_value=None,
-               state=None, guard=None):
+               data_parallel=None, state=None, guard=None):
     """One step: forward, loss, backward, clipping, update.  Returns (loss, grad norm before
-    clipping as a float, or None when no norm clipping).  ``state``: the initial state (None:
+    clipping as a float, or None when no norm clipping).  ``data_parallel``: a
+    ``distributed.DataParallel``; then ``batch`` is this rank's shard, and the gradients and
+    the loss returned are the whole global batch's.  ``state``: the initial state (None:
     zeros).  ``guard`` (a ``nonfinite.NonFiniteGuard``) checks the loss and gradients before
     clipping; when they are not finite the update is not applied (``guard.report`` says why)."""
     model.train()
     y = model(batch.x, batch.lengths, state)
     loss, dy = model.loss(y, batch, task.loss, reduction)
     model.backward(dy)
+    if data_parallel is not None:  # before clipping: the global norm is the summed gradients'
+        loss = data_parallel.allreduce_grads(model.grads, loss, batch, reduction)
     checked = None  # the guard's global gradient norm, reused by the norm clipping
     if guard is not None:
         checked = guard.check(loss)
@@ -283,13 +287,14 @@ def _reached(task, metrics, stop_at):
 
 def fit(model, task, optimizer, rng, steps, batch_size, start_step=0, reduction="mean",
         clip_norm=None, clip_value=None, eval_every=0, stop_at=None, on_step=None,
-        tbptt=None, on_nonfinite="raise"):
+        data_parallel=None, tbptt=None, on_nonfinite="raise"):
     """Train from ``start_step`` up to ``steps`` with batches drawn from ``rng``.
 
     ``on_step(record)`` is called after every step with a dict (step, loss, grad_norm,
     seq_per_s, and the test metrics under ``test`` every ``eval_every`` steps and at the last).
     ``stop_at``: stop early at the first evaluation whose ``task.metric`` reaches this value
-    (that record gets ``"stopped": True``).
+    (that record gets ``"stopped": True``).  ``data_parallel``: a ``distributed.DataParallel``;
+    ``batch_size`` is then the global batch, of which this rank trains on its shard.
     ``tbptt``: truncated BPTT in chunks of this many steps, an update per chunk (gpurnn/tbptt.py).
     ``on_nonfinite``: what a NaN or Inf in the loss or gradients does (the update is never
     applied): "raise" a ``nonfinite.NonFiniteError``; "skip" the batch (its record gets
@@ -301,8 +306,10 @@ def fit(model, task, optimizer, rng, steps, batch_size, start_step=0, reduction=
     for step in range(start_step + 1, steps + 1):
         t0 = time.perf_counter()
         batch = task.batch(rng, batch_size)
+        if data_parallel is not None:
+            batch = data_parallel.shard(batch, model.head_mode)
         loss, norm = train_batch(model, task, optimizer, batch, tbptt, reduction, clip_norm,
-                                 clip_value, guard=guard)
+                                 clip_value, guard=guard, data_parallel=data_parallel)
         record = {"step": step, "loss": loss, "grad_norm": norm,
                   "seq_per_s": batch_size / max(time.perf_counter() - t0, 1e-9)}
         halted = guard.resolve(step, record)
