@@ -102,10 +102,6 @@ def build_parser():
                         "vanishing gradient made visible.")
     _add_model_options(gf)
     gf.add_argument("--cells", default="rnn,lstm,gru", help="comma-separated cells")
-    gf.add_argument("--steps", type=int, default=0, help="train each model this many steps "
-                    "first (Adam, --lr, global-norm clip 1, batch 32, the same data); default 0: "
-                    "measure at initialisation")
-    gf.add_argument("--lr", type=_positive_float, default=1e-2, help="learning rate of --steps")
     gf.add_argument("--out", default=".", help="directory for gradflow.png and gradflow.json")
 
     sub.add_parser("info", help="version, backends, GPU, and why CUDA is not used")
@@ -177,7 +173,6 @@ def _gradflow_record(model, task, batch, label):
 def cmd_train(args):
     from tqdm import tqdm
 
-    from . import distributed
     from .checkpoint import load_checkpoint, restore, save_checkpoint
     from .model import evaluate, fit
     from .plots import plot_gradflow, plot_training
@@ -190,18 +185,13 @@ def cmd_train(args):
     steps = args.steps or (checkpoint["config"].get("steps") if checkpoint else None) \
         or TASK_DEFAULTS[config["task"]]["steps"]
     config["steps"] = steps
-    dp = distributed.data_parallel(config["batch"], args.device)  # None unless under MPI
-    root = distributed.world().is_root  # rank 0 alone writes files and shows progress
     out = args.out or (os.path.dirname(os.path.abspath(resume_path)) if checkpoint else
                        os.path.join("gpurnn-runs", f"{config['task']}-{config['cell']}-"
                                     f"{time.strftime('%Y%m%d-%H%M%S')}"))
-    if root:
-        os.makedirs(out, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
 
     task, model, optimizer, rng = _make_run(config, args.device)
     start = restore(checkpoint, model, optimizer, rng) if checkpoint else 0
-    if dp is not None:
-        dp.broadcast_start(model, rng)
     if start >= steps:
         raise ValueError(f"the checkpoint is at step {start}: give --steps above it to continue")
     metrics_path = os.path.join(out, "metrics.jsonl")
@@ -209,19 +199,18 @@ def cmd_train(args):
     eval_every = args.eval_every or max(1, steps // 10)
     ckpt_every = args.checkpoint_every or eval_every
     clip = config["clip"] or None
-    if root:
-        print(f"gpurnn train: {task.describe()}; {model!r}, {model.num_params()} parameters; "
-              f"{config['optimizer']} lr {config['lr']}, batch {config['batch']}, "
-              f"steps {start + 1}..{steps}; run directory {out}", file=sys.stderr)
-    if not checkpoint and root:
+    print(f"gpurnn train: {task.describe()}; {model!r}, {model.num_params()} parameters; "
+          f"{config['optimizer']} lr {config['lr']}, batch {config['batch']}, "
+          f"steps {start + 1}..{steps}; run directory {out}", file=sys.stderr)
+    if not checkpoint:
         _write_jsonl(metrics_path, {"config": config, "start": 0})
     gradflow_batch = task.batch(np.random.default_rng([config["seed"], 3]), 16) \
         if args.gradflow else None
     gradflow = []
-    if args.gradflow and root:
+    if args.gradflow:
         gradflow.append(_gradflow_record(model, task, gradflow_batch, f"step {start}"))
 
-    bar = tqdm(total=steps, initial=start, unit="step", disable=args.quiet or not root or None,
+    bar = tqdm(total=steps, initial=start, unit="step", disable=args.quiet or None,
                dynamic_ncols=True)
     speed = []
 
@@ -241,12 +230,9 @@ def cmd_train(args):
     t0 = time.perf_counter()
     history = fit(model, task, optimizer, rng, steps, config["batch"], start_step=start,
                   reduction=config["reduction"], clip_norm=clip, clip_value=config["clip_value"],
-                  eval_every=eval_every, stop_at=args.stop_at,
-                  on_step=on_step if root else None, data_parallel=dp,
+                  eval_every=eval_every, stop_at=args.stop_at, on_step=on_step,
                   tbptt=config.get("tbptt"), on_nonfinite=args.on_nonfinite)
     bar.close()
-    if not root:
-        return 0
     wall = time.perf_counter() - t0
     final = history[-1]["test"]
     last_step = history[-1]["step"]
@@ -286,43 +272,32 @@ def cmd_train(args):
 
 # ---------------------------------------------------------------------------- gradflow
 def cmd_gradflow(args):
-    from .model import fit, gradient_flow, model_for_task
-    from .optim import Adam
+    from .model import gradient_flow, model_for_task
     from .plots import plot_gradflow
     from .tasks import make_task
 
-    if args.steps < 0:
-        raise ValueError(f"--steps must be >= 0, got {args.steps}")
     name = args.task or "adding"
     task = make_task(name, args.seq_len or (100 if name in ("adding", "charlm") else None))
     seed = 0 if args.seed is None else args.seed
     batch = task.batch(np.random.default_rng([seed, 3]), args.batch or 16)
-    curves, reached = {}, {}
+    curves = {}
     for cell in [c.strip() for c in args.cells.split(",") if c.strip()]:
         model = model_for_task(task, cell=cell, hidden_size=args.hidden or 64, device=args.device,
                                dtype=args.dtype or "float64", seed=seed)
-        if args.steps:
-            history = fit(model, task, Adam(model.params, model.grads, lr=args.lr),
-                          np.random.default_rng([seed, 2]), args.steps, 32, clip_norm=1.0)
-            reached[cell] = history[-1]["test"][task.metric]
         curves[cell] = gradient_flow(model, batch, task.loss)
     T = task.seq_len
     rows = sorted({T - 1, *range(T - 1, -1, -max(1, T // 10)), 0}, reverse=True)
-    when = f"after {args.steps} training steps" if args.steps else "at initialisation"
-    print(f"mean ||dL/dh_t|| {when}, loss on the last step; {task.describe()}, "
+    print(f"mean ||dL/dh_t|| at initialisation, loss on the last step; {task.describe()}, "
           f"hidden {args.hidden or 64}, batch {batch.target.shape[0]}, seed {seed}")
-    if reached:
-        print(f"test {task.metric} after training: " +
-              ", ".join(f"{c} {v:.4g}" for c, v in reached.items()))
     print("     t " + "".join(f"{c:>12}" for c in curves))
     for t in rows:
         print(f"{t:>6} " + "".join(f"{curves[c][t]:>12.3e}" for c in curves))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gradflow.json"), "w") as f:
-        json.dump({"task": task.describe(), "steps": args.steps, "test": reached,
-                   "curves": {c: [float(v) for v in n] for c, n in curves.items()}}, f)
+        json.dump({"task": task.describe(), "curves": {c: [float(v) for v in n]
+                                                       for c, n in curves.items()}}, f)
     plot_gradflow(curves, os.path.join(args.out, "gradflow.png"),
-                  f"||dL/dh_t|| {when}, {task.describe()}")
+                  f"||dL/dh_t|| at initialisation, {task.describe()}")
     print(f"wrote gradflow.png and gradflow.json in {args.out}")
     return 0
 
@@ -384,9 +359,6 @@ def main(argv=None):
             return commands[args.command](args)
     except (ValueError, RuntimeError, FloatingPointError, OSError, MemoryError) as exc:
         print(f"gpurnn {args.command}: error: {exc}", file=sys.stderr)
-        from .distributed import end_after_error
-
-        end_after_error(2)  # under MPI, the other ranks must not wait for this one for ever
         return 2
 
 

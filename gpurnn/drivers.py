@@ -98,6 +98,119 @@ def _slots(T, step, reverse, training):
     return t, t, t + 1, t
 
 
+def make_loops(matmul, k, slots):
+    """The time loops of every cell over one direction, as plain functions of arrays and ints.
+
+    ``matmul(a, b, out)``: ``out = a @ b``; ``k``: the step kernels by name (``be.kernels``);
+    ``slots``: ``_slots``, or a jitted copy of it.  Written once: the generic driver runs them as
+    Python, and the CPU backend compiles them with Numba around its BLAS (``kernels/cpu.py``),
+    which removes the per-step Python and dispatch overhead.  Returns ``{name: loop}``.
+    """
+    rnn_forward_step = k["rnn_forward_step"]
+    rnn_backward_step = k["rnn_backward_step"]
+    lstm_forward_step = k["lstm_forward_step"]
+    lstm_backward_step = k["lstm_backward_step"]
+    gru_forward_step = k["gru_forward_step"]
+    gru_backward_step = k["gru_backward_step"]
+    gru_seed_reset_step = k["gru_seed_reset_step"]
+    gru_seed_candidate_step = k["gru_seed_candidate_step"]
+    gru_seed_candidate_backward_step = k["gru_seed_candidate_backward_step"]
+    gru_seed_reset_backward_step = k["gru_seed_reset_backward_step"]
+
+    # Forward loops: y [T, B, H]; hs, cs [T+1 or 2, B, H] (the first slot holds h0, c0);
+    # gates [T or 1, B, 4H]; xg [T, B, G*H]; hg [B, G*H] scratch; w_hh [G*H, H]; b_hh [G*H].
+    def rnn_forward(y, hs, xg, hg, w_hh, b_hh, lengths, reverse, training, relu):
+        T, B, H = y.shape
+        for step in range(T):
+            t, p, n, _ = slots(T, step, reverse, training)
+            matmul(hs[p], w_hh.T, hg)
+            rnn_forward_step(B, H, y[t], hs[n], xg[t], hg, b_hh, hs[p], lengths, t, relu)
+
+    def lstm_forward(y, hs, cs, gates, xg, hg, w_hh, b_hh, lengths, reverse, training):
+        T, B, H = y.shape
+        for step in range(T):
+            t, p, n, s = slots(T, step, reverse, training)
+            matmul(hs[p], w_hh.T, hg)
+            lstm_forward_step(B, H, y[t], hs[n], cs[n], gates[s], xg[t], hg, b_hh, hs[p], cs[p],
+                              lengths, t)
+
+    def gru_forward(y, hs, gates, xg, hg, w_hh, b_hh, lengths, reverse, training):
+        T, B, H = y.shape
+        for step in range(T):
+            t, p, n, s = slots(T, step, reverse, training)
+            matmul(hs[p], w_hh.T, hg)
+            gru_forward_step(B, H, y[t], hs[n], gates[s], xg[t], hg, b_hh, hs[p], lengths, t)
+
+    def gru_seed_forward(y, hs, gates, xg, hg_rz, hg_n, rh, w_hh, b_hh, lengths, reverse,
+                         training):
+        # hg_rz [B, 2H], hg_n [B, H], rh [B, H] scratch
+        T, B, H = y.shape
+        w_hrz, w_hn = w_hh[: 2 * H], w_hh[2 * H:]
+        for step in range(T):
+            t, p, n, s = slots(T, step, reverse, training)
+            matmul(hs[p], w_hrz.T, hg_rz)
+            gru_seed_reset_step(B, H, rh, gates[s], xg[t], hg_rz, b_hh, hs[p], lengths, t)
+            matmul(rh, w_hn.T, hg_n)
+            gru_seed_candidate_step(B, H, y[t], hs[n], gates[s], xg[t], hg_n, b_hh, hs[p],
+                                    lengths, t)
+
+    # Backward loops, undoing the forward's steps in the opposite order: dg [T, B, G*H]
+    # (pre-activation gradients, input path); dh_carry, dh_rec [B, H] (in place); dy [T, B, H];
+    # hs, cs [T+1, B, H]; gates [T, B, 4H].
+    def rnn_backward(dg, dh_carry, dh_rec, dy, hs, w_hh, lengths, reverse, relu):
+        T, B, H = dy.shape
+        for step in range(T - 1, -1, -1):
+            t, p, n, _ = slots(T, step, reverse, True)
+            rnn_backward_step(B, H, dg[t], dh_carry, dy[t], dh_rec, hs[n], lengths, t, relu)
+            matmul(dg[t], w_hh, dh_rec)
+
+    def lstm_backward(dg, dh_carry, dc, dh_rec, dy, cs, gates, w_hh, lengths, reverse):
+        # dc [B, H] (in place)
+        T, B, H = dy.shape
+        for step in range(T - 1, -1, -1):
+            t, p, n, _ = slots(T, step, reverse, True)
+            lstm_backward_step(B, H, dg[t], dh_carry, dc, dy[t], dh_rec, gates[t], cs[n], cs[p],
+                               lengths, t)
+            matmul(dg[t], w_hh, dh_rec)
+
+    def gru_backward(dg, dgh, dh_carry, dh_rec, dy, hs, gates, w_hh, lengths, reverse):
+        # dgh [T, B, 3H] pre-activation gradients, recurrent path
+        T, B, H = dy.shape
+        for step in range(T - 1, -1, -1):
+            t, p, n, _ = slots(T, step, reverse, True)
+            gru_backward_step(B, H, dg[t], dgh[t], dh_carry, dy[t], dh_rec, gates[t], hs[p],
+                              lengths, t)
+            matmul(dgh[t], w_hh, dh_rec)
+
+    def gru_seed_backward(dg, dh_carry, dh_rec, drh, dy, hs, gates, w_hh, lengths, reverse):
+        # drh [B, H] scratch: dL/d(r*h_prev)
+        T, B, H = dy.shape
+        for step in range(T - 1, -1, -1):
+            t, p, n, _ = slots(T, step, reverse, True)
+            gru_seed_candidate_backward_step(B, H, dg[t], dh_carry, dy[t], dh_rec, gates[t],
+                                             hs[p], lengths, t)
+            matmul(dg[t][:, 2 * H:], w_hh[2 * H:], drh)
+            gru_seed_reset_backward_step(B, H, dg[t], dh_carry, drh, gates[t], hs[p], lengths, t)
+            matmul(dg[t][:, : 2 * H], w_hh[: 2 * H], dh_rec)
+
+    return {"rnn_forward": rnn_forward, "lstm_forward": lstm_forward,
+            "gru_forward": gru_forward, "gru_seed_forward": gru_seed_forward,
+            "rnn_backward": rnn_backward, "lstm_backward": lstm_backward,
+            "gru_backward": gru_backward, "gru_seed_backward": gru_seed_backward}
+
+
+def _loops(be, dtype):
+    """The backend's compiled loops when it has them (CPU), else the loops as Python."""
+    compiled = getattr(be, "compiled_loops", None)
+    loops = compiled(dtype) if compiled is not None else None
+    return loops if loops is not None else make_loops(be.matmul, be.kernels(dtype), _slots)
+
+
+def _loop_name(cell, direction):
+    form = "gru_seed" if cell.mode == "gru" and not cell.reset_after else cell.mode
+    return f"{form}_{direction}"
+
+
 def forward(be, cell, w, x, h0, c0, lengths, reverse, training, ws):
     """Run one direction over the sequence.
 
@@ -105,12 +218,10 @@ def forward(be, cell, w, x, h0, c0, lengths, reverse, training, ws):
     Returns ``y`` [T, B, H] (a fresh array; zero past each sequence's length) and the ``Tape``,
     whose ``h_last``/``c_last`` [B, H] are the states after each sequence's last valid step.
     """
-    xp = be.xp
     T, B, I = x.shape
     H = w.w_hh.shape[1]
     G = cell.gates
     dtype = x.dtype
-    k = be.kernels(dtype)
     n_slots = T + 1 if training else 2
 
     xg = ws.get("xg", (T, B, G * H), dtype)  # [T, B, G*H]
@@ -128,36 +239,18 @@ def forward(be, cell, w, x, h0, c0, lengths, reverse, training, ws):
         gates = ws.get("gates", (T if training else 1, B, cell.saved_gates * H), dtype)
     hg = ws.get("hg", (B, G * H), dtype)  # [B, G*H] recurrent product of one step
 
-    if cell.mode == "rnn":
-        for step in range(T):
-            t, p, n, _ = _slots(T, step, reverse, training)
-            be.matmul(hs[p], w.w_hh.T, out=hg)
-            k["rnn_forward_step"](B, H, y[t], hs[n], xg[t], hg, w.b_hh, hs[p], lengths, t,
-                                  int(cell.relu))
-    elif cell.mode == "lstm":
-        for step in range(T):
-            t, p, n, s = _slots(T, step, reverse, training)
-            be.matmul(hs[p], w.w_hh.T, out=hg)
-            k["lstm_forward_step"](B, H, y[t], hs[n], cs[n], gates[s], xg[t], hg, w.b_hh,
-                                   hs[p], cs[p], lengths, t)
-    elif cell.reset_after:
-        for step in range(T):
-            t, p, n, s = _slots(T, step, reverse, training)
-            be.matmul(hs[p], w.w_hh.T, out=hg)
-            k["gru_forward_step"](B, H, y[t], hs[n], gates[s], xg[t], hg, w.b_hh, hs[p],
-                                  lengths, t)
-    else:
-        hg_rz = ws.get("hg_rz", (B, 2 * H), dtype)  # [B, 2H]
-        hg_n = ws.get("hg_n", (B, H), dtype)  # [B, H]
-        rh = ws.get("rh", (B, H), dtype)  # [B, H]
-        w_hrz, w_hn = w.w_hh[: 2 * H], w.w_hh[2 * H:]
-        for step in range(T):
-            t, p, n, s = _slots(T, step, reverse, training)
-            be.matmul(hs[p], w_hrz.T, out=hg_rz)
-            k["gru_seed_reset_step"](B, H, rh, gates[s], xg[t], hg_rz, w.b_hh, hs[p], lengths, t)
-            be.matmul(rh, w_hn.T, out=hg_n)
-            k["gru_seed_candidate_step"](B, H, y[t], hs[n], gates[s], xg[t], hg_n, w.b_hh, hs[p],
-                                         lengths, t)
+    if not be.forward_sequence(cell, w, xg, y, hs, cs, gates, hg, lengths, reverse, training):
+        loop = _loops(be, dtype)[_loop_name(cell, "forward")]
+        if cell.mode == "rnn":
+            loop(y, hs, xg, hg, w.w_hh, w.b_hh, lengths, reverse, training, int(cell.relu))
+        elif cell.mode == "lstm":
+            loop(y, hs, cs, gates, xg, hg, w.w_hh, w.b_hh, lengths, reverse, training)
+        elif cell.reset_after:
+            loop(y, hs, gates, xg, hg, w.w_hh, w.b_hh, lengths, reverse, training)
+        else:
+            loop(y, hs, gates, xg, ws.get("hg_rz", (B, 2 * H), dtype),
+                 ws.get("hg_n", (B, H), dtype), ws.get("rh", (B, H), dtype), w.w_hh, w.b_hh,
+                 lengths, reverse, training)
 
     last = _slots(T, T - 1, reverse, training)[2]
     h_last = hs[last].copy()
@@ -179,7 +272,6 @@ def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
     H = w.w_hh.shape[1]
     G = cell.gates
     dtype = x.dtype
-    k = be.kernels(dtype)
     reverse = tape.reverse
 
     dg = ws.get("dg", (T, B, G * H), dtype)  # [T, B, G*H] pre-activation grads, input path
@@ -187,6 +279,7 @@ def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
     dh_rec = ws.get("dh_rec", (B, H), dtype)  # [B, H] dg_{t+1} @ W_hh
     dh_carry[...] = dh_last
     dh_rec[...] = 0
+    dc = None
     if cell.has_cell_state:
         dc = ws.get("dc", (B, H), dtype)  # [B, H]
         dc[...] = dc_last
@@ -194,29 +287,17 @@ def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
     if cell.mode == "gru" and cell.reset_after:
         dgh = ws.get("dgh", (T, B, G * H), dtype)  # [T, B, 3H] recurrent path
 
-    # Undo the forward's steps in the opposite order.
-    for step in reversed(range(T)):
-        t, p, n, _ = _slots(T, step, reverse, True)
+    if not be.backward_sequence(cell, w, tape, dg, dgh, dh_carry, dc, dy, dh_rec):
+        loop = _loops(be, dtype)[_loop_name(cell, "backward")]
         if cell.mode == "rnn":
-            k["rnn_backward_step"](B, H, dg[t], dh_carry, dy[t], dh_rec, hs[n], lengths, t,
-                                   int(cell.relu))
-            be.matmul(dg[t], w.w_hh, out=dh_rec)
+            loop(dg, dh_carry, dh_rec, dy, hs, w.w_hh, lengths, reverse, int(cell.relu))
         elif cell.mode == "lstm":
-            k["lstm_backward_step"](B, H, dg[t], dh_carry, dc, dy[t], dh_rec, gates[t], cs[n],
-                                    cs[p], lengths, t)
-            be.matmul(dg[t], w.w_hh, out=dh_rec)
+            loop(dg, dh_carry, dc, dh_rec, dy, cs, gates, w.w_hh, lengths, reverse)
         elif cell.reset_after:
-            k["gru_backward_step"](B, H, dg[t], dgh[t], dh_carry, dy[t], dh_rec, gates[t], hs[p],
-                                   lengths, t)
-            be.matmul(dgh[t], w.w_hh, out=dh_rec)
+            loop(dg, dgh, dh_carry, dh_rec, dy, hs, gates, w.w_hh, lengths, reverse)
         else:
-            drh = ws.get("drh", (B, H), dtype)  # [B, H] dL/d(r*h_prev)
-            k["gru_seed_candidate_backward_step"](B, H, dg[t], dh_carry, dy[t], dh_rec, gates[t],
-                                                  hs[p], lengths, t)
-            be.matmul(dg[t][:, 2 * H:], w.w_hh[2 * H:], out=drh)
-            k["gru_seed_reset_backward_step"](B, H, dg[t], dh_carry, drh, gates[t], hs[p],
-                                              lengths, t)
-            be.matmul(dg[t][:, : 2 * H], w.w_hh[: 2 * H], out=dh_rec)
+            loop(dg, dh_carry, dh_rec, ws.get("drh", (B, H), dtype), dy, hs, gates, w.w_hh,
+                 lengths, reverse)
 
     dh0 = dh_carry + dh_rec
     dc0 = dc.copy() if cell.has_cell_state else None
