@@ -173,6 +173,7 @@ def _gradflow_record(model, task, batch, label):
 def cmd_train(args):
     from tqdm import tqdm
 
+    from . import distributed
     from .checkpoint import load_checkpoint, restore, save_checkpoint
     from .model import evaluate, fit
     from .plots import plot_gradflow, plot_training
@@ -185,13 +186,18 @@ def cmd_train(args):
     steps = args.steps or (checkpoint["config"].get("steps") if checkpoint else None) \
         or TASK_DEFAULTS[config["task"]]["steps"]
     config["steps"] = steps
+    dp = distributed.data_parallel(config["batch"], args.device)  # None unless under MPI
+    root = distributed.world().is_root  # rank 0 alone writes files and shows progress
     out = args.out or (os.path.dirname(os.path.abspath(resume_path)) if checkpoint else
                        os.path.join("gpurnn-runs", f"{config['task']}-{config['cell']}-"
                                     f"{time.strftime('%Y%m%d-%H%M%S')}"))
-    os.makedirs(out, exist_ok=True)
+    if root:
+        os.makedirs(out, exist_ok=True)
 
     task, model, optimizer, rng = _make_run(config, args.device)
     start = restore(checkpoint, model, optimizer, rng) if checkpoint else 0
+    if dp is not None:
+        dp.broadcast_start(model, rng)
     if start >= steps:
         raise ValueError(f"the checkpoint is at step {start}: give --steps above it to continue")
     metrics_path = os.path.join(out, "metrics.jsonl")
@@ -199,18 +205,19 @@ def cmd_train(args):
     eval_every = args.eval_every or max(1, steps // 10)
     ckpt_every = args.checkpoint_every or eval_every
     clip = config["clip"] or None
-    print(f"gpurnn train: {task.describe()}; {model!r}, {model.num_params()} parameters; "
-          f"{config['optimizer']} lr {config['lr']}, batch {config['batch']}, "
-          f"steps {start + 1}..{steps}; run directory {out}", file=sys.stderr)
-    if not checkpoint:
+    if root:
+        print(f"gpurnn train: {task.describe()}; {model!r}, {model.num_params()} parameters; "
+              f"{config['optimizer']} lr {config['lr']}, batch {config['batch']}, "
+              f"steps {start + 1}..{steps}; run directory {out}", file=sys.stderr)
+    if not checkpoint and root:
         _write_jsonl(metrics_path, {"config": config, "start": 0})
     gradflow_batch = task.batch(np.random.default_rng([config["seed"], 3]), 16) \
         if args.gradflow else None
     gradflow = []
-    if args.gradflow:
+    if args.gradflow and root:
         gradflow.append(_gradflow_record(model, task, gradflow_batch, f"step {start}"))
 
-    bar = tqdm(total=steps, initial=start, unit="step", disable=args.quiet or None,
+    bar = tqdm(total=steps, initial=start, unit="step", disable=args.quiet or not root or None,
                dynamic_ncols=True)
     speed = []
 
@@ -230,9 +237,12 @@ def cmd_train(args):
     t0 = time.perf_counter()
     history = fit(model, task, optimizer, rng, steps, config["batch"], start_step=start,
                   reduction=config["reduction"], clip_norm=clip, clip_value=config["clip_value"],
-                  eval_every=eval_every, stop_at=args.stop_at, on_step=on_step,
+                  eval_every=eval_every, stop_at=args.stop_at,
+                  on_step=on_step if root else None, data_parallel=dp,
                   tbptt=config.get("tbptt"), on_nonfinite=args.on_nonfinite)
     bar.close()
+    if not root:
+        return 0
     wall = time.perf_counter() - t0
     final = history[-1]["test"]
     last_step = history[-1]["step"]
@@ -359,6 +369,9 @@ def main(argv=None):
             return commands[args.command](args)
     except (ValueError, RuntimeError, FloatingPointError, OSError, MemoryError) as exc:
         print(f"gpurnn {args.command}: error: {exc}", file=sys.stderr)
+        from .distributed import end_after_error
+
+        end_after_error(2)  # under MPI, the other ranks must not wait for this one for ever
         return 2
 
 
