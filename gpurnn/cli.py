@@ -102,6 +102,10 @@ def build_parser():
                         "vanishing gradient made visible.")
     _add_model_options(gf)
     gf.add_argument("--cells", default="rnn,lstm,gru", help="comma-separated cells")
+    gf.add_argument("--steps", type=int, default=0, help="train each model this many steps "
+                    "first (Adam, --lr, global-norm clip 1, batch 32, the same data); default 0: "
+                    "measure at initialisation")
+    gf.add_argument("--lr", type=_positive_float, default=1e-2, help="learning rate of --steps")
     gf.add_argument("--out", default=".", help="directory for gradflow.png and gradflow.json")
 
     sub.add_parser("info", help="version, backends, GPU, and why CUDA is not used")
@@ -282,32 +286,43 @@ def cmd_train(args):
 
 # ---------------------------------------------------------------------------- gradflow
 def cmd_gradflow(args):
-    from .model import gradient_flow, model_for_task
+    from .model import fit, gradient_flow, model_for_task
+    from .optim import Adam
     from .plots import plot_gradflow
     from .tasks import make_task
 
+    if args.steps < 0:
+        raise ValueError(f"--steps must be >= 0, got {args.steps}")
     name = args.task or "adding"
     task = make_task(name, args.seq_len or (100 if name in ("adding", "charlm") else None))
     seed = 0 if args.seed is None else args.seed
     batch = task.batch(np.random.default_rng([seed, 3]), args.batch or 16)
-    curves = {}
+    curves, reached = {}, {}
     for cell in [c.strip() for c in args.cells.split(",") if c.strip()]:
         model = model_for_task(task, cell=cell, hidden_size=args.hidden or 64, device=args.device,
                                dtype=args.dtype or "float64", seed=seed)
+        if args.steps:
+            history = fit(model, task, Adam(model.params, model.grads, lr=args.lr),
+                          np.random.default_rng([seed, 2]), args.steps, 32, clip_norm=1.0)
+            reached[cell] = history[-1]["test"][task.metric]
         curves[cell] = gradient_flow(model, batch, task.loss)
     T = task.seq_len
     rows = sorted({T - 1, *range(T - 1, -1, -max(1, T // 10)), 0}, reverse=True)
-    print(f"mean ||dL/dh_t|| at initialisation, loss on the last step; {task.describe()}, "
+    when = f"after {args.steps} training steps" if args.steps else "at initialisation"
+    print(f"mean ||dL/dh_t|| {when}, loss on the last step; {task.describe()}, "
           f"hidden {args.hidden or 64}, batch {batch.target.shape[0]}, seed {seed}")
+    if reached:
+        print(f"test {task.metric} after training: " +
+              ", ".join(f"{c} {v:.4g}" for c, v in reached.items()))
     print("     t " + "".join(f"{c:>12}" for c in curves))
     for t in rows:
         print(f"{t:>6} " + "".join(f"{curves[c][t]:>12.3e}" for c in curves))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gradflow.json"), "w") as f:
-        json.dump({"task": task.describe(), "curves": {c: [float(v) for v in n]
-                                                       for c, n in curves.items()}}, f)
+        json.dump({"task": task.describe(), "steps": args.steps, "test": reached,
+                   "curves": {c: [float(v) for v in n] for c, n in curves.items()}}, f)
     plot_gradflow(curves, os.path.join(args.out, "gradflow.png"),
-                  f"||dL/dh_t|| at initialisation, {task.describe()}")
+                  f"||dL/dh_t|| {when}, {task.describe()}")
     print(f"wrote gradflow.png and gradflow.json in {args.out}")
     return 0
 
