@@ -266,6 +266,7 @@ def train_step(model, task, optimizer, batch, reduction="mean", clip_norm=None, 
 
 def evaluate(model, task):
     """The task's metrics on its fixed test set: {name: value}."""
+    was_training = model.rnn.training
     model.eval()
     sums = {}
     try:
@@ -276,7 +277,7 @@ def evaluate(model, task):
                     total, count = sums.get(name, (0.0, 0))
                     sums[name] = (total + s, count + n)
     finally:
-        model.train()
+        model.train(was_training)
     return {name: s / max(n, 1) for name, (s, n) in sums.items()}
 
 
