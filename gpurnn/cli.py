@@ -279,7 +279,7 @@ def cmd_train(args):
           f"median {summary['seq_per_s']} sequences/s")
     for k, v in final.items():
         base = task.baseline.get(k)
-        print(f"  test {k}: {v:.4g}" + (f"   (learned nothing: {base:.4g})" if base else ""))
+        print(f"  test {k}: {v:.4g}" + (f"   (baseline: {base:.4g})" if base else ""))
     print(f"  wrote {', '.join(written)} in {out}")
     return 3 if halted else 0
 

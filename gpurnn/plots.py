@@ -21,7 +21,7 @@ def plot_training(records, path, title, metric, baseline=None):
     if tests:
         ax2.plot(*zip(*tests), marker="o", ms=3, color="tab:orange", label="model")
     if baseline is not None:
-        ax2.axhline(baseline, ls="--", color="gray", label="learned nothing")
+        ax2.axhline(baseline, ls="--", color="gray", label="baseline")
     ax2.set_xlabel("step")
     ax2.set_ylabel(f"test {metric}")
     ax2.set_title(f"test {metric}")
