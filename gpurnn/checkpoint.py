@@ -87,7 +87,8 @@ def load_arrays(path):
             arrays = {name: npz[name] for name in npz.files}
     except FileNotFoundError:
         raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError,
+            NotImplementedError, RuntimeError) as exc:  # zipfile: unknown version, encrypted
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupted?): "
                               f"{exc}") from exc
     if "meta" not in arrays or "sha256" not in arrays:

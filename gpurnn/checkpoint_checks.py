@@ -30,6 +30,12 @@ def check_archive(path):
     """Raise ValueError unless ``path`` is a zip of uncompressed ``.npy`` entries, each of a
     plain dtype and exactly the size its header declares, all within the file."""
     size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head[:1] == b"\x80":
+        raise ValueError("it looks like a Python pickle; gpurnn never unpickles a checkpoint")
+    if head == b"\x93NUMPY":
+        raise ValueError("it is a single .npy array, not a checkpoint archive")
     with zipfile.ZipFile(path) as zf:
         for info in zf.infolist():
             name = info.filename

@@ -260,17 +260,25 @@ def from_onnx(path, device="cpu"):
     onnx = _import("onnx", "onnx")
     from onnx import numpy_helper
 
-    model = onnx.load(os.fspath(path))
+    try:
+        model = onnx.load(os.fspath(path))
+    except OSError:
+        raise
+    except Exception as exc:  # protobuf's DecodeError and kin: the bytes are not a model
+        raise ValueError(f"{os.fspath(path)!r} is not a readable ONNX model: {exc}") from exc
     graph = model.graph
     where = f"{os.fspath(path)!r} is not a model written by gpurnn's to_onnx"
     recurrent = [n for n in graph.node if n.op_type in ("RNN", "LSTM", "GRU")]
     if not recurrent or len({n.op_type for n in recurrent}) != 1:
         raise ValueError(f"{where}: expected one or more RNN, LSTM or GRU nodes of one kind, "
                          f"got {[n.op_type for n in graph.node]}")
-    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    try:
+        inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    except (KeyError, ValueError, TypeError) as exc:  # unknown data type, size mismatch, ...
+        raise ValueError(f"{where}: an initializer cannot be read: {exc!r}") from exc
     first = _node_signature(recurrent[0])
     op, ins, attrs = first[0], first[1], first[3]
-    if ins[1] not in inits or inits[ins[1]].ndim != 3:
+    if len(ins) < 3 or ins[1] not in inits or inits[ins[1]].ndim != 3:
         raise ValueError(f"{where}: the first {op} node's W is not a 3-D initializer")
     W = inits[ins[1]]  # [D, G*H, I]
     dtype = W.dtype.name
@@ -285,11 +293,17 @@ def from_onnx(path, device="cpu"):
         kwargs["reset_after"] = bool(attrs.get("linear_before_reset", 0))
     if op == "RNN":
         acts = attrs.get("activations", [b"Tanh"])
-        kwargs["nonlinearity"] = acts[0].decode().lower()
+        kwargs["nonlinearity"] = acts[0].decode().lower() if isinstance(acts, list) and acts \
+            and isinstance(acts[0], bytes) else None
         if kwargs["nonlinearity"] not in ("tanh", "relu"):
             raise ValueError(f"{where}: RNN activation must be Tanh or Relu, got {acts}")
     if "hidden_size" not in attrs:
         raise ValueError(f"{where}: the {op} node has no hidden_size attribute")
+    gates = {"RNN": 1, "LSTM": 4, "GRU": 3}[op]
+    if not isinstance(attrs["hidden_size"], int) or attrs["hidden_size"] * gates != W.shape[1]:
+        # checked before the layer allocates hidden_size-sized weights
+        raise ValueError(f"{where}: hidden_size {attrs['hidden_size']!r} does not match W of "
+                         f"shape {W.shape} ({gates} gate blocks)")
     cls = {"RNN": layers.RNN, "LSTM": layers.LSTM, "GRU": layers.GRU}[op]
     layer = cls(int(W.shape[2]), int(attrs["hidden_size"]), **kwargs)
 

@@ -21,7 +21,8 @@ def parameter_count(cell, hidden, layers, model_kwargs):
     vocab = model_kwargs.get("vocab_size")
     embed = min(64, H) if vocab is not None else 0
     inputs = embed if vocab is not None else model_kwargs["input_size"]
-    recurrent = sum(G * H * ((inputs if layer == 0 else H) + H + 2) for layer in range(layers))
+    recurrent = G * H * (inputs + H + 2) + (layers - 1) * G * H * (2 * H + 2)  # closed form:
+    # a loop over a huge --layers would itself hang
     return recurrent + (vocab or 0) * embed + model_kwargs["output_size"] * (H + 1)
 
 
