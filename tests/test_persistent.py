@@ -220,3 +220,35 @@ def test_backend_backward_sequence(name, rng):
     assert np.isnan(bufs[0]).all()
     assert CUDABackend(persistent=True).backward_sequence(cell, w, tape, *bufs[:4], dy, bufs[4])
     _check_backward(cell, "float64", bufs, left)
+
+
+@pytest.mark.parametrize("cell,opts", [("LSTM", {}), ("GRU", {"reset_after": True}),
+                                       ("RNN", {"nonlinearity": "relu"})])
+def test_layers_run_persistent_when_asked(cell, opts, monkeypatch, rng):
+    """Through the public layers (both directions, lengths): the drivers hand the whole loops
+    to the persistent kernels, forward and backward, and every result is the CPU backend's."""
+    import gpurnn
+    from helpers import host, make
+
+    be = gpurnn.get_backend("cuda")
+    ran = []
+    for hook in ("forward_sequence", "backward_sequence"):
+        run = getattr(be, hook)
+        monkeypatch.setattr(be, hook, lambda *a, run=run, hook=hook: ran.append(
+            (hook, run(*a))) or ran[-1][1])
+    monkeypatch.setattr(be, "persistent", True)
+    T, B, I, H = 3, 2, 2, 4
+    layers = [make(cell, opts, I, H, device=device, dtype="float64", seed=3, bidirectional=True)
+              for device in ("cpu", "cuda")]
+    x = rng.standard_normal((T, B, I))
+    dout = rng.standard_normal((T, B, 2 * H))
+    results = []
+    for layer in layers:
+        out, _ = layer(layer.backend.asarray(x), lengths=np.array([3, 2]))
+        dx, _ = layer.backward(layer.backend.asarray(dout))
+        results.append({"out": host(layer, out), "dx": host(layer, dx),
+                        **{k: host(layer, g) for k, g in layer.grads.items()}})
+    for key in results[0]:
+        np.testing.assert_allclose(results[1][key], results[0][key], rtol=1e-11, atol=1e-12,
+                                   err_msg=key)
+    assert ran == [("forward_sequence", True)] * 2 + [("backward_sequence", True)] * 2
