@@ -98,37 +98,37 @@ def test_skip_and_stop_are_logged(caplog):
         [f"non-finite values at step {BAD_STEP}"]
 
 
-def test_guard_checks_before_value_clipping_would_hide_an_inf():
-    """clip_value maps an Inf gradient to a finite value: the check must come first."""
+def _guarded_step(name, value, **clip):
+    """One train_step whose gradient ``name`` is set to ``value`` after the backward: (guard,
+    grad norm returned, optimiser, weights before, model)."""
     task, model, opt, rng = _run()
     batch = task.batch(rng, 4)
     real_backward = model.backward
 
-    def backward_with_an_inf(dy):
+    def backward_then_set(dy):
         real_backward(dy)
-        model.grads["head.bias"][0] = np.inf
+        model.grads[name][0] = value
 
-    model.backward = backward_with_an_inf
+    model.backward = backward_then_set
     before = model.state_dict()
     guard = NonFiniteGuard(model, "skip")
-    loss, norm = train_step(model, task, opt, batch, clip_value=0.5, clip_norm=1.0, guard=guard)
+    _, norm = train_step(model, task, opt, batch, guard=guard, **clip)
+    return guard, norm, opt, before, model
+
+
+def test_guard_checks_before_value_clipping_would_hide_an_inf():
+    """clip_value maps an Inf gradient to a finite value: the check must come first."""
+    guard, norm, opt, before, model = _guarded_step("head.bias", np.inf, clip_value=0.5,
+                                                    clip_norm=1.0)
     assert norm is None and opt.t == 0 and _same(model.state_dict(), before)
     assert "head.bias (0 NaN, 1 Inf)" in guard.report and "rnn." not in guard.report
 
 
 def test_overflowing_norm_of_finite_gradients_is_reported_as_such():
-    task, model, opt, rng = _run()
-    batch = task.batch(rng, 4)
-    real_backward = model.backward
-
-    def backward_huge(dy):
-        real_backward(dy)
-        model.grads["head.weight"][...] = 1e30  # finite in float32; its square is not
-
-    model.backward = backward_huge
-    guard = NonFiniteGuard(model, "skip")
-    train_step(model, task, opt, batch, guard=guard)
+    # 1e30 is finite in float32; its square is not
+    guard, norm, opt, before, model = _guarded_step("head.weight", 1e30)
     assert "all finite, but their global norm overflows float32" in guard.report
+    assert opt.t == 0 and _same(model.state_dict(), before)
 
 
 def test_one_norm_per_step_shared_with_clipping(monkeypatch):
