@@ -131,7 +131,8 @@ def _argv(rng, paths, out):
     return argv
 
 
-def test_cli_fuzz_in_process(tmp_path, capsys):
+def test_cli_fuzz_in_process(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a run given no usable --out (e.g. --resume "") writes here
     paths = _bad_files(tmp_path)
     rng = np.random.default_rng(2024)
     outcomes = {"exit 0": 0, "error exit": 0, "usage exit": 0}
