@@ -183,7 +183,7 @@ def cmd_train(args):
     from .plots import plot_gradflow, plot_training
 
     checkpoint = None
-    if args.resume:
+    if args.resume is not None:  # an empty path is an error, not "no resume"
         resume_path = _resolve_resume(args.resume)
         checkpoint = load_checkpoint(resume_path)
     config = _run_config(args, checkpoint)
@@ -192,9 +192,10 @@ def cmd_train(args):
     config["steps"] = steps
     dp = distributed.data_parallel(config["batch"], args.device)  # None unless under MPI
     root = distributed.world().is_root  # rank 0 alone writes files and shows progress
-    out = args.out or (os.path.dirname(os.path.abspath(resume_path)) if checkpoint else
-                       os.path.join("gpurnn-runs", f"{config['task']}-{config['cell']}-"
-                                    f"{time.strftime('%Y%m%d-%H%M%S')}"))
+    out = args.out if args.out is not None else (
+        os.path.dirname(os.path.abspath(resume_path)) if checkpoint else
+        os.path.join("gpurnn-runs", f"{config['task']}-{config['cell']}-"
+                     f"{time.strftime('%Y%m%d-%H%M%S')}"))
     if root:
         os.makedirs(out, exist_ok=True)
 

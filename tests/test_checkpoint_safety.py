@@ -10,6 +10,8 @@ import json
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import time
 import zipfile
 
@@ -223,16 +225,34 @@ def _read_all(fd):
     return b"".join(chunks).decode().split()
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks real save processes")
-def test_kill_at_any_moment_of_a_save_keeps_a_complete_checkpoint(tmp_path):
-    """Fork real save processes (a ~4 MB checkpoint each save) and SIGKILL each at a random
-    moment; the file at the path always loads and is one complete save."""
-    path = tmp_path / "c.npz"
-    hidden = 256
+def _check_survivor(path, events, last_step):
+    """After a kill: the file at ``path`` loads and is one complete save: the newest this
+    child announced done, or (killed between the rename and the announcement) the one it was
+    writing; before it completed any, the previous file.  Returns (its step, whether the kill
+    landed inside a save)."""
+    started = [int(s) for w, s in zip(events[::2], events[1::2]) if w == "start"]
+    done = [int(s) for w, s in zip(events[::2], events[1::2]) if w == "done"]
+    loaded = ck.load_checkpoint(path)  # never a half-written file
+    step = loaded["step"]
+    assert step in ({max(done)} if done else {last_step}) | set(started[-1:]), (step, events)
+    assert all((v == step).all() for v in loaded["model"].values()) or step == 0
+    return step, len(started) > len(done)
+
+
+def _first_save(path, hidden):
+    """Save step 0; returns the seconds it took (with building the model)."""
     t0 = time.perf_counter()
     model, opt, rng = _run(hidden=hidden)
     ck.save_checkpoint(path, model, opt, 0, rng)
-    save_s = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks real save processes")
+def test_kill_at_any_moment_of_a_save_keeps_a_complete_checkpoint(tmp_path):
+    """Fork real save processes (a 2.4 MB checkpoint each save) and SIGKILL each at a random
+    moment; the file at the path always loads and is one complete save."""
+    path, hidden = tmp_path / "c.npz", 256
+    save_s = _first_save(path, hidden)
     gen = np.random.default_rng(11)
     kills, mid_save, last_step = 0, 0, 0
     for _ in range(40):
@@ -252,18 +272,33 @@ def test_kill_at_any_moment_of_a_save_keeps_a_complete_checkpoint(tmp_path):
         kills += 1
         events = _read_all(read_fd)
         os.close(read_fd)
-        started = [int(s) for w, s in zip(events[::2], events[1::2]) if w == "start"]
-        done = [int(s) for w, s in zip(events[::2], events[1::2]) if w == "done"]
-        mid_save += len(started) > len(done)
-        loaded = ck.load_checkpoint(path)  # never a half-written file
-        step = loaded["step"]
-        # the newest complete save of this child, or (killed between the rename and its
-        # announcement) the one it was writing; before any save completed, the previous file
-        assert step in ({max(done)} if done else {last_step}) | set(started[-1:]), (step, events)
-        assert all((v == step).all() for v in loaded["model"].values()) or step == 0
-        last_step = step
+        last_step, inside = _check_survivor(path, events, last_step)
+        mid_save += inside
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "c.npz"]
     assert all(name.startswith(".c.npz.") and name.endswith(".tmp") for name in leftovers)
     assert mid_save >= 5, f"only {mid_save} of {kills} kills landed inside a save"
     print(f"faults injected: {kills} SIGKILLs of save processes, {mid_save} during a save; "
           f"{len(leftovers)} temporary files left by killed saves; nothing lost")
+
+
+def test_kill_a_fresh_interpreter_saving(tmp_path):
+    """The same with `python` processes started from scratch (no fork): killed at random
+    moments after their first save began."""
+    path, hidden = tmp_path / "c.npz", 256
+    save_s = _first_save(path, hidden)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {tests!r}); from test_checkpoint_safety import "
+            f"_save_loop; _save_loop({str(path)!r}, {hidden}, 1)")
+    gen = np.random.default_rng(3)
+    last_step, mid_save, kills = 0, 0, 10
+    for _ in range(kills):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+        first = proc.stdout.readline()  # imports done, the first save under way
+        time.sleep(float(gen.uniform(0.0, 3 * save_s)))
+        proc.send_signal(signal.SIGKILL)
+        events = (first + proc.stdout.read()).decode().split()
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        last_step, inside = _check_survivor(path, events, last_step)
+        mid_save += inside
+    print(f"faults injected: {kills} SIGKILLs of fresh save processes, {mid_save} during a "
+          f"save; nothing lost")

@@ -168,6 +168,7 @@ def test_cli_fuzz_in_process(tmp_path, capsys, monkeypatch):
     (["train", "--hidden", "1000000000", "--layers", "3"], "Lower --hidden or --layers"),
     (["train", "--resume", "{bad}/garbage.npz"], "not a readable checkpoint"),
     (["train", "--resume", "{bad}/missing"], "No such file"),
+    (["train", "--resume", ""], "No such file"),
     (["train", "--out", "{bad}/afile/below", "--steps", "1"], "Not a directory"),
     (["train", "--lr", "nan"], "expected a positive number"),
     (["gradflow", "--seq-len", "0"], "expected a positive integer"),
