@@ -1,0 +1,191 @@
+"""gpurnn against PyTorch on the CPU: medians of the training step and of inference, and ratios.
+
+Each measurement (one side, one cell, one shape) runs in its own fresh Python process, so
+torch's OpenMP threads (which spin after each parallel region) and either side's allocator
+state cannot slow the other.  In each process: build the layer, warm up, then time ``--repeat``
+calls with ``time.perf_counter`` and report the median.
+
+* training step: forward in training mode, then the backward of ``sum(out * dout)`` down to the
+  weights and the input (torch: ``x.requires_grad_()``, since gpurnn always returns ``dx``);
+* inference: ``eval()`` forward (torch: also under ``torch.inference_mode()``).
+
+Run it with the OpenBLAS settings a user has (see BENCHMARKS.md):
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/compare_torch.py --json out.json
+
+The table has medians in ms and the ratio gpurnn / torch (below 1: gpurnn is faster).
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+SHAPES = [(100, 32, 256, 256), (100, 64, 512, 512), (1000, 1, 128, 128), (50, 256, 128, 128)]
+#: name -> (gpurnn class, gpurnn options, torch class, torch options)
+CELLS = {
+    "rnn": ("RNN", {}, "RNN", {}),
+    "lstm": ("LSTM", {}, "LSTM", {}),
+    "gru": ("GRU", {"reset_after": True}, "GRU", {}),
+    "gru_seed": ("GRU", {"reset_after": False}, "GRU", {}),
+}
+
+
+def _median_ms(fn, repeat, warmup):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+def _measure_gpurnn(cell, shape, dtype, repeat, warmup):
+    import numpy as np
+
+    import gpurnn
+
+    T, B, I, H = shape
+    cls, opts, _, _ = CELLS[cell]
+    rng = np.random.default_rng(0)
+    m = getattr(gpurnn, cls)(I, H, dtype=dtype, seed=0, **opts)
+    x = rng.standard_normal((T, B, I)).astype(dtype)  # [T, B, I]
+    dout = rng.standard_normal((T, B, H)).astype(dtype)  # [T, B, H]
+
+    def train_step():
+        m(x)
+        m.backward(dout)
+
+    def infer():
+        m(x)
+
+    train = _median_ms(train_step, repeat, warmup)
+    m.eval()
+    return {"train_ms": train, "infer_ms": _median_ms(infer, repeat, warmup)}
+
+
+def _measure_torch(cell, shape, dtype, repeat, warmup):
+    import torch
+
+    T, B, I, H = shape
+    _, _, cls, opts = CELLS[cell]
+    torch.manual_seed(0)
+    tdtype = getattr(torch, dtype)
+    m = getattr(torch.nn, cls)(I, H, **opts).to(tdtype)
+    x = torch.randn(T, B, I, dtype=tdtype, requires_grad=True)  # [T, B, I]
+    dout = torch.randn(T, B, H, dtype=tdtype)  # [T, B, H]
+
+    def train_step():
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+        out, _ = m(x)
+        out.backward(dout)
+
+    def infer():
+        with torch.inference_mode():
+            m(x)
+
+    train = _median_ms(train_step, repeat, warmup)
+    m.eval()
+    return {"train_ms": train, "infer_ms": _median_ms(infer, repeat, warmup)}
+
+
+def _blas_info():
+    from threadpoolctl import threadpool_info
+
+    return [{k: d.get(k) for k in ("internal_api", "architecture", "num_threads", "version")}
+            for d in threadpool_info()]
+
+
+def _child(args):
+    """Runs in the subprocess: one side, one cell, one shape; prints one JSON line."""
+    shape = tuple(int(s) for s in args.shape.split(","))
+    measure = _measure_gpurnn if args.child == "gpurnn" else _measure_torch
+    result = measure(args.cell, shape, args.dtype, args.repeat, args.warmup)
+    result["blas"] = _blas_info()
+    print(json.dumps(result))
+
+
+def _run_child(side, cell, shape, dtype, repeat, warmup):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--cell", cell,
+           "--shape", ",".join(map(str, shape)), "--dtype", dtype,
+           "--repeat", str(repeat), "--warmup", str(warmup)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{side} {cell} {shape} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _repeat_for(shape, requested):
+    """Fewer repeats for the long shapes, so one table takes minutes, not tens of minutes."""
+    T, B, I, H = shape
+    return requested if T * B * H * (I + H) <= 100 * 64 * 512 * 1024 // 4 else max(5, requested // 2)
+
+
+def _table(rows):
+    head = ("| cell | T, B, I, H | gpurnn train ms | torch train ms | train ratio "
+            "| gpurnn infer ms | torch infer ms | infer ratio |")
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        g, t = r["gpurnn"], r["torch"]
+        lines.append(
+            f"| {r['cell']} | {', '.join(map(str, r['shape']))} | {g['train_ms']:.2f} "
+            f"| {t['train_ms']:.2f} | {g['train_ms'] / t['train_ms']:.2f} "
+            f"| {g['infer_ms']:.2f} | {t['infer_ms']:.2f} | {g['infer_ms'] / t['infer_ms']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", default=",".join(CELLS),
+                        help=f"comma-separated, from {','.join(CELLS)}")
+    parser.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in SHAPES),
+                        help="semicolon-separated T,B,I,H")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--repeat", type=int, default=30, help="timed calls per median")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", help="write the results here as well")
+    parser.add_argument("--child", choices=["gpurnn", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--cell", help=argparse.SUPPRESS)
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return _child(args)
+
+    cells = args.cells.split(",")
+    unknown = sorted(set(cells) - set(CELLS))
+    if unknown:
+        parser.error(f"unknown cells {unknown}; expected some of {list(CELLS)}")
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
+    if any(len(s) != 4 for s in shapes):
+        parser.error(f"each shape must be T,B,I,H, got {args.shapes!r}")
+    rows, blas = [], None
+    for cell in cells:
+        for shape in shapes:
+            row = {"cell": cell, "shape": shape}
+            for side in ("gpurnn", "torch"):
+                res = _run_child(side, cell, shape, args.dtype, _repeat_for(shape, args.repeat),
+                                 args.warmup)
+                blas = blas or res.pop("blas")
+                res.pop("blas", None)
+                row[side] = res
+            rows.append(row)
+            print(_table([row]).splitlines()[-1], flush=True)
+    env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                                          "OMP_NUM_THREADS", "GLIBC_TUNABLES")}
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"dtype {args.dtype}, env {env}\nBLAS of the gpurnn process: {blas}\n")
+    print(_table(rows))
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump({"env": env, "blas": blas, "dtype": args.dtype, "rows": rows}, f, indent=1)
+        os.replace(args.json + ".tmp", args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The CPU backend's compiled time loops: same results as the drivers' Python loops, BLAS called
+correctly from Numba, no Numba thread pool, and Numba's cache hit by a new process.
+
+Speed itself is measured by the asv suite and benchmarks/compare_torch.py, not here.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from gpurnn import drivers
+from gpurnn.backend import CPUBackend
+from gpurnn.kernels import cpu
+
+from conftest import CELL_IDS, CELLS
+
+SPECS = {
+    "rnn_tanh": drivers.CellSpec("rnn"),
+    "rnn_relu": drivers.CellSpec("rnn", relu=True),
+    "lstm": drivers.CellSpec("lstm"),
+    "gru_seed": drivers.CellSpec("gru"),
+    "gru_reset_after": drivers.CellSpec("gru", reset_after=True),
+}
+assert set(SPECS) == set(CELL_IDS) and len(CELLS) == len(SPECS)
+
+
+class PythonLoopsCPU(CPUBackend):
+    """The CPU backend without its compiled loops: the drivers run ``make_loops`` as Python."""
+
+    def compiled_loops(self, dtype):
+        return None
+
+
+def test_numpy_openblas_is_found_here():
+    # This environment has NumPy's OpenBLAS wheel: the compiled loops must be in use, else
+    # every comparison below would compare the Python loops with themselves.
+    assert cpu.numpy_blas() is not None
+    assert CPUBackend().compiled_loops(np.float64) is not None
+
+
+def _run(be, cell, T, B, I, H, reverse, rng, lengths):
+    G = cell.gates
+    w = drivers.Weights(*(rng.standard_normal(s) * 0.4 for s in
+                          ((G * H, I), (G * H, H), (G * H,), (G * H,))))
+    x = rng.standard_normal((T, B, I))
+    h0 = rng.standard_normal((B, H)) * 0.5
+    c0 = rng.standard_normal((B, H)) * 0.5 if cell.has_cell_state else None
+    dy = rng.standard_normal((T, B, H))
+    dh = rng.standard_normal((B, H))
+    dc = rng.standard_normal((B, H)) if cell.has_cell_state else None
+    grads = drivers.Weights(*(np.empty_like(a) for a in (w.w_ih, w.w_hh, w.b_ih, w.b_hh)))
+    ws = drivers.Workspace(be)
+    y, tape = drivers.forward(be, cell, w, x, h0, c0, lengths, reverse, True, ws)
+    dx, dh0, dc0 = drivers.backward(be, cell, w, tape, dy, dh, dc, grads, ws)
+    y_eval, tape_eval = drivers.forward(be, cell, w, x, h0, c0, lengths, reverse, False,
+                                        drivers.Workspace(be))
+    out = [y, tape.h_last, dx, dh0, grads.w_ih, grads.w_hh, grads.b_ih, grads.b_hh, y_eval,
+           tape_eval.h_last]
+    if cell.has_cell_state:
+        out += [tape.c_last, dc0]
+    return out
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("reverse", [False, True])
+def test_compiled_loops_match_python_loops(name, reverse):
+    cell = SPECS[name]
+    T, B, I, H = 6, 3, 5, 7
+    lengths = np.array([6, 0, 4], dtype=np.int32)
+    want = _run(PythonLoopsCPU(), cell, T, B, I, H, reverse, np.random.default_rng(5), lengths)
+    got = _run(CPUBackend(), cell, T, B, I, H, reverse, np.random.default_rng(5), lengths)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 9, 4), (5, 1, 3), (4, 6, 1), (3, 8, 5)])
+def test_blas_matmul_of_views(dtype, M, K, N):
+    rng = np.random.default_rng(M * 100 + K * 10 + N)
+    matmul = cpu._make_matmul(dtype)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    a_rows = rng.standard_normal((M, K + 3)).astype(dtype)[:, 2:2 + K]  # row stride > K
+    a_t = np.ascontiguousarray(rng.standard_normal((K, M)).astype(dtype)).T  # a transposed view
+    b_t = rng.standard_normal((N, K)).astype(dtype).T  # as w.T
+    b = rng.standard_normal((K, N)).astype(dtype)
+    for a_ in (a_rows, a_t):
+        for b_ in (b, b_t):
+            out = np.full((M, N + 2), np.nan, dtype)[:, :N]  # row stride > N
+            matmul(a_, b_, out)
+            np.testing.assert_allclose(out, a_.astype(np.float64) @ b_, rtol=tol, atol=tol)
+
+
+def test_blas_matmul_refuses_bad_shapes():
+    matmul = cpu._make_matmul(np.float64)
+    with pytest.raises(ValueError, match="shapes must be"):
+        matmul(np.ones((2, 3)), np.ones((4, 5)), np.empty((2, 5)))
+    with pytest.raises(ValueError, match="shapes must be"):
+        matmul(np.ones((2, 3)), np.ones((3, 5)), np.empty((5, 2)).T)
+
+
+def test_no_cpu_kernel_or_loop_is_parallel():
+    # A Numba thread pool spinning against OpenBLAS's cost 60x here (DESIGN.md): the cores
+    # belong to BLAS, so nothing gpurnn compiles for the CPU may use parallel=True / prange.
+    be = CPUBackend()
+    for dtype in (np.float32, np.float64):
+        for fn in list(be.kernels(dtype).values()) + list(be.compiled_loops(dtype).values()):
+            assert not fn.targetoptions.get("parallel"), fn
+
+
+def _python(code, cache_dir):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
+_FIRST_STEP = """
+    import numpy as np
+    import numba.np.ufunc.parallel as numba_parallel
+    import gpurnn
+    m = gpurnn.GRU(5, 6, dtype="float64", seed=0)
+    out, _ = m(np.ones((4, 2, 5)))
+    m.backward(out)
+    loops = m.backend.compiled_loops(np.float64)
+    kernels = m.backend.kernels(np.float64)
+    # The step kernels are compiled into the loops, and loaded with them.
+    used = [loops["gru_seed_forward"], loops["gru_seed_backward"]]
+    called = used + [kernels["gru_seed_reset_step"], kernels["gru_seed_candidate_step"]]
+    print(sum(len(f.stats.cache_hits) for f in used),
+          sum(len(f.stats.cache_misses) for f in called), numba_parallel._is_initialized)
+"""
+
+
+def test_new_process_hits_numba_cache_and_starts_no_numba_threads(tmp_path):
+    # Cold: everything compiles (and is written to the cache).
+    hits, misses, pool = _python(_FIRST_STEP, tmp_path).split()
+    assert (int(hits), int(misses), pool) == (0, 4, "False")
+    # Warm: a new process loads all of it from the cache, compiling nothing.
+    hits, misses, pool = _python(_FIRST_STEP, tmp_path).split()
+    assert (int(hits), int(misses), pool) == (2, 0, "False")
