@@ -188,3 +188,20 @@ def test_cli_policies_under_an_overflowing_learning_rate(tmp_path, capsys, caplo
                                               *saved["optim_buffers"].values()])
     assert saved["step"] == {"stop": 2, "skip": 3, "raise": 1}[policy]
     assert _same(saved["model"], one["model"])  # no update after step 1 was ever applied
+
+
+def test_guard_on_the_cuda_path():
+    """The same check through the CUDA backend (the simulator in CI, a GPU where present)."""
+    task = make_task("adding", 4)
+    model = model_for_task(task, "gru", hidden_size=3, seed=0, device="cuda")
+    opt = Adam(model.params, model.grads, lr=1e-2)
+    batch = task.batch(np.random.default_rng(0), 2)
+    before = model.state_dict()
+    guard = NonFiniteGuard(model, "skip")
+    assert train_step(model, task, opt, batch, clip_norm=1.0, guard=guard)[1] is not None
+    assert guard.report is None and opt.t == 1
+    batch.x[1, 0, 1] = np.nan
+    after_one = model.state_dict()
+    train_step(model, task, opt, batch, clip_norm=1.0, guard=guard)
+    assert "rnn.weight_hh_l0" in guard.report and opt.t == 1
+    assert _same(model.state_dict(), after_one) and not _same(after_one, before)
