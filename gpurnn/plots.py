@@ -11,7 +11,7 @@ def plot_training(records, path, title, metric, baseline=None):
     records: dicts as written to metrics.jsonl (``step``, ``loss``, optional ``test``)."""
     steps = [r["step"] for r in records if "loss" in r]
     loss = [r["loss"] for r in records if "loss" in r]
-    tests = [(r["step"], r["test"][metric]) for r in records if "test" in r]
+    tests = [(r["step"], r["test"][metric]) for r in records if "test" in r and "loss" in r]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
     ax1.plot(steps, loss, lw=0.6, color="tab:blue")
     ax1.set_yscale("log")
