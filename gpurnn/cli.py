@@ -18,7 +18,7 @@ import numpy as np
 #: per task: defaults of the options not given (seq_len None: the task's own)
 TASK_DEFAULTS = {
     "adding": {"seq_len": 30, "hidden": 32, "batch": 32, "steps": 1000, "lr": 1e-2},
-    "copy": {"seq_len": 20, "hidden": 64, "batch": 32, "steps": 1500, "lr": 1e-2},
+    "copy": {"seq_len": 20, "hidden": 64, "batch": 32, "steps": 1500, "lr": 3e-3},
     "digits": {"seq_len": 8, "hidden": 64, "batch": 32, "steps": 1000, "lr": 1e-2},
     "charlm": {"seq_len": 100, "hidden": 128, "batch": 32, "steps": 1000, "lr": 3e-3},
 }

@@ -3,8 +3,8 @@
 * ``adding``: the adding problem (Hochreiter & Schmidhuber, 1997): two channels, random values
   in [0, 1) and a marker that is 1 at one step of the first half and one of the second; predict
   the sum of the two marked values at the last step.  Predicting the mean (1) scores MSE 1/6.
-* ``copy``: the copy/memory task: read ``S`` symbols (of 8), wait through blanks, and after the
-  delimiter write the ``S`` symbols back.  Scored on the ``S`` recall steps only; a model that
+* ``copy``: the copy/memory task: read ``S`` symbols (of 8; 5 unless given, fewer when the
+  sequence is short), wait through blanks, and after the delimiter write the ``S`` symbols back.  Scored on the ``S`` recall steps only; a model that
   remembers nothing scores ln 8 nats and 1/8 accuracy there.
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images) read row by row, 8
   steps of 8 pixels: a sequence classifier.  A fixed 80/20 split (seeded, 360 test images).
@@ -144,13 +144,19 @@ class Copy(Task):
     higher_is_better = True
     symbols = 8
 
-    def __init__(self, seq_len=30, test_size=500):
+    def __init__(self, seq_len=30, length=None, test_size=500):
         super().__init__(seq_len)
         if self.seq_len < 3:
             raise ValueError(f"the copy task needs seq_len >= 3 (symbols, delimiter, recall), "
                              f"got {seq_len}")
-        #: symbols to remember; the delay is what is left of seq_len
-        self.length = max(1, min(10, (self.seq_len - 1) // 2))
+        # Symbols to remember; the delay is what is left of seq_len.  Five by default: with ten,
+        # an LSTM (H=64) stayed at chance for 2000 steps at length 30; with five it reached 98%
+        # recall in 1500 steps at length 20.
+        most = (self.seq_len - 1) // 2
+        self.length = max(1, min(5, most)) if length is None else int(length)
+        if not 1 <= self.length <= most:
+            raise ValueError(f"the copy task at seq_len {self.seq_len} can recall 1 to {most} "
+                             f"symbols, got length {length}")
         self.test_size = test_size
 
     def model_kwargs(self):

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from gpurnn.tasks import CharLM, make_task, stdlib_files
+from gpurnn.tasks import CharLM, Copy, make_task, stdlib_files
 
 
 def test_adding_targets_are_the_marked_sums(rng):
@@ -31,6 +31,9 @@ def test_copy_layout(rng):
     assert np.array_equal(b.target[15 - S:], b.x[:S] - 1)  # recall what was read
     assert np.all(b.x[15 - S - 1] == task.symbols + 1)  # the delimiter
     assert b.mask.sum() == S * 4 and np.all(b.mask[15 - S:])
+    assert S == 5 and Copy(7).length == 3 and Copy(30, length=10).length == 10
+    with pytest.raises(ValueError, match="can recall 1 to 3 symbols"):
+        Copy(7, length=4)
 
 
 def test_digits_split():
