@@ -26,26 +26,41 @@ import numpy as np
 from numba import types
 from numba.core.datamodel import models
 
-from .cell_math import STEP_KERNELS, make_cell_math
+from .cell_math import STEP_KERNELS, kernel_params, make_cell_math
 
 # CBLAS enums (plain C ints in every CBLAS).
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
 
-def _cpu_step_kernel(elem):
-    @numba.njit(cache=True)
-    def step_kernel(B, H, *args):
+# Each step kernel is generated with its element function's explicit parameter list, so that
+# the element function can be inlined (Numba cannot inline a call with ``*args``).  Not inlined,
+# each (b, j) element paid a real call passing a dozen arrays: about 2/3 of an LSTM step's
+# pointwise time (172 ns an element at B=32, H=256, measured).  The factory keeps the element
+# function a closure cell, which Numba's cache key includes (a change of the math recompiles);
+# compiled with this file's name, so Numba can cache it.
+_STEP_TEMPLATE = """
+def factory(elem):
+    def {name}(B, H, {params}):
         for b in range(B):
             for j in range(H):
-                elem(b, j, H, *args)
+                elem(b, j, H, {params})
 
-    return step_kernel
+    return {name}
+"""
+
+
+def _cpu_step_kernel(name, elem):
+    namespace = {"__name__": __name__}  # the module Numba records for cached code
+    source = _STEP_TEMPLATE.format(name=name, params=", ".join(kernel_params(elem)))
+    exec(compile(source, __file__, "exec"), namespace)
+    inlined = numba.njit(inline="always")(elem.py_func)
+    return numba.njit(cache=True)(namespace["factory"](inlined))
 
 
 def make_cpu_kernels(dtype):
     """``{kernel_name: fn(B, H, *args)}`` for one dtype; args as the element functions take."""
     math_ = make_cell_math(dtype)
-    kernels = {name: _cpu_step_kernel(math_[elem]) for name, elem in STEP_KERNELS.items()}
+    kernels = {name: _cpu_step_kernel(name, math_[elem]) for name, elem in STEP_KERNELS.items()}
     for name, kernel in kernels.items():
         _stable_cache_keys(kernel, f"{np.dtype(dtype).name}.{name}")
     return kernels
