@@ -136,3 +136,39 @@ def test_restore_refuses_another_optimiser(tmp_path):
     _, model2, opt2, rng2 = _run(opt_cls=Momentum)
     with pytest.raises(ck.CheckpointError, match="optimiser Adam"):
         ck.restore(ck.load_checkpoint(path), model2, opt2, rng2)
+
+
+_SAVER = """
+import sys, numpy as np
+from gpurnn.checkpoint import save_arrays
+big = np.random.default_rng(0).standard_normal(4_000_000)  # 32 MB: a save takes a while
+i = 0
+while True:
+    save_arrays(sys.argv[1], {"w": big + i}, {"step": i})
+    i += 1
+    print(i, flush=True)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.03, 0.08])
+def test_process_killed_while_saving_leaves_a_whole_checkpoint(tmp_path, delay):
+    """SIGKILL a process that saves over and over: the file is always a complete checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "c.npz"
+    proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(path)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "1"  # one save done; the next is under way
+        time.sleep(delay)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    arrays, meta = ck.load_arrays(path)
+    assert arrays["w"].shape == (4_000_000,) and meta["step"] >= 0
+    # the file's step and contents agree: one save's whole content, not a mix
+    first = np.random.default_rng(0).standard_normal(4)
+    np.testing.assert_array_equal(arrays["w"][:4], first + meta["step"])
