@@ -197,5 +197,7 @@ def test_bad_input_is_refused(rng):
     tokens = Model("gru", hidden_size=3, vocab_size=4, seed=0)
     with pytest.raises(ValueError, match=r"tokens must lie in \[0, 4\)"):
         tokens(np.array([[0, 4]]))
+    with pytest.raises(ValueError, match="loss_name must be one of"):
+        model.loss(np.zeros((2, 1)), Batch(None, np.zeros((2, 1))), "hinge")
     with pytest.raises(ValueError, match="needs a forward first"):
         Model("gru", hidden_size=3, input_size=2).backward(np.zeros((1, 1, 1)))
