@@ -54,7 +54,10 @@ def _cpu_step_kernel(name, elem):
     source = _STEP_TEMPLATE.format(name=name, params=", ".join(kernel_params(elem)))
     exec(compile(source, __file__, "exec"), namespace)
     inlined = numba.njit(inline="always")(elem.py_func)
-    return numba.njit(cache=True)(namespace["factory"](inlined))
+    # No NRT: a step kernel allocates nothing, and with NRT each inlined element call
+    # increfs/decrefs its dozen arrays (atomic operations) for every (b, j): 806 against 483 us
+    # for an LSTM step at B=32, H=256, measured.
+    return numba.njit(cache=True, _nrt=False)(namespace["factory"](inlined))
 
 
 def make_cpu_kernels(dtype):
