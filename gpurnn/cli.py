@@ -196,6 +196,10 @@ def cmd_train(args):
         os.path.dirname(os.path.abspath(resume_path)) if checkpoint else
         os.path.join("gpurnn-runs", f"{config['task']}-{config['cell']}-"
                      f"{time.strftime('%Y%m%d-%H%M%S')}"))
+    if not checkpoint and any(os.path.exists(os.path.join(out, f))
+                              for f in (CHECKPOINT, "metrics.jsonl")):
+        raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or give "
+                         f"another --out")
     if root:
         os.makedirs(out, exist_ok=True)
 

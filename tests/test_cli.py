@@ -70,6 +70,8 @@ def test_resume_refuses_other_options_and_finished_runs(tmp_path, capsys):
     assert "--hidden 9 (checkpoint: 6)" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path), "--steps", "2", "--quiet"]) == 2
     assert "give --steps above it" in capsys.readouterr().err
+    assert main(["train", "--steps", "2", "--out", str(tmp_path), *TINY]) == 2
+    assert "already holds a run" in capsys.readouterr().err
     (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 not really")
     assert main(["train", "--resume", str(tmp_path / "broken.npz"), "--steps", "3"]) == 2
     assert "truncated or corrupted" in capsys.readouterr().err
