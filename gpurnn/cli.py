@@ -200,10 +200,9 @@ def cmd_train(args):
                               for f in (CHECKPOINT, "metrics.jsonl")):
         raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or give "
                          f"another --out")
-    if root:
-        os.makedirs(out, exist_ok=True)
-
     task, model, optimizer, rng = _make_run(config, args.device)
+    if root:  # only once the run could be built: a refused run leaves no empty directory
+        os.makedirs(out, exist_ok=True)
     start = restore(checkpoint, model, optimizer, rng) if checkpoint else 0
     if dp is not None:
         dp.broadcast_start(model, rng)

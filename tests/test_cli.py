@@ -105,7 +105,8 @@ def test_console_script_is_declared():
     assert scripts.get("gpurnn") == "gpurnn.cli:main"
 
 
-def test_bad_options_exit_with_a_message(capsys):
+def test_bad_options_exit_with_a_message(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default run directory would go
     with pytest.raises(SystemExit):
         main(["train", "--cell", "transformer"])
     assert "invalid choice" in capsys.readouterr().err
@@ -114,3 +115,4 @@ def test_bad_options_exit_with_a_message(capsys):
     assert "positive integer" in capsys.readouterr().err
     assert main(["train", "--task", "digits", "--seq-len", "5", "--quiet"]) == 2
     assert "seq_len must be 8" in capsys.readouterr().err
+    assert not os.path.exists("gpurnn-runs")  # a refused run leaves nothing behind
