@@ -287,6 +287,10 @@ class DataParallel:
         self._unpack(grads)
         return total_loss / divisor
 
+    def any(self, flag):
+        """Whether ``flag`` holds on any rank.  Collective: every rank must call it."""
+        return any(self.world.allgather_object(bool(flag)))
+
     @staticmethod
     def _positions(batch):
         """The shard's count of valid loss positions, up to a factor common to all ranks: the

@@ -64,8 +64,13 @@ def train_batch(model, task, optimizer, batch, tbptt=None, reduction="mean", cli
     if tbptt is None or tbptt >= T:
         return _model.train_step(model, task, optimizer, batch, **options)
     n = -(-T // tbptt)
+    data_parallel = step_options.get("data_parallel")
     state, losses, norm = None, [], None
     for i, (start, chunk, has_loss) in enumerate(chunks(batch, tbptt, model.head_mode)):
+        if data_parallel is not None:
+            # train_step all-reduces, so every rank must take the same branch even when only
+            # some shards have loss positions in this chunk (the others add weight 0).
+            has_loss = data_parallel.any(has_loss)
         if has_loss:
             if guard is not None:
                 guard.where = (f"tbptt chunk {i + 1} of {n}, time steps {start}.."

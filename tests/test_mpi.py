@@ -23,6 +23,7 @@ import pytest
 from gpurnn.distributed import DataParallel, SingleProcess, launched_by_mpi, world
 from gpurnn.model import model_for_task, train_step
 from gpurnn.optim import Adam
+from gpurnn.tbptt import train_batch
 from gpurnn.tasks import make_task
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
@@ -158,6 +159,31 @@ def test_allreduced_gradients_are_the_whole_batch_gradients(reduction, rng):
     # The shards' own gradients are not the whole batch's: the reduction did the work.
     name = "rnn.weight_hh_l0"
     assert not np.allclose(results[0][2][name], whole.grads[name], rtol=1e-3)
+
+
+def test_tbptt_chunk_with_loss_on_some_shards_only(rng):
+    """A chunk whose loss positions all fall in one rank's shard: every rank must still join
+    the all-reduce (a rank that skipped it would hang the others), and the result is the
+    whole batch's."""
+    task = make_task("copy", 9)
+    batch = task.batch(rng, 4)
+    mask = np.array(batch.mask, copy=True)  # [T, B]
+    mask[:3] = 0
+    mask[:3, 3] = 1  # in the first chunk only sequence 3 (rank 1's shard) counts
+    batch = dataclasses.replace(batch, mask=mask)
+    whole = model_for_task(task, cell="gru", hidden_size=5, dtype="float64", seed=4)
+    train_batch(whole, task, Adam(whole.params, whole.grads, lr=0.05), batch, tbptt=3)
+
+    def work(w):
+        model = model_for_task(task, cell="gru", hidden_size=5, dtype="float64", seed=4)
+        dp = DataParallel(w, 4)
+        train_batch(model, task, Adam(model.params, model.grads, lr=0.05),
+                    dp.shard(batch, model.head_mode), tbptt=3, data_parallel=dp)
+        return model.state_dict()
+
+    for weights in run_ranks(2, work):
+        for name, value in whole.state_dict().items():
+            np.testing.assert_allclose(weights[name], value, rtol=1e-12, atol=1e-14, err_msg=name)
 
 
 def test_train_step_clips_the_summed_gradients(rng):
