@@ -3,7 +3,9 @@
 Each measurement (one side, one cell, one shape) runs in its own fresh Python process, so
 torch's OpenMP threads (which spin after each parallel region) and either side's allocator
 state cannot slow the other.  In each process: build the layer, warm up, then time ``--repeat``
-calls with ``time.perf_counter`` and report the median.
+calls with ``time.perf_counter`` and report the median.  ``--rounds`` processes per side run
+alternately (gpurnn, torch, gpurnn, ...), and the median of their medians is reported, so on a
+shared machine both sides see the same load.
 
 * training step: forward in training mode, then the backward of ``sum(out * dout)`` down to the
   weights and the input (torch: ``x.requires_grad_()``, since gpurnn always returns ``dx``);
@@ -106,15 +108,23 @@ def _child(args):
     """Runs in the subprocess: one side, one cell, one shape; prints one JSON line."""
     shape = tuple(int(s) for s in args.shape.split(","))
     measure = _measure_gpurnn if args.child == "gpurnn" else _measure_torch
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(args.threads)  # BLAS and OpenMP pools of this process
+        if args.child == "torch":
+            import torch
+
+            torch.set_num_threads(args.threads)
     result = measure(args.cell, shape, args.dtype, args.repeat, args.warmup)
     result["blas"] = _blas_info()
     print(json.dumps(result))
 
 
-def _run_child(side, cell, shape, dtype, repeat, warmup):
+def _run_child(side, cell, shape, dtype, repeat, warmup, threads):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--cell", cell,
            "--shape", ",".join(map(str, shape)), "--dtype", dtype,
-           "--repeat", str(repeat), "--warmup", str(warmup)]
+           "--repeat", str(repeat), "--warmup", str(warmup), "--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{side} {cell} {shape} failed:\n{proc.stderr}")
@@ -149,6 +159,11 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--repeat", type=int, default=30, help="timed calls per median")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="processes per side, alternating gpurnn and torch, so both see the "
+                             "same load on a shared machine; the median of their medians counts")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="limit BLAS/OpenMP threads of both sides (0: their defaults)")
     parser.add_argument("--json", help="write the results here as well")
     parser.add_argument("--child", choices=["gpurnn", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--cell", help=argparse.SUPPRESS)
@@ -168,22 +183,31 @@ def main(argv=None):
     for cell in cells:
         for shape in shapes:
             row = {"cell": cell, "shape": shape}
-            for side in ("gpurnn", "torch"):
-                res = _run_child(side, cell, shape, args.dtype, _repeat_for(shape, args.repeat),
-                                 args.warmup)
-                blas = blas or res.pop("blas")
-                res.pop("blas", None)
-                row[side] = res
+            rounds = {"gpurnn": [], "torch": []}
+            for _ in range(args.rounds):
+                for side in rounds:
+                    res = _run_child(side, cell, shape, args.dtype,
+                                     _repeat_for(shape, args.repeat), args.warmup, args.threads)
+                    side_blas = res.pop("blas")
+                    if side == "gpurnn":
+                        blas = side_blas
+                    rounds[side].append(res)
+            for side, results in rounds.items():
+                row[side] = {key: sorted(r[key] for r in results)[len(results) // 2]
+                             for key in ("train_ms", "infer_ms")}
+                row[side]["rounds"] = results
             rows.append(row)
             print(_table([row]).splitlines()[-1], flush=True)
     env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
                                           "OMP_NUM_THREADS", "GLIBC_TUNABLES")}
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"dtype {args.dtype}, env {env}\nBLAS of the gpurnn process: {blas}\n")
+          f"dtype {args.dtype}, threads {args.threads or 'default'}, env {env}, "
+          f"load average {os.getloadavg()}\nBLAS of the gpurnn process: {blas}\n")
     print(_table(rows))
     if args.json:
         with open(args.json + ".tmp", "w") as f:
-            json.dump({"env": env, "blas": blas, "dtype": args.dtype, "rows": rows}, f, indent=1)
+            json.dump({"env": env, "blas": blas, "dtype": args.dtype, "threads": args.threads,
+                       "rows": rows}, f, indent=1)
         os.replace(args.json + ".tmp", args.json)
 
 
