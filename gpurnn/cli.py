@@ -179,7 +179,7 @@ def cmd_train(args):
 
     from . import distributed
     from .checkpoint import load_checkpoint, restore, save_checkpoint
-    from .model import evaluate, fit
+    from .model import fit
     from .plots import plot_gradflow, plot_training
 
     checkpoint = None

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import gpurnn
-from conftest import CELL_IDS, CELLS, cell_params
+from conftest import CELL_IDS, CELLS
 from helpers import make
 
 torch = pytest.importorskip("torch")
