@@ -1,0 +1,111 @@
+"""Where a CPU training step's time goes: recurrent GEMMs, pointwise step kernels, the rest.
+
+The same layer runs its training step (and its inference forward) three ways, on the same
+workspaces: as is; with the per-step recurrent GEMMs replaced by a no-op; with the step
+kernels replaced by a no-op.  The differences give each phase; "rest" is what neither removes
+(the input GEMM, the weight-gradient GEMMs, ``dx``, bias sums, copies, Python).  Medians of
+``--repeat`` calls after warm-up; the no-op runs keep the last real values in the workspaces.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/profile_cpu.py \\
+        --cell lstm --shape 100,32,256,256
+"""
+import argparse
+import time
+
+import numba
+import numpy as np
+
+import gpurnn
+from gpurnn import drivers
+from gpurnn.backend import CPUBackend
+from gpurnn.kernels import cpu
+
+CELLS = {"rnn": ("RNN", {}), "lstm": ("LSTM", {}), "gru": ("GRU", {"reset_after": True}),
+         "gru_seed": ("GRU", {"reset_after": False})}
+
+
+@numba.njit(cache=True)
+def _no_matmul(a, b, out):
+    pass
+
+
+@numba.njit(cache=True)
+def _no_step(B, H, *args):
+    pass
+
+
+class _Without(CPUBackend):
+    """The CPU backend with its recurrent GEMMs or its step kernels made no-ops."""
+
+    def __init__(self, what):
+        super().__init__()
+        self.what = what
+
+    def compiled_loops(self, dtype):
+        if dtype not in self._loops:
+            kernels = self.kernels(dtype)
+            matmul = cpu._make_matmul(dtype)
+            if self.what == "gemm":
+                matmul = _no_matmul
+            else:
+                kernels = {name: _no_step for name in kernels}
+            loops = drivers.make_loops(matmul, kernels, numba.njit(drivers._slots))
+            self._loops[dtype] = {name: numba.njit(fn) for name, fn in loops.items()}
+        return self._loops[dtype]
+
+
+def _median_ms(fn, repeat):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[repeat // 2]
+
+
+def profile(cell, shape, dtype="float32", repeat=15):
+    """{mode: {phase: median ms}} for mode in train, infer."""
+    T, B, I, H = shape
+    cls, opts = CELLS[cell]
+    m = getattr(gpurnn, cls)(I, H, dtype=dtype, seed=0, **opts)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((T, B, I)).astype(dtype)  # [T, B, I]
+    dout = rng.standard_normal((T, B, H)).astype(dtype)  # [T, B, H]
+    steps = {"train": lambda: (m(x), m.backward(dout)), "infer": lambda: m(x)}
+    real = m.backend
+    out = {}
+    for mode, step in steps.items():
+        m.train(mode == "train")
+        times = {}
+        for variant, backend in (("all", real), ("no_gemm", _Without("gemm")),
+                                 ("no_pointwise", _Without("pointwise"))):
+            m.backend = backend
+            times[variant] = _median_ms(step, repeat)
+        m.backend = real
+        gemm = times["all"] - times["no_gemm"]
+        pointwise = times["all"] - times["no_pointwise"]
+        out[mode] = {"total": times["all"], "recurrent GEMMs": gemm,
+                     "pointwise kernels": pointwise,
+                     "rest": times["all"] - gemm - pointwise}
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cell", default="lstm", choices=list(CELLS))
+    parser.add_argument("--shape", default="100,32,256,256", help="T,B,I,H")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--repeat", type=int, default=15)
+    args = parser.parse_args()
+    shape = tuple(int(v) for v in args.shape.split(","))
+    if len(shape) != 4:
+        parser.error(f"--shape must be T,B,I,H, got {args.shape!r}")
+    for mode, phases in profile(args.cell, shape, args.dtype, args.repeat).items():
+        print(f"{args.cell} {shape} {mode}: " + ", ".join(
+            f"{name} {ms:.1f} ms" for name, ms in phases.items()))
+
+
+if __name__ == "__main__":
+    main()
