@@ -4,7 +4,8 @@ The same layer runs its training step (and its inference forward) three ways, on
 workspaces: as is; with the per-step recurrent GEMMs replaced by a no-op; with the step
 kernels replaced by a no-op.  The differences give each phase; "rest" is what neither removes
 (the input GEMM, the weight-gradient GEMMs, ``dx``, bias sums, copies, Python).  Medians of
-``--repeat`` calls after warm-up; the no-op runs keep the last real values in the workspaces.
+``--repeat`` calls, the three variants interleaved call by call; the no-op runs keep the last
+real values in the workspaces.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/profile_cpu.py \\
         --cell lstm --shape 100,32,256,256
@@ -54,8 +55,8 @@ class _Without(CPUBackend):
         return self._loops[dtype]
 
 
-def _median_ms(fn, repeat):
-    for _ in range(3):
+def _median_ms(fn, repeat, warmup=2):
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
@@ -76,14 +77,17 @@ def profile(cell, shape, dtype="float32", repeat=15):
     steps = {"train": lambda: (m(x), m.backward(dout)), "infer": lambda: m(x)}
     real = m.backend
     out = {}
+    variants = {"all": real, "no_gemm": _Without("gemm"), "no_pointwise": _Without("pointwise")}
     for mode, step in steps.items():
         m.train(mode == "train")
-        times = {}
-        for variant, backend in (("all", real), ("no_gemm", _Without("gemm")),
-                                 ("no_pointwise", _Without("pointwise"))):
-            m.backend = backend
-            times[variant] = _median_ms(step, repeat)
+        samples = {variant: [] for variant in variants}
+        # Variants interleaved call by call, so that a shared machine's load hits all alike.
+        for _ in range(repeat):
+            for variant, backend in variants.items():
+                m.backend = backend
+                samples[variant].append(_median_ms(step, 1))
         m.backend = real
+        times = {variant: sorted(v)[repeat // 2] for variant, v in samples.items()}
         gemm = times["all"] - times["no_gemm"]
         pointwise = times["all"] - times["no_pointwise"]
         out[mode] = {"total": times["all"], "recurrent GEMMs": gemm,
