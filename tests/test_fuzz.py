@@ -16,6 +16,9 @@ import gpurnn
 from gpurnn import checkpoint as ck
 from gpurnn.cli import main
 
+# NumPy's overflow warnings are expected: fuzzed options include learning rates that overflow.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
 CASE_TIMEOUT_S = 60
 
 

@@ -14,6 +14,9 @@ from gpurnn.nonfinite import NonFiniteError, NonFiniteGuard
 from gpurnn.optim import Adam
 from gpurnn.tasks import make_task
 
+# NumPy's overflow warnings are expected: these tests inject overflow and NaN on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
 BAD_STEP = 3
 
 
