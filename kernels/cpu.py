@@ -124,16 +124,6 @@ _BLAS = numpy_blas()
 _sgemm, _dgemm = _external_gemm(*_BLAS) if _BLAS is not None else (None, None)
 
 
-@numba.njit
-def _sgemm_call(ta, tb, M, N, K, alpha, a, lda, b, ldb, beta, out, ldo):
-    _sgemm(_ROW_MAJOR, ta, tb, M, N, K, alpha, a, lda, b, ldb, beta, out, ldo)
-
-
-@numba.njit
-def _dgemm_call(ta, tb, M, N, K, alpha, a, lda, b, ldb, beta, out, ldo):
-    _dgemm(_ROW_MAJOR, ta, tb, M, N, K, alpha, a, lda, b, ldb, beta, out, ldo)
-
-
 @numba.njit(inline="always")
 def _operand(x):
     """(CBLAS transpose flag, leading dimension) of a 2-D operand with unit stride on one axis,
@@ -176,11 +166,11 @@ def _make_matmul(dtype):
             out[...] = zero
             return
         if single:
-            _sgemm_call(ta, tb, M, N, K, one, a.ctypes.data, lda, b.ctypes.data, ldb, zero,
-                        out.ctypes.data, ldo)
+            _sgemm(_ROW_MAJOR, ta, tb, M, N, K, one, a.ctypes.data, lda, b.ctypes.data, ldb,
+                   zero, out.ctypes.data, ldo)
         else:
-            _dgemm_call(ta, tb, M, N, K, one, a.ctypes.data, lda, b.ctypes.data, ldb, zero,
-                        out.ctypes.data, ldo)
+            _dgemm(_ROW_MAJOR, ta, tb, M, N, K, one, a.ctypes.data, lda, b.ctypes.data, ldb,
+                   zero, out.ctypes.data, ldo)
 
     return matmul
 
@@ -204,11 +194,6 @@ def make_cpu_loops(dtype, kernels):
     return loops
 
 
-def _stable_module_keys():
-    for fn in (_sgemm_call, _dgemm_call, _operand):
-        _stable_cache_keys(fn, fn.py_func.__name__)
-
-
 def _stable_cache_keys(dispatcher, tag):
     """Give ``dispatcher`` and every dispatcher in its closures a UUID derived from ``tag``.
 
@@ -228,4 +213,4 @@ def _stable_cache_keys(dispatcher, tag):
             _stable_cache_keys(inner, f"{tag}.{inner.py_func.__name__}")
 
 
-_stable_module_keys()
+_stable_cache_keys(_operand, "operand")  # named by the matmul closures' code
