@@ -35,7 +35,7 @@ CELLS = {
 }
 
 
-def _median_ms(fn, repeat, warmup):
+def median_ms(fn, repeat, warmup):
     for _ in range(warmup):
         fn()
     times = []
@@ -66,9 +66,9 @@ def _measure_gpurnn(cell, shape, dtype, repeat, warmup):
     def infer():
         m(x)
 
-    train = _median_ms(train_step, repeat, warmup)
+    train = median_ms(train_step, repeat, warmup)
     m.eval()
-    return {"train_ms": train, "infer_ms": _median_ms(infer, repeat, warmup)}
+    return {"train_ms": train, "infer_ms": median_ms(infer, repeat, warmup)}
 
 
 def _measure_torch(cell, shape, dtype, repeat, warmup):
@@ -92,9 +92,9 @@ def _measure_torch(cell, shape, dtype, repeat, warmup):
         with torch.inference_mode():
             m(x)
 
-    train = _median_ms(train_step, repeat, warmup)
+    train = median_ms(train_step, repeat, warmup)
     m.eval()
-    return {"train_ms": train, "infer_ms": _median_ms(infer, repeat, warmup)}
+    return {"train_ms": train, "infer_ms": median_ms(infer, repeat, warmup)}
 
 
 def _blas_info():

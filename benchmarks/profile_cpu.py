@@ -11,7 +11,6 @@ real values in the workspaces.
         --cell lstm --shape 100,32,256,256
 """
 import argparse
-import time
 
 import numba
 import numpy as np
@@ -20,6 +19,8 @@ import gpurnn
 from gpurnn import drivers
 from gpurnn.backend import CPUBackend
 from gpurnn.kernels import cpu
+
+from compare_torch import median_ms  # this folder is on sys.path when run as a script
 
 CELLS = {"rnn": ("RNN", {}), "lstm": ("LSTM", {}), "gru": ("GRU", {"reset_after": True}),
          "gru_seed": ("GRU", {"reset_after": False})}
@@ -55,17 +56,6 @@ class _Without(CPUBackend):
         return self._loops[dtype]
 
 
-def _median_ms(fn, repeat, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[repeat // 2]
-
-
 def profile(cell, shape, dtype="float32", repeat=15):
     """{mode: {phase: median ms}} for mode in train, infer."""
     T, B, I, H = shape
@@ -85,7 +75,7 @@ def profile(cell, shape, dtype="float32", repeat=15):
         for _ in range(repeat):
             for variant, backend in variants.items():
                 m.backend = backend
-                samples[variant].append(_median_ms(step, 1))
+                samples[variant].append(median_ms(step, 1, warmup=2))
         m.backend = real
         times = {variant: sorted(v)[repeat // 2] for variant, v in samples.items()}
         gemm = times["all"] - times["no_gemm"]
