@@ -360,10 +360,12 @@ class RNNBase:
         ``[t_i, B, I]`` (``[B, t_i, I]`` if batch_first): yields ``(out_i, state_i)``, carrying
         the state from chunk to chunk.  Memory depends on the chunk size, not the total length;
         the outputs equal one call over the concatenated sequence."""
-        with no_grad():
-            for chunk in chunks:
+        for chunk in chunks:
+            # Only around the call: a generator suspended inside no_grad() would switch
+            # gradients off for whatever its caller runs between chunks.
+            with no_grad():
                 out, state = self.forward(chunk, state)
-                yield out, state
+            yield out, state
 
     def activation_bytes(self, T, B):
         """Bytes a training forward keeps for the backward (over all layers and directions),

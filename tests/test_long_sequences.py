@@ -21,6 +21,13 @@ def test_stream_equals_one_call(cell, opts, rng):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
 
 
+def test_stream_leaves_gradients_on_between_chunks(rng):
+    layer = make("GRU", {}, 2, 3, seed=0)
+    for _ in layer.stream([rng.standard_normal((4, 1, 2))] * 2):
+        assert gpurnn.is_grad_enabled()
+    assert layer.training and gpurnn.is_grad_enabled()
+
+
 def test_a_million_steps_in_bounded_memory(rng):
     """T = 1,000,000 steps of inference through stream(): matches the unchunked result on a
     prefix, and peak Python-heap memory stays that of one chunk."""
