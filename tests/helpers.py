@@ -25,5 +25,17 @@ def state_tuple(state):
     return state if isinstance(state, tuple) else (state,)
 
 
+def central_difference(loss, array, index, eps=1e-6):
+    """``(loss() at array[index] + eps - loss() at array[index] - eps) / 2 eps``, with
+    ``array[index]`` restored afterwards."""
+    old = array[index]
+    array[index] = old + eps
+    up = loss()
+    array[index] = old - eps
+    down = loss()
+    array[index] = old
+    return (up - down) / (2 * eps)
+
+
 def host(layer, a):
     return np.asarray(layer.backend.to_numpy(a), dtype=np.float64)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import cell_params
-from helpers import make, random_state, state_tuple
+from helpers import central_difference, make, random_state, state_tuple
 
 EPS = 1e-6
 
@@ -27,21 +27,12 @@ def _check(layer, x, state, lengths, rng, max_entries=40):
     dstate = Rs if len(Rs) == 2 else Rs[0]
     dx, dstate0 = layer.backward(R, dstate)
 
-    def numeric(array, index):
-        old = array[index]
-        array[index] = old + EPS
-        up = loss()
-        array[index] = old - EPS
-        down = loss()
-        array[index] = old
-        return (up - down) / (2 * EPS)
-
     def compare(name, array, analytic):
         flat = list(np.ndindex(array.shape))
         picks = rng.choice(len(flat), size=min(max_entries, len(flat)), replace=False)
         for p in picks:
             idx = flat[p]
-            num = numeric(array, idx)
+            num = central_difference(loss, array, idx, EPS)
             assert abs(num - analytic[idx]) <= 1e-6 + 1e-5 * abs(num), \
                 f"{name}{idx}: finite difference {num}, backward {analytic[idx]}"
 

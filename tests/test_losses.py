@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gpurnn.losses import mse, softmax_cross_entropy
+from helpers import central_difference
 
 EPS = 1e-6
 
@@ -14,13 +15,7 @@ def _finite_difference_check(fn, pred, rng, entries=30):
     flat = list(np.ndindex(pred.shape))
     for p in rng.choice(len(flat), size=min(entries, len(flat)), replace=False):
         idx = flat[p]
-        old = pred[idx]
-        pred[idx] = old + EPS
-        up = fn(pred)[0]
-        pred[idx] = old - EPS
-        down = fn(pred)[0]
-        pred[idx] = old
-        num = (up - down) / (2 * EPS)
+        num = central_difference(lambda: fn(pred)[0], pred, idx, EPS)
         assert abs(num - grad[idx]) <= 1e-7 + 1e-6 * abs(num), f"{idx}: fd {num}, grad {grad[idx]}"
 
 

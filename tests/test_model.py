@@ -9,6 +9,7 @@ from conftest import SIMULATOR
 from gpurnn.model import Linear, Model, evaluate, fit, gradient_flow, model_for_task
 from gpurnn.optim import Adam
 from gpurnn.tasks import Batch, make_task
+from helpers import central_difference
 from gpurnn.backend import get_backend
 
 EPS = 1e-6
@@ -26,13 +27,7 @@ def _check_model_gradients(model, batch, loss_name, rng, entries=6):
         flat = list(np.ndindex(p.shape))
         for i in rng.choice(len(flat), size=min(entries, len(flat)), replace=False):
             idx = flat[i]
-            old = p[idx]
-            p[idx] = old + EPS
-            up = loss()
-            p[idx] = old - EPS
-            down = loss()
-            p[idx] = old
-            num = (up - down) / (2 * EPS)
+            num = central_difference(loss, p, idx, EPS)
             assert abs(num - grads[name][idx]) <= 1e-6 + 1e-5 * abs(num), \
                 f"{name}{idx}: finite difference {num}, backward {grads[name][idx]}"
 
@@ -68,13 +63,8 @@ def test_head_backward_by_finite_differences(rng):
     for name, arr in [("weight", head.params["weight"]), ("bias", head.params["bias"]), ("h", h)]:
         analytic = dh if name == "h" else grads[name]
         for idx in np.ndindex(arr.shape):
-            old = arr[idx]
-            arr[idx] = old + EPS
-            up = (head.forward(h) * R).sum()
-            arr[idx] = old - EPS
-            down = (head.forward(h) * R).sum()
-            arr[idx] = old
-            assert (up - down) / (2 * EPS) == pytest.approx(analytic[idx], rel=1e-6, abs=1e-9)
+            numeric = central_difference(lambda: (head.forward(h) * R).sum(), arr, idx, EPS)
+            assert numeric == pytest.approx(analytic[idx], rel=1e-6, abs=1e-9)
 
 
 def _torch_hidden_grads(model, x, target):
