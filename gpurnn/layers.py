@@ -89,6 +89,7 @@ class RNNBase:
         self._dropout_rng = np.random.default_rng(seed)
         self._tape = None
         self._workspaces = {}
+        self._fitted_bytes = 0  # the largest call memory.check_fits found room for
 
         H, G = self.hidden_size, self.cell.gates
         rng = np.random.default_rng(seed)

@@ -43,11 +43,18 @@ def free_bytes(backend):
 
 
 def check_fits(layer, T, B, training):
-    """Raise ``OutOfMemory`` naming the sizes and the remedies when the call cannot fit."""
+    """Raise ``OutOfMemory`` naming the sizes and the remedies when the call cannot fit.
+
+    The device is asked (a read of /proc/meminfo, or a CUDA call) only when the call needs
+    more than the largest call that already fitted: calls of a size that ran before, as every
+    step of a training loop, skip it."""
     need = call_bytes(layer, T, B, training)
+    if need <= layer._fitted_bytes:
+        return
     held = sum(ws.nbytes() for ws in layer._workspaces.values())  # reused or replaced
     free = free_bytes(layer.backend)
     if free is None or need <= free + held:
+        layer._fitted_bytes = need
         return
     gib = 2.0 ** 30
     mode = "a training step" if training else "an inference forward"

@@ -78,3 +78,24 @@ def test_estimate_covers_what_is_allocated(rng):
     layer.backward(np.ones_like(out))
     held = sum(ws.nbytes() for ws in layer._workspaces.values())
     assert gpurnn.memory.call_bytes(layer, 20, 4, True) >= held
+
+
+def test_device_memory_is_asked_only_for_larger_calls(monkeypatch, rng):
+    """A training loop's repeated calls skip the free-memory query; a larger call asks again
+    and is still refused when it cannot fit."""
+    asked = []
+
+    def free(backend):
+        asked.append(1)
+        return 10_000_000
+
+    monkeypatch.setattr(gpurnn.memory, "free_bytes", free)
+    layer = gpurnn.LSTM(3, 16)
+    x = rng.standard_normal((20, 4, 3)).astype(np.float32)
+    for _ in range(3):
+        layer(x)
+    layer(x[:10])
+    assert len(asked) == 1
+    with pytest.raises(gpurnn.OutOfMemory):
+        layer(rng.standard_normal((2000, 64, 3)).astype(np.float32))
+    assert len(asked) == 2
