@@ -4,6 +4,11 @@
 both, as ``Model.params`` / ``Model.grads`` and the layers' ``params`` / ``grads``.  Every
 update is a few in-place elementwise array operations on the device through the arrays' own
 module: no weight, gradient or optimiser state is copied to the host.
+
+Elementwise updates and the global norm (a sum over a fixed order of arrays) add no
+nondeterminism: given bit-identical gradients they give bit-identical weights.  The gradients
+themselves are bit-identical run to run at one BLAS thread count; another thread count changes
+them by float32 rounding (README, Guarantees: Determinism).
 """
 import numpy as np
 
