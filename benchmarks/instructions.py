@@ -268,7 +268,7 @@ def count_commit(commit, python=sys.executable):
 # ---------------------------------------------------------------------------- the gate
 def compare(base, head, threshold=THRESHOLD):
     """Table lines and the regressions (figures that rose beyond ``threshold``)."""
-    lines = [f"{'case':<16}{'figure':<10}{'base':>14}{'head':>14}{'change':>10}"]
+    lines = [f"{'case':<18}{'figure':<10}{'base':>14}{'head':>14}{'change':>10}"]
     regressions = []
     for case in CASES:
         for figure in FIGURES:
@@ -279,7 +279,7 @@ def compare(base, head, threshold=THRESHOLD):
                 flag = "  ROSE"
                 regressions.append(f"{case} {figure}: {b:,} -> {h:,} instructions per call "
                                    f"({change:+.2%}, limit {threshold:+.1%})")
-            lines.append(f"{case:<16}{figure:<10}{b:>14,}{h:>14,}{change:>+10.2%}{flag}")
+            lines.append(f"{case:<18}{figure:<10}{b:>14,}{h:>14,}{change:>+10.2%}{flag}")
     return lines, regressions
 
 
@@ -390,7 +390,7 @@ def main(argv=None):
         return 2
     print(f"gpurnn from {package}; instructions per call (mean of {CALLS})")
     for case in CASES:
-        print(f"{case:<16}" + "".join(f"{f} {counts[case][f]:>12,}   " for f in FIGURES))
+        print(f"{case:<18}" + "".join(f"{f} {counts[case][f]:>12,}   " for f in FIGURES))
     if args.json:
         Path(args.json).write_text(json.dumps(counts, indent=1) + "\n")
     return 0
