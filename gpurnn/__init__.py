@@ -6,13 +6,13 @@ Numba CUDA kernels and CuPy, and on CPUs through Numba CPU kernels, behind one i
     out, state = m(x)                 # x [T, B, I]
     dx, dstate = m.backward(dout)     # BPTT; gradients in m.grads
 """
-from .backend import cuda_unavailable_reason, get_backend
-from .interchange import from_onnx, from_torch
-from .layers import GRU, LSTM, RNN, RNNBase, is_grad_enabled, no_grad
-from .losses import mse, softmax_cross_entropy
-from .memory import OutOfMemory
-from .model import Model
-from .optim import SGD, Adam, Momentum, clip_grad_norm, clip_grad_value
+from .engine.backend import cuda_unavailable_reason, get_backend
+from .interop.interchange import from_onnx, from_torch
+from .nn.layers import GRU, LSTM, RNN, RNNBase, is_grad_enabled, no_grad
+from .nn.losses import mse, softmax_cross_entropy
+from .engine.memory import OutOfMemory
+from .nn.model import Model
+from .nn.optim import SGD, Adam, Momentum, clip_grad_norm, clip_grad_value
 
 __version__ = "0.1.0"
 

@@ -11,8 +11,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from gpurnn import drivers
-from gpurnn.backend import CPUBackend
+from gpurnn.engine import drivers
+from gpurnn.engine.backend import CPUBackend
 from gpurnn.kernels import cpu
 
 from conftest import CELL_IDS, CELLS

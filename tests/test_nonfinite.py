@@ -6,13 +6,14 @@ import logging
 import numpy as np
 import pytest
 
-from gpurnn import checkpoint as ck
-from gpurnn import nonfinite, optim
+from gpurnn.training import checkpoint as ck
+from gpurnn.nn import optim
+from gpurnn.training import nonfinite
 from gpurnn.cli import main
-from gpurnn.model import fit, model_for_task, train_step
-from gpurnn.nonfinite import NonFiniteError, NonFiniteGuard
-from gpurnn.optim import Adam
-from gpurnn.tasks import make_task
+from gpurnn.nn.model import fit, model_for_task, train_step
+from gpurnn.training.nonfinite import NonFiniteError, NonFiniteGuard
+from gpurnn.nn.optim import Adam
+from gpurnn.training.tasks import make_task
 
 # NumPy's overflow warnings are expected: these tests inject overflow and NaN on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from gpurnn.checkpoint import load_checkpoint
+from gpurnn.training.checkpoint import load_checkpoint
 from gpurnn.cli import main
 from test_determinism import THREADS_VS_ROUNDING, max_distance
 

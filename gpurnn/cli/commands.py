@@ -135,11 +135,11 @@ def _run_config(args, checkpoint):
 
 
 def _make_run(config, device):
-    from .backend import get_backend
-    from .model import model_for_task
-    from .run_checks import check_run_fits
-    from .optim import OPTIMIZERS
-    from .tasks import make_task
+    from ..engine.backend import get_backend
+    from ..nn.model import model_for_task
+    from .preflight import check_run_fits
+    from ..nn.optim import OPTIMIZERS
+    from ..training.tasks import make_task
 
     task = make_task(config["task"], config["seq_len"])
     check_run_fits(config, task, get_backend(device))
@@ -170,7 +170,7 @@ def _read_jsonl(path):
 
 
 def _gradflow_record(model, task, batch, label):
-    from .model import gradient_flow
+    from ..nn.model import gradient_flow
 
     norms = gradient_flow(model, batch, task.loss)
     return {"label": label, "norms": [float(v) for v in norms]}
@@ -179,9 +179,9 @@ def _gradflow_record(model, task, batch, label):
 def cmd_train(args):
     from tqdm import tqdm
 
-    from . import distributed
-    from .checkpoint import load_checkpoint, restore, save_checkpoint
-    from .model import fit
+    from ..training import distributed
+    from ..training.checkpoint import load_checkpoint, restore, save_checkpoint
+    from ..nn.model import fit
     from .plots import plot_gradflow, plot_training
 
     checkpoint = None
@@ -292,10 +292,10 @@ def cmd_train(args):
 
 # ---------------------------------------------------------------------------- gradflow
 def cmd_gradflow(args):
-    from .model import fit, gradient_flow, model_for_task
-    from .optim import Adam
+    from ..nn.model import fit, gradient_flow, model_for_task
+    from ..nn.optim import Adam
     from .plots import plot_gradflow
-    from .tasks import make_task
+    from ..training.tasks import make_task
 
     if args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
@@ -346,7 +346,7 @@ def _version(dist):
 def cmd_info(args):
     import numba
 
-    from . import __version__, cuda_unavailable_reason
+    from .. import __version__, cuda_unavailable_reason
 
     print(f"gpurnn {__version__}")
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}, numba {numba.__version__}, "
@@ -390,7 +390,7 @@ def main(argv=None):
             return commands[args.command](args)
     except (ValueError, RuntimeError, FloatingPointError, OSError, MemoryError) as exc:
         print(f"gpurnn {args.command}: error: {exc}", file=sys.stderr)
-        from .distributed import end_after_error
+        from ..training.distributed import end_after_error
 
         end_after_error(2)  # under MPI, the other ranks must not wait for this one for ever
         return 2

@@ -7,7 +7,7 @@ than the machine has before failing.  ``check_run_fits`` refuses it up front wit
 """
 import numpy as np
 
-from .memory import OutOfMemory, free_bytes
+from ..engine.memory import OutOfMemory, free_bytes
 
 _GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 #: per-parameter buffers of each optimiser (gpurnn/optim.py)

@@ -82,7 +82,7 @@ class CPUBackend(Backend):
         self._loops = {}
 
     def kernels(self, dtype):
-        from . import kernels
+        from .. import kernels
 
         return kernels.cpu_kernels(np.dtype(dtype))
 
@@ -91,7 +91,7 @@ class CPUBackend(Backend):
         or None where that BLAS cannot be called from Numba: the drivers then loop in Python."""
         dtype = np.dtype(dtype)
         if dtype not in self._loops:
-            from .kernels import cpu
+            from ..kernels import cpu
 
             self._loops[dtype] = cpu.make_cpu_loops(dtype, self.kernels(dtype))
         return self._loops[dtype]
@@ -120,14 +120,14 @@ class CUDABackend(Backend):
     def __init__(self, launch=None, persistent=None, graphs=None, tf32=None):
         from numba import cuda
 
-        from .kernels.cuda import LAUNCH_MODES
+        from ..kernels.cuda import LAUNCH_MODES
 
         self.launch = os.environ.get("GPURNN_CUDA_LAUNCH", "eager") if launch is None else launch
         if self.launch not in LAUNCH_MODES:
             raise ValueError(f"launch (GPURNN_CUDA_LAUNCH) must be one of {LAUNCH_MODES}, "
                              f"got {self.launch!r}")
         if self.launch == "fast" and not cuda.config.ENABLE_CUDASIM:
-            from .kernels.cuda import fast_launch_unavailable
+            from ..kernels.cuda import fast_launch_unavailable
 
             reason = fast_launch_unavailable()
             if reason is not None:
@@ -147,7 +147,7 @@ class CUDABackend(Backend):
             self.host_arrays = False
 
     def kernels(self, dtype):
-        from . import kernels
+        from .. import kernels
 
         launchers = kernels.cuda_kernels(np.dtype(dtype), self.launch)
         if self.simulator:
@@ -180,7 +180,7 @@ class CUDABackend(Backend):
             linalg.set_compute_type(np.float32, previous)
 
     def forward_sequence(self, cell, w, xg, y, hs, cs, gates, hg, lengths, reverse, training):
-        from .kernels import persistent
+        from ..kernels import persistent
 
         T, B, H = y.shape
         launch = self._persistent_launch(cell, B, H, y.dtype, backward=False)
@@ -192,7 +192,7 @@ class CUDABackend(Backend):
         return True
 
     def backward_sequence(self, cell, w, tape, dg, dgh, dh_carry, dc, dy, dh_rec):
-        from .kernels import persistent
+        from ..kernels import persistent
 
         T, B, H = dy.shape
         launch = self._persistent_launch(cell, B, H, dy.dtype, backward=True)
@@ -209,7 +209,7 @@ class CUDABackend(Backend):
         cell has none, or the shape does not fit."""
         if not self.persistent or not self._persistent_cell(cell):
             return None
-        from .kernels import persistent
+        from ..kernels import persistent
 
         kernel = persistent.persistent_kernels(dtype)[cell.mode][int(backward)]
         shape = self._persistent_shape(kernel, cell.gates, B, H, dtype, backward)
@@ -219,13 +219,13 @@ class CUDABackend(Backend):
 
     @staticmethod
     def _persistent_cell(cell):
-        from .kernels import persistent
+        from ..kernels import persistent
 
         return cell.mode in persistent.PERSISTENT_MODES and (cell.mode != "gru"
                                                              or cell.reset_after)
 
     def _persistent_shape(self, kernel, G, B, H, dtype, backward):
-        from .kernels import persistent
+        from ..kernels import persistent
 
         itemsize = np.dtype(dtype).itemsize
         if self.simulator:

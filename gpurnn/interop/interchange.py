@@ -24,7 +24,7 @@ import tempfile
 
 import numpy as np
 
-from . import layers
+from ..nn import layers
 
 #: torch's ``module.mode`` -> (gpurnn class name, its options)
 _FROM_TORCH_MODE = {

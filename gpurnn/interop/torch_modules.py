@@ -36,7 +36,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import layers as _layers
+from ..nn import layers as _layers
 
 __all__ = ["RNN", "LSTM", "GRU"]
 

@@ -11,8 +11,8 @@ import threading
 
 import numpy as np
 
-from . import drivers, memory
-from .backend import get_backend
+from ..engine import drivers, memory
+from ..engine.backend import get_backend
 
 _grad_state = threading.local()
 
@@ -376,12 +376,12 @@ class RNNBase:
 
     def to_torch(self):
         """A ``torch.nn.RNN``/``LSTM``/``GRU`` with a copy of these weights (gpurnn/interchange.py)."""
-        from .interchange import to_torch
+        from ..interop.interchange import to_torch
         return to_torch(self)
 
     def to_onnx(self, path):
         """Write this layer as an ONNX model of ONNX's RNN/LSTM/GRU operators (gpurnn/interchange.py)."""
-        from .interchange import to_onnx
+        from ..interop.interchange import to_onnx
         to_onnx(self, path)
 
     def __repr__(self):

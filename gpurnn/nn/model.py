@@ -10,9 +10,9 @@ import numpy as np
 
 from . import losses
 from .layers import GRU, LSTM, RNN, no_grad
-from .nonfinite import NonFiniteGuard
+from ..training.nonfinite import NonFiniteGuard
 from .optim import clip_grad_norm, clip_grad_value
-from .tbptt import train_batch
+from ..training.tbptt import train_batch
 
 CELLS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
 HEADS = ("all", "last")

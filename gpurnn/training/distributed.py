@@ -24,8 +24,8 @@ import time
 
 import numpy as np
 
-from .losses import _xp
-from .optim import _to_numpy
+from ..nn.losses import _xp
+from ..nn.optim import _to_numpy
 
 #: Environment variables an MPI launcher sets in the processes it starts: MPICH/Hydra and Intel
 #: MPI (PMI_*), Open MPI (OMPI_COMM_WORLD_*), PMIx launchers such as Open MPI 5 and Slurm.
@@ -208,7 +208,7 @@ def use_local_gpu(world, device):
     Untested here: needs GPUs.  Returns the GPU index or None."""
     if device == "cpu" or world.size == 1:
         return None
-    from .backend import cuda_unavailable_reason
+    from ..engine.backend import cuda_unavailable_reason
 
     if cuda_unavailable_reason() is not None:
         return None

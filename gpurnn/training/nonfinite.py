@@ -15,8 +15,8 @@ import math
 
 import numpy as np
 
-from .losses import _xp
-from .optim import global_norm
+from ..nn.losses import _xp
+from ..nn.optim import global_norm
 
 POLICIES = ("stop", "skip", "raise")
 _log = logging.getLogger("gpurnn")

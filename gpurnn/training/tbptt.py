@@ -14,8 +14,8 @@ the state.  With ``k >= T`` the batch is one chunk: exactly ``train_step``.
 """
 import numpy as np
 
-from . import model as _model
-from .layers import no_grad
+from ..nn import model as _model
+from ..nn.layers import no_grad
 from .tasks import Batch
 
 
