@@ -24,8 +24,7 @@ import time
 
 import numpy as np
 
-from ..nn.losses import _xp
-from ..nn.optim import _to_numpy
+from ..engine.arrays import array_module, to_numpy
 
 #: Environment variables an MPI launcher sets in the processes it starts: MPICH/Hydra and Intel
 #: MPI (PMI_*), Open MPI (OMPI_COMM_WORLD_*), PMIx launchers such as Open MPI 5 and Slurm.
@@ -280,7 +279,7 @@ class DataParallel:
         flat[-2] = loss * weight
         flat[-1] = weight
         self.world.allreduce_(flat)
-        total_loss, total_weight = (float(v) for v in _to_numpy(flat[-2:]))
+        total_loss, total_weight = (float(v) for v in to_numpy(flat[-2:]))
         divisor = max(total_weight, 1.0) if reduction == "mean" else 1.0
         if divisor != 1.0:
             flat[:-2] *= flat.dtype.type(1.0 / divisor)
@@ -316,7 +315,7 @@ class DataParallel:
         """Copy ``weight * arrays`` (dict of device arrays) into the flat buffer."""
         first = next(iter(arrays.values()))
         n = sum(a.size for a in arrays.values())
-        xp = _xp(first)
+        xp = array_module(first)
         if self._flat is None or self._flat.size != n + 2 or self._flat.dtype != first.dtype \
                 or not isinstance(self._flat, xp.ndarray):
             self._flat = xp.empty(n + 2, dtype=first.dtype)
