@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from gpurnn.training import checkpoint as ck
-from gpurnn.nn.model import fit, model_for_task
+from gpurnn.training.loop import fit
 from gpurnn.nn.optim import Adam, Momentum
-from gpurnn.training.tasks import make_task
+from gpurnn.training.tasks import make_task, model_for_task
 
 
 def _run(seed=0, cell="gru", opt_cls=Adam):

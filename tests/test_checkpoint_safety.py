@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 
 from gpurnn.training import checkpoint as ck
-from gpurnn.nn.model import model_for_task
 from gpurnn.nn.optim import Adam
-from gpurnn.training.tasks import make_task
+from gpurnn.training.tasks import make_task, model_for_task
 
 MARKER = "unpickled-marker"
 

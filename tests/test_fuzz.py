@@ -216,9 +216,8 @@ def _mutations(data, rng, n):
 
 
 def test_checkpoint_loader_fuzz(tmp_path):
-    from gpurnn.nn.model import model_for_task
     from gpurnn.nn.optim import Momentum
-    from gpurnn.training.tasks import make_task
+    from gpurnn.training.tasks import make_task, model_for_task
 
     model = model_for_task(make_task("adding", 5), "lstm", hidden_size=5, seed=0)
     opt = Momentum(model.params, model.grads, lr=0.1)

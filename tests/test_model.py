@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from conftest import SIMULATOR
-from gpurnn.nn.model import Linear, Model, evaluate, fit, gradient_flow, model_for_task
+from gpurnn.nn.model import Linear, Model
 from gpurnn.nn.optim import Adam
-from gpurnn.training.tasks import Batch, make_task
+from gpurnn.training.gradflow import gradient_flow
+from gpurnn.training.loop import evaluate, fit
+from gpurnn.training.tasks import Batch, make_task, model_for_task
 from helpers import central_difference
 from gpurnn.engine.backend import get_backend
 

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 from gpurnn.training.distributed import DataParallel, SingleProcess, launched_by_mpi, world
-from gpurnn.nn.model import model_for_task, train_step
 from gpurnn.nn.optim import Adam
+from gpurnn.training.step import train_step
+from gpurnn.training.tasks import make_task, model_for_task
 from gpurnn.training.tbptt import train_batch
-from gpurnn.training.tasks import make_task
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 TIMEOUT_S = 120  # per command; a hung collective fails the test instead of blocking CI

@@ -10,10 +10,11 @@ from gpurnn.training import checkpoint as ck
 from gpurnn.nn import optim
 from gpurnn.training import nonfinite
 from gpurnn.cli import main
-from gpurnn.nn.model import fit, model_for_task, train_step
 from gpurnn.training.nonfinite import NonFiniteError, NonFiniteGuard
 from gpurnn.nn.optim import Adam
-from gpurnn.training.tasks import make_task
+from gpurnn.training.loop import fit
+from gpurnn.training.step import train_step
+from gpurnn.training.tasks import make_task, model_for_task
 
 # NumPy's overflow warnings are expected: these tests inject overflow and NaN on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")

@@ -11,9 +11,9 @@ from gpurnn.nn import losses
 from gpurnn.training.checkpoint import load_checkpoint
 from gpurnn.cli import main
 from gpurnn.nn.layers import no_grad
-from gpurnn.nn.model import fit, model_for_task
+from gpurnn.training.loop import fit
 from gpurnn.nn.optim import Adam, clip_grad_norm
-from gpurnn.training.tasks import make_task
+from gpurnn.training.tasks import make_task, model_for_task
 
 
 def _run(task_name, T, cell="gru", seed=0):

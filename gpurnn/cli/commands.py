@@ -136,10 +136,9 @@ def _run_config(args, checkpoint):
 
 def _make_run(config, device):
     from ..engine.backend import get_backend
-    from ..nn.model import model_for_task
     from .preflight import check_run_fits
     from ..nn.optim import OPTIMIZERS
-    from ..training.tasks import make_task
+    from ..training.tasks import make_task, model_for_task
 
     task = make_task(config["task"], config["seq_len"])
     check_run_fits(config, task, get_backend(device))
@@ -170,7 +169,7 @@ def _read_jsonl(path):
 
 
 def _gradflow_record(model, task, batch, label):
-    from ..nn.model import gradient_flow
+    from ..training.gradflow import gradient_flow
 
     norms = gradient_flow(model, batch, task.loss)
     return {"label": label, "norms": [float(v) for v in norms]}
@@ -181,7 +180,7 @@ def cmd_train(args):
 
     from ..training import distributed
     from ..training.checkpoint import load_checkpoint, restore, save_checkpoint
-    from ..nn.model import fit
+    from ..training.loop import fit
     from .plots import plot_gradflow, plot_training
 
     checkpoint = None
@@ -292,10 +291,11 @@ def cmd_train(args):
 
 # ---------------------------------------------------------------------------- gradflow
 def cmd_gradflow(args):
-    from ..nn.model import fit, gradient_flow, model_for_task
     from ..nn.optim import Adam
+    from ..training.gradflow import gradient_flow
+    from ..training.loop import fit
+    from ..training.tasks import make_task, model_for_task
     from .plots import plot_gradflow
-    from ..training.tasks import make_task
 
     if args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")

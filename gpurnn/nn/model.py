@@ -1,18 +1,14 @@
-"""A trainable sequence model: (embedding) -> recurrent layer -> output layer, and the helpers
-that train and evaluate it on a task (``fit``, ``evaluate``) and measure its gradient flow.
+"""A trainable sequence model: (embedding) -> recurrent layer -> output layer.
 
-Gradients flow loss -> head (``Linear``) -> ``layer.backward(dout)`` -> embedding.
+Gradients flow loss -> head (``Linear``) -> ``layer.backward(dout)`` -> embedding.  Training
+it is ``gpurnn.training``'s job.
 """
 import math
-import time
 
 import numpy as np
 
 from . import losses
-from .layers import GRU, LSTM, RNN, no_grad
-from ..training.nonfinite import NonFiniteGuard
-from .optim import clip_grad_norm, clip_grad_value
-from ..training.tbptt import train_batch
+from .layers import GRU, LSTM, RNN
 
 CELLS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
 HEADS = ("all", "last")
@@ -158,6 +154,13 @@ class Model:
 
     def forward(self, x, lengths=None, state=None):
         """y [T, B, K] (head "all") or [B, K] (head "last"); x [T, B, I] or tokens [T, B]."""
+        return self.forward_with_state(x, lengths, state)[0]
+
+    __call__ = forward
+
+    def forward_with_state(self, x, lengths=None, state=None):
+        """``(y, final_state)``: ``forward``'s output, and the recurrent layer's state after each
+        sequence's last valid step (where a next chunk of the sequences starts)."""
         x = self.inputs(x)
         T, B = x.shape[:2]
         if lengths is not None:
@@ -167,19 +170,16 @@ class Model:
                 raise ValueError("head='last' needs every length >= 1, got a zero length")
         xe = self.embedding.forward(x) if self.embedding is not None else x  # [T, B, I]
         out, final = self.rnn(xe, state, lengths=lengths)  # out [T, B, H]
-        self.final_state = final  # where a next chunk starts (truncated BPTT)
         H = out.shape[2]
         if self.head_mode == "all":
-            y = self.head.forward(out.reshape(T * B, H)).reshape(T, B, -1)
+            y = self.head.forward(out.reshape(T * B, H)).reshape(T, B, -1)  # [T, B, K]
             self._cache = (T, B, None)
-            return y
+            return y, final
         xp = self.backend.xp
         last = self.backend.asarray(np.full(B, T - 1) if lengths is None else lengths - 1)
         cols = xp.arange(B)
         self._cache = (T, B, (last, cols))
-        return self.head.forward(out[last, cols])  # [B, K]
-
-    __call__ = forward
+        return self.head.forward(out[last, cols]), final  # [B, K]
 
     def backward(self, dy):
         """Backward of the last training forward; fills ``grads`` (overwritten)."""
@@ -231,154 +231,3 @@ class Model:
         emb = f"Embedding({self.embedding.params['weight'].shape}) -> " if self.embedding else ""
         K = self.head.params["weight"].shape[0]
         return f"Model({emb}{self.rnn!r} -> Linear({self.rnn.hidden_size}, {K}), head={self.head_mode!r})"
-
-
-def model_for_task(task, cell="lstm", hidden_size=64, **kwargs):
-    """A Model shaped for ``task`` (inputs, outputs, head)."""
-    return Model(cell=cell, hidden_size=hidden_size, **task.model_kwargs(), **kwargs)
-
-
-def train_step(model, task, optimizer, batch, reduction="mean", clip_norm=None, clip_value=None,
-               data_parallel=None, state=None, guard=None):
-    """One step: forward, loss, backward, clipping, update.  Returns (loss, grad norm before
-    clipping as a float, or None when no norm clipping).  ``data_parallel``: a
-    ``distributed.DataParallel``; then ``batch`` is this rank's shard, and the gradients and
-    the loss returned are the whole global batch's.  ``state``: the initial state (None:
-    zeros).  ``guard`` (a ``nonfinite.NonFiniteGuard``) checks the loss and gradients before
-    clipping; when they are not finite the update is not applied (``guard.report`` says why)."""
-    model.train()
-    y = model(batch.x, batch.lengths, state)
-    loss, dy = model.loss(y, batch, task.loss, reduction)
-    model.backward(dy)
-    if data_parallel is not None:  # before clipping: the global norm is the summed gradients'
-        loss = data_parallel.allreduce_grads(model.grads, loss, batch, reduction)
-    checked = None  # the guard's global gradient norm, reused by the norm clipping
-    if guard is not None:
-        checked = guard.check(loss)
-        if checked is None:
-            return loss, None
-    norm = None
-    if clip_value is not None:
-        clip_grad_value(model.grads, clip_value)
-        checked = None  # no longer the norm of the gradients
-    if clip_norm is not None:
-        norm = float(clip_grad_norm(model.grads, clip_norm, norm=checked))
-    optimizer.step()
-    return loss, norm
-
-
-def evaluate(model, task):
-    """The task's metrics on its fixed test set: {name: value}."""
-    was_training = model.rnn.training
-    model.eval()
-    sums = {}
-    try:
-        with no_grad():
-            for batch in task.test_batches():
-                y = model.backend.to_numpy(model(batch.x, batch.lengths))
-                for name, (s, n) in task.score(np.asarray(y), batch).items():
-                    total, count = sums.get(name, (0.0, 0))
-                    sums[name] = (total + s, count + n)
-    finally:
-        model.train(was_training)
-    return {name: s / max(n, 1) for name, (s, n) in sums.items()}
-
-
-def _reached(task, metrics, stop_at):
-    value = metrics[task.metric]
-    return value >= stop_at if task.higher_is_better else value <= stop_at
-
-
-def fit(model, task, optimizer, rng, steps, batch_size, start_step=0, reduction="mean",
-        clip_norm=None, clip_value=None, eval_every=0, stop_at=None, on_step=None,
-        data_parallel=None, tbptt=None, on_nonfinite="raise"):
-    """Train from ``start_step`` up to ``steps`` with batches drawn from ``rng``.
-
-    ``on_step(record)`` is called after every step with a dict (step, loss, grad_norm,
-    seq_per_s, and the test metrics under ``test`` every ``eval_every`` steps and at the last).
-    ``stop_at``: stop early at the first evaluation whose ``task.metric`` reaches this value
-    (that record gets ``"stopped": True``).  ``data_parallel``: a ``distributed.DataParallel``;
-    ``batch_size`` is then the global batch, of which this rank trains on its shard.
-    ``tbptt``: truncated BPTT in chunks of this many steps, an update per chunk (gpurnn/tbptt.py).
-    ``on_nonfinite``: what a NaN or Inf in the loss or gradients does (the update is never
-    applied): "raise" a ``nonfinite.NonFiniteError``; "skip" the batch (its record gets
-    ``nonfinite`` and ``skipped``); "stop" training at the last good weights (the record also
-    gets ``halted`` and the test metrics).  Returns the list of records.
-    """
-    guard = NonFiniteGuard(model, on_nonfinite)
-    history = []
-    for step in range(start_step + 1, steps + 1):
-        t0 = time.perf_counter()
-        batch = task.batch(rng, batch_size)
-        if data_parallel is not None:
-            batch = data_parallel.shard(batch, model.head_mode)
-        loss, norm = train_batch(model, task, optimizer, batch, tbptt, reduction, clip_norm,
-                                 clip_value, guard=guard, data_parallel=data_parallel)
-        record = {"step": step, "loss": loss, "grad_norm": norm,
-                  "seq_per_s": batch_size / max(time.perf_counter() - t0, 1e-9)}
-        halted = guard.resolve(step, record)
-        if halted or step == steps or (eval_every and step % eval_every == 0):
-            record["test"] = evaluate(model, task)
-            if stop_at is not None and _reached(task, record["test"], stop_at):
-                record["stopped"] = True
-        history.append(record)
-        if on_step is not None:
-            on_step(record)
-        if halted or record.get("stopped"):
-            break
-    return history
-
-
-def gradient_flow(model, batch, loss_name):
-    """``||dL/dh_t||`` for t = 0..T-1, where ``L`` is the loss on the last step only and
-    ``h_t`` the top recurrent layer's hidden state after step t: [T] NumPy, the mean over the
-    batch of each sequence's norm (loss summed over sequences, so each is its own loss's).
-
-    Exact, through the layers' own backward: the state after step t is the initial state of
-    the rest of the sequence, and a layer's backward returns the gradient of its initial
-    state.  So (1) one inference forward of T copies of the batch with lengths 1..T gives the
-    states after every step t (all layers; h and c); (2) one training forward of the T
-    suffixes x[t+1:], started from those states (lengths T-1-t), and its backward with
-    ``dstate = dL/dh_{T-1}`` from the head and no output gradient, give ``dL/dh_t`` (for the
-    LSTM: with c_t held, c_t being a state of its own) as the initial-state gradients.
-    Needs full-length sequences (``batch.lengths`` None) and a single-direction model.
-    """
-    if batch.lengths is not None:
-        raise ValueError("gradient_flow needs full-length sequences (batch.lengths None)")
-    if model.rnn.bidirectional:
-        raise ValueError("gradient_flow needs a single-direction model")
-    be, xp = model.backend, model.backend.xp
-    x = model.inputs(batch.x)
-    xe = model.embedding.forward(x) if model.embedding is not None else x  # [T, B, I]
-    T, B, I = xe.shape
-    lstm = model.rnn.cell.has_cell_state
-    # (1) states after each step: column block t holds the batch run for t+1 steps.
-    tiled = xp.tile(xe, (1, T, 1))  # [T, T*B, I]
-    prefix = np.repeat(np.arange(1, T + 1), B)  # [T*B]
-    with no_grad():
-        _, states = model.rnn(tiled, lengths=prefix)  # h [L, T*B, H] (and c)
-    h_top = states[0][-1] if lstm else states[-1]  # [T*B, H]
-    # dL/dh_{T-1} from the head on the last step (sum over sequences).
-    h_last = h_top[(T - 1) * B:]  # [B, H]
-    y = model.head.forward(h_last)
-    target = batch.target[-1] if model.head_mode == "all" else batch.target
-    last = type(batch)(x=None, target=target)
-    _, dy = model.loss(y, last, loss_name, "sum")
-    g = model.head.backward(dy)  # [B, H]
-    # (2) suffixes x[t+1:] from the state after step t.
-    steps = np.arange(T)[:, None] + 1 + np.arange(T)[None, :]  # [T(t), T(k)] source step
-    valid = steps < T
-    src = be.asarray(np.where(valid, steps, 0).T)  # [T(k), T(t)]
-    suffix = xe[src]  # [T(k), T(t), B, I]
-    suffix *= be.asarray(valid.T[:, :, None, None].astype(model.dtype))
-    suffix = xp.ascontiguousarray(suffix.reshape(T, T * B, I))
-    lengths = np.repeat(T - 1 - np.arange(T), B)  # [T*B]
-    model.rnn.train()
-    out, _ = model.rnn(suffix, states, lengths=lengths)
-    dh_final = be.zeros(states[0].shape if lstm else states.shape, model.dtype)  # [L, T*B, H]
-    dh_final[-1] = xp.tile(g, (T, 1))
-    dstate = (dh_final, be.zeros(dh_final.shape, model.dtype)) if lstm else dh_final
-    _, dstate0 = model.rnn.backward(be.zeros(out.shape, model.dtype), dstate)
-    dh = (dstate0[0] if lstm else dstate0)[-1].reshape(T, B, -1)  # [T, B, H]
-    norms = xp.sqrt((dh.astype(np.float64) ** 2).sum(axis=2)).mean(axis=1)  # [T]
-    return np.asarray(be.to_numpy(norms))

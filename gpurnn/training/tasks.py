@@ -25,6 +25,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..nn.model import Model
+
 TEST_SEED = 20240601  # the fixed seed of the synthetic test sets
 
 
@@ -340,3 +342,8 @@ def make_task(name, seq_len=None):
     if name not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
     return TASKS[name]() if seq_len is None else TASKS[name](seq_len)
+
+
+def model_for_task(task, cell="lstm", hidden_size=64, **kwargs):
+    """A Model shaped for ``task`` (inputs, outputs, head)."""
+    return Model(cell=cell, hidden_size=hidden_size, **task.model_kwargs(), **kwargs)
