@@ -8,7 +8,8 @@ Numba CUDA kernels and CuPy, and on CPUs through Numba CPU kernels, behind one i
 """
 from .engine.backend import cuda_unavailable_reason, get_backend
 from .interop.interchange import from_onnx, from_torch
-from .nn.layers import GRU, LSTM, RNN, RNNBase, is_grad_enabled, no_grad
+from .nn.inference import is_grad_enabled, no_grad
+from .nn.layers import GRU, LSTM, RNN, RNNBase
 from .nn.losses import mse, softmax_cross_entropy
 from .engine.memory import OutOfMemory
 from .nn.model import Model

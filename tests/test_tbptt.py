@@ -10,7 +10,7 @@ from gpurnn.engine import memory
 from gpurnn.nn import losses
 from gpurnn.training.checkpoint import load_checkpoint
 from gpurnn.cli import main
-from gpurnn.nn.layers import no_grad
+from gpurnn.nn.inference import no_grad
 from gpurnn.training.loop import fit
 from gpurnn.nn.optim import Adam, clip_grad_norm
 from gpurnn.training.tasks import make_task, model_for_task
@@ -111,8 +111,8 @@ def test_activation_memory_is_that_of_k_steps(monkeypatch):
     for ws in long[0].rnn._workspaces.values():
         assert all(b.shape[0] <= k + 1 for b in ws._buffers.values())
 
-    need_k = memory.call_bytes(long[0].rnn, k, B, True)
-    need_T = memory.call_bytes(long[0].rnn, T, B, True)
+    need_k = long[0].rnn.call_bytes(k, B, True)
+    need_T = long[0].rnn.call_bytes(T, B, True)
     assert need_T > 10 * need_k
     monkeypatch.setattr(memory, "free_bytes", lambda backend: 2 * need_k)
     fresh = _run("copy", T)

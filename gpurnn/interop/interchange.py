@@ -24,7 +24,10 @@ import tempfile
 
 import numpy as np
 
+from ..engine.drivers import CellSpec
 from ..nn import layers
+from ..nn.export import register_exporter
+from ..nn.params import param_suffix
 
 #: torch's ``module.mode`` -> (gpurnn class name, its options)
 _FROM_TORCH_MODE = {
@@ -133,7 +136,7 @@ def _onnx_weights(layer, state):
     H, cell = layer.hidden_size, layer.cell
     out = {}
     for l in range(layer.num_layers):
-        sfx = [layer._suffix(l, d) for d in range(layer.num_directions)]
+        sfx = [param_suffix(l, d) for d in range(layer.num_directions)]
         out[f"W_l{l}"] = np.stack([_to_onnx_order(state[f"weight_ih{s}"], cell, H) for s in sfx])
         out[f"R_l{l}"] = np.stack([_to_onnx_order(state[f"weight_hh{s}"], cell, H) for s in sfx])
         if layer.bias:
@@ -149,7 +152,7 @@ def _state_from_onnx_weights(layer, weights):
     state = {}
     for l in range(layer.num_layers):
         for d in range(layer.num_directions):
-            s = layer._suffix(l, d)
+            s = param_suffix(l, d)
             state[f"weight_ih{s}"] = _from_onnx_order(weights[f"W_l{l}"][d], cell, H)
             state[f"weight_hh{s}"] = _from_onnx_order(weights[f"R_l{l}"][d], cell, H)
             if layer.bias:
@@ -299,7 +302,7 @@ def from_onnx(path, device="cpu"):
             raise ValueError(f"{where}: RNN activation must be Tanh or Relu, got {acts}")
     if "hidden_size" not in attrs:
         raise ValueError(f"{where}: the {op} node has no hidden_size attribute")
-    gates = {"RNN": 1, "LSTM": 4, "GRU": 3}[op]
+    gates = CellSpec(op.lower()).gates
     if not isinstance(attrs["hidden_size"], int) or attrs["hidden_size"] * gates != W.shape[1]:
         # checked before the layer allocates hidden_size-sized weights
         raise ValueError(f"{where}: hidden_size {attrs['hidden_size']!r} does not match W of "
@@ -328,3 +331,7 @@ def from_onnx(path, device="cpu"):
                              f"got {got}")
     layer.load_state_dict(_state_from_onnx_weights(layer, inits))
     return layer
+
+
+register_exporter("torch", to_torch)
+register_exporter("onnx", to_onnx)

@@ -80,10 +80,10 @@ def _on_device(device):
 class _Engine:
     """The gpurnn layer that runs a module on one (device, dtype), and its free workspace sets.
 
-    gpurnn's drivers keep a forward's activations in per-layer workspaces that the next forward
-    of the same shape reuses.  Here each forward whose backward may come gets its own set,
-    returned to ``free`` only when its autograd graph is gone, so several forwards may precede
-    their backwards (and ``retain_graph`` backwards may repeat)."""
+    A gpurnn layer keeps a forward's activations in a workspace set that the next forward of
+    the same shape reuses.  Here each forward whose backward may come gets its own set
+    (``forward_with_tape``), returned to ``free`` only when its autograd graph is gone, so
+    several forwards may precede their backwards (and ``retain_graph`` backwards may repeat)."""
 
     def __init__(self, layer):
         self.layer = layer
@@ -94,11 +94,12 @@ class _Engine:
 
 
 class _Activations:
-    """One training forward's tape and workspaces, alive as long as its autograd node."""
+    """One training forward's tape (and so its workspace set), alive as long as its autograd
+    node; the set returns to the engine's free sets after."""
 
-    def __init__(self, engine, workspaces, tape):
-        self.workspaces, self.tape = workspaces, tape
-        weakref.finalize(self, engine.free.append, workspaces)
+    def __init__(self, engine, tape):
+        self.tape = tape
+        weakref.finalize(self, engine.free.append, tape.workspaces)
 
 
 def _bind(layer, names, params):
@@ -120,16 +121,14 @@ class _RNNFunction(torch.autograd.Function):
         workspaces = engine.take()
         with _on_device(x.device):
             _bind(layer, names, params)
-            layer._workspaces = workspaces
             layer.dropout = dropout
             layer.train(keep)
             state = None
             if h0 is not None:
                 state = (_array(h0), _array(c0)) if c0 is not None else _array(h0)
-            out, final = layer(_array(x), state, lengths=lengths)
-            tape, layer._tape = layer._tape, None
+            out, final, tape = layer.forward_with_tape(_array(x), state, lengths, workspaces)
         if any(ctx.needs_input_grad):
-            ctx.activations = _Activations(engine, workspaces, tape)
+            ctx.activations = _Activations(engine, tape)
             ctx.engine, ctx.names = engine, names
             ctx.save_for_backward(x, h0, c0, *params)  # in-place changes before backward: error
             ctx.set_materialize_grads(False)
@@ -145,18 +144,16 @@ class _RNNFunction(torch.autograd.Function):
         layer, acts = ctx.engine.layer, ctx.activations
         with _on_device(x.device):
             _bind(layer, ctx.names, params)
-            layer._workspaces, layer._tape = acts.workspaces, acts.tape
             xp = layer.backend.xp
-            out_shape = acts.tape["out_shape"]
-            dout = xp.zeros(out_shape, layer.dtype) if dout is None else _array(dout)
+            tape = acts.tape
+            dout = xp.zeros(tape.out_shape, layer.dtype) if dout is None else _array(dout)
             dstate = None
             if any(d is not None for d in dfinals):
-                shape = layer._state_shape(out_shape[1])
+                shape = layer.state_shape(tape.batch)
                 parts = tuple(xp.zeros(shape, layer.dtype) if d is None else _array(d)
                               for d in dfinals)
                 dstate = parts if len(parts) == 2 else parts[0]
-            dx, dstate0 = layer.backward(dout, dstate)
-            layer._tape = None
+            dx, dstate0 = layer.backward_through(tape, dout, dstate)
             need = ctx.needs_input_grad
             dstates = dstate0 if isinstance(dstate0, tuple) else (dstate0, None)
             grads = [None] * 4

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from . import losses
+from . import losses, params
 from .layers import GRU, LSTM, RNN
 
 CELLS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
@@ -210,19 +210,11 @@ class Model:
 
     def state_dict(self):
         """NumPy copies of every parameter, by the names of ``params``."""
-        return {name: np.array(self.backend.to_numpy(p)) for name, p in self.params.items()}
+        return params.state_dict(self.params, self.backend)
 
-    def load_state_dict(self, state):
-        missing = sorted(set(self.params) - set(state))
-        unexpected = sorted(set(state) - set(self.params))
-        if missing or unexpected:
-            raise ValueError(f"state does not match this model: missing {missing}, "
-                             f"unexpected {unexpected}")
-        for name, p in self.params.items():
-            host = np.asarray(state[name])
-            if host.shape != tuple(p.shape):
-                raise ValueError(f"{name} must have shape {tuple(p.shape)}, got {host.shape}")
-            p[...] = self.backend.asarray(host.astype(self.dtype))
+    def load_state_dict(self, state_dict):
+        """Load arrays by the names of ``params``; every name must be present and no other."""
+        params.load_arrays(self.params, state_dict, self.backend, self.dtype, "this model")
 
     def num_params(self):
         return int(sum(int(np.prod(p.shape)) for p in self.params.values()))

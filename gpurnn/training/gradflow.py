@@ -1,7 +1,7 @@
 """How far the gradient of the last step's loss reaches back in time: ``||dL/dh_t||``."""
 import numpy as np
 
-from ..nn.layers import no_grad
+from ..nn.inference import no_grad
 
 
 def gradient_flow(model, batch, loss_name):

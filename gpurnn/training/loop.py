@@ -3,7 +3,7 @@ import time
 
 import numpy as np
 
-from ..nn.layers import no_grad
+from ..nn.inference import no_grad
 from .nonfinite import NonFiniteGuard
 from .tbptt import train_batch
 

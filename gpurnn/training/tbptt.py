@@ -14,7 +14,7 @@ the state.  With ``k >= T`` the batch is one chunk: exactly ``train_step``.
 """
 import numpy as np
 
-from ..nn.layers import no_grad
+from ..nn.inference import no_grad
 from .step import forward_backward, train_step, update
 from .tasks import Batch
 
