@@ -20,11 +20,11 @@
   ``sigmoid(-a) = 1 - sigmoid(a)``.  Dropout, a training option, is not part of the model.
 """
 import os
-import tempfile
 
 import numpy as np
 
 from ..engine.drivers import CellSpec
+from ..engine.files import write_atomically
 from ..nn import layers
 from ..nn.export import register_exporter
 from ..nn.params import param_suffix
@@ -216,7 +216,8 @@ def _node_signature(node):
 
 
 def to_onnx(layer, path):
-    """Write ``layer`` as an ONNX model (see the module docstring) to ``path``, atomically."""
+    """Write ``layer`` as an ONNX model (see the module docstring) to ``path``, atomically
+    (``engine.files.write_atomically``: fsynced, then renamed over ``path``)."""
     onnx = _import("onnx", "onnx")
     from onnx import TensorProto, helper, numpy_helper
 
@@ -245,16 +246,8 @@ def to_onnx(layer, path):
     model.doc_string = repr(layer)
     onnx.checker.check_model(model)
 
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                               prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    data = model.SerializeToString()
+    write_atomically(path, lambda f: f.write(data))
 
 
 def from_onnx(path, device="cpu"):
