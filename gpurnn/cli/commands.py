@@ -15,13 +15,14 @@ import time
 
 import numpy as np
 
-#: per task: defaults of the options not given (seq_len None: the task's own)
-TASK_DEFAULTS = {
-    "adding": {"seq_len": 30, "hidden": 32, "batch": 32, "steps": 1000, "lr": 1e-2},
-    "copy": {"seq_len": 20, "hidden": 64, "batch": 32, "steps": 1500, "lr": 3e-3},
-    "digits": {"seq_len": 8, "hidden": 64, "batch": 32, "steps": 1000, "lr": 1e-2},
-    "charlm": {"seq_len": 100, "hidden": 128, "batch": 32, "steps": 1000, "lr": 3e-3},
-}
+from ..engine.backend import DEVICES
+from ..nn.losses import REDUCTIONS
+from ..nn.model import CELLS
+from ..nn.optim import OPTIMIZERS
+from ..nn.validation import DTYPES
+from ..training.nonfinite import POLICIES
+from ..training.tasks import TASK_DEFAULTS, TASKS
+
 #: options that define a run; on --resume they come from the checkpoint
 RUN_OPTIONS = ("task", "cell", "seq_len", "hidden", "layers", "batch", "lr", "optimizer", "clip",
                "clip_value", "seed", "dtype", "reduction", "tbptt")
@@ -43,13 +44,13 @@ def _positive_float(text):
 
 
 def _add_model_options(p):
-    p.add_argument("--task", choices=["adding", "copy", "digits", "charlm"])
+    p.add_argument("--task", choices=list(TASKS))
     p.add_argument("--seq-len", type=_positive_int, help="sequence length (task's default)")
     p.add_argument("--hidden", type=_positive_int, help="hidden size")
     p.add_argument("--batch", type=_positive_int, help="sequences per step")
     p.add_argument("--seed", type=int, help="seed of the weights and the data (default 0)")
-    p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--dtype", choices=["float32", "float64"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--dtype", choices=DTYPES)
     p.add_argument("--blas-threads", type=_positive_int, default=1,
                    help="BLAS threads on the CPU (default 1: the per-step products are small, "
                    "and threads spinning on a busy CPU cost up to 6x here; needs threadpoolctl). "
@@ -64,26 +65,26 @@ def build_parser():
 
     tr = sub.add_parser("train", help="train a model on an embedded task",
                         description="Train a recurrent model on an embedded task. With no "
-                        "options: an LSTM on the adding problem (length 30), about a minute on "
-                        "a laptop CPU.")
+                        "options: an LSTM on the adding problem (length "
+                        f"{TASK_DEFAULTS['adding']['seq_len']}), about a minute on a laptop CPU.")
     _add_model_options(tr)
-    tr.add_argument("--cell", choices=["rnn", "lstm", "gru"])
+    tr.add_argument("--cell", choices=list(CELLS))
     tr.add_argument("--layers", type=_positive_int, help="stacked recurrent layers (default 1)")
     tr.add_argument("--steps", type=_positive_int, help="total training steps (a resumed run "
                     "continues up to this many)")
     tr.add_argument("--lr", type=_positive_float, help="learning rate")
-    tr.add_argument("--optimizer", choices=["sgd", "momentum", "adam"])
+    tr.add_argument("--optimizer", choices=list(OPTIMIZERS))
     tr.add_argument("--clip", type=float, help="clip gradients to this global norm "
                     "(default 1.0; 0 for none)")
     tr.add_argument("--clip-value", type=_positive_float, help="clip each gradient entry to "
                     "[-v, v]")
     tr.add_argument("--tbptt", type=_positive_int, help="truncated BPTT: train in chunks of "
                     "this many steps, the state carried across, an update per chunk")
-    tr.add_argument("--on-nonfinite", choices=["stop", "skip", "raise"], default="stop",
+    tr.add_argument("--on-nonfinite", choices=POLICIES, default="stop",
                     help="a NaN or Inf in the loss or gradients (never applied to the weights): "
                     "stop at the last good weights and save them, exit 3 (default); skip the "
                     "batch; or raise an error, exit 2")
-    tr.add_argument("--reduction", choices=["mean", "sum"], help="loss over positions: mean "
+    tr.add_argument("--reduction", choices=REDUCTIONS, help="loss over positions: mean "
                     "(default) or sum (the seed's sum over time)")
     tr.add_argument("--eval-every", type=_positive_int, help="steps between test evaluations "
                     "(default steps/10)")
@@ -300,7 +301,7 @@ def cmd_gradflow(args):
     if args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
     name = args.task or "adding"
-    task = make_task(name, args.seq_len or (100 if name in ("adding", "charlm") else None))
+    task = make_task(name, args.seq_len)
     seed = 0 if args.seed is None else args.seed
     batch = task.batch(np.random.default_rng([seed, 3]), args.batch or 16)
     curves, reached = {}, {}

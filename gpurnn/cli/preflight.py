@@ -7,17 +7,15 @@ than the machine has before failing.  ``check_run_fits`` refuses it up front wit
 """
 import numpy as np
 
+from ..engine.drivers import CellSpec
 from ..engine.memory import OutOfMemory, free_bytes
-
-_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
-#: per-parameter buffers of each optimiser (gpurnn/optim.py)
-_OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adam": 2}
+from ..nn.optim import OPTIMIZERS
 
 
 def parameter_count(cell, hidden, layers, model_kwargs):
     """Parameters of ``model_for_task``'s model: recurrent layers, embedding and head.
     ``model_kwargs``: the task's ``model_kwargs()`` (input_size or vocab_size, output_size)."""
-    G, H = _GATES[cell], hidden
+    G, H = CellSpec(cell).gates, hidden
     vocab = model_kwargs.get("vocab_size")
     embed = min(64, H) if vocab is not None else 0
     inputs = embed if vocab is not None else model_kwargs["input_size"]
@@ -33,8 +31,8 @@ def check_run_fits(config, task, backend):
     count = parameter_count(config["cell"], config["hidden"], config["layers"],
                             task.model_kwargs())
     item = np.dtype(config["dtype"]).itemsize
-    copies = 2 + _OPTIMIZER_SLOTS[config["optimizer"]]  # weights, gradients, buffers
-    G, H = _GATES[config["cell"]], config["hidden"]
+    copies = 2 + len(OPTIMIZERS[config["optimizer"]].slots)  # weights, gradients, buffers
+    G, H = CellSpec(config["cell"]).gates, config["hidden"]
     need = count * item * copies + 8 * G * H * H
     free = free_bytes(backend)
     if free is not None and need > free:

@@ -333,19 +333,21 @@ def cuda_unavailable_reason():
 
 
 _BACKENDS = {}
+#: the values of ``device=``: a backend, or "auto" (CUDA when a real GPU is usable, else CPU)
+DEVICES = ("cpu", "cuda", "auto")
 
 
 def get_backend(device):
-    """The backend for ``device`` in ``"cpu" | "cuda" | "auto"``."""
+    """The backend for ``device`` in ``DEVICES``."""
     if not isinstance(device, str):
         raise TypeError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
     if device == "auto":
         # A real GPU only: the simulator is a test tool, far slower than the CPU backend.
         reason = cuda_unavailable_reason()
         device = "cuda" if reason is None else "cpu"
         _log.info("device='auto' chose %s%s", device, f" ({reason})" if reason else "")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
     if device not in _BACKENDS:
         if device == "cuda":
             reason = None if _simulator_on() else cuda_unavailable_reason()

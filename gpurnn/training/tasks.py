@@ -29,6 +29,16 @@ from ..nn.model import Model
 
 TEST_SEED = 20240601  # the fixed seed of the synthetic test sets
 
+#: Per task, the defaults of a run: sequence length, hidden size, sequences per batch,
+#: training steps and learning rate.  ``make_task(name)`` takes the sequence length from here,
+#: ``gpurnn train`` and ``gpurnn gradflow`` every option not given.
+TASK_DEFAULTS = {
+    "adding": {"seq_len": 30, "hidden": 32, "batch": 32, "steps": 1000, "lr": 1e-2},
+    "copy": {"seq_len": 20, "hidden": 64, "batch": 32, "steps": 1500, "lr": 3e-3},
+    "digits": {"seq_len": 8, "hidden": 64, "batch": 32, "steps": 1000, "lr": 1e-2},
+    "charlm": {"seq_len": 100, "hidden": 128, "batch": 32, "steps": 1000, "lr": 3e-3},
+}
+
 
 @dataclass
 class Batch:
@@ -103,7 +113,7 @@ class Adding(Task):
     head = "last"
     metric = "mse"
 
-    def __init__(self, seq_len=100, test_size=1000):
+    def __init__(self, seq_len, test_size=1000):
         super().__init__(seq_len)
         if self.seq_len < 2:
             raise ValueError(f"the adding problem needs seq_len >= 2, got {seq_len}")
@@ -146,7 +156,7 @@ class Copy(Task):
     higher_is_better = True
     symbols = 8
 
-    def __init__(self, seq_len=30, length=None, test_size=500):
+    def __init__(self, seq_len, length=None, test_size=500):
         super().__init__(seq_len)
         if self.seq_len < 3:
             raise ValueError(f"the copy task needs seq_len >= 3 (symbols, delimiter, recall), "
@@ -208,7 +218,7 @@ class Digits(Task):
     higher_is_better = True
     test_size = 360
 
-    def __init__(self, seq_len=8):
+    def __init__(self, seq_len):
         super().__init__(seq_len)
         if self.seq_len != 8:
             raise ValueError(f"the digits task reads 8x8 images row by row: seq_len must be 8, "
@@ -265,7 +275,7 @@ class CharLM(Task):
     metric = "bits_per_char"
     min_count = 10  # rarer characters of the training text become one "unknown" symbol
 
-    def __init__(self, seq_len=100, test_windows=256):
+    def __init__(self, seq_len, test_windows=256):
         super().__init__(seq_len)
         train_files, test_files = stdlib_files()
         train_text, test_text = _read(train_files), _read(test_files)
@@ -338,10 +348,10 @@ TASKS = {"adding": Adding, "copy": Copy, "digits": Digits, "charlm": CharLM}
 
 
 def make_task(name, seq_len=None):
-    """The task ``name`` with its default ``seq_len`` unless one is given."""
+    """The task ``name`` at ``seq_len`` steps (None: its ``TASK_DEFAULTS`` length)."""
     if name not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
-    return TASKS[name]() if seq_len is None else TASKS[name](seq_len)
+    return TASKS[name](TASK_DEFAULTS[name]["seq_len"] if seq_len is None else seq_len)
 
 
 def model_for_task(task, cell="lstm", hidden_size=64, **kwargs):
