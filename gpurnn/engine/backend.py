@@ -109,7 +109,7 @@ class CUDABackend(Backend):
     * ``persistent`` (``GPURNN_PERSISTENT=1``, default off): ``forward_sequence`` runs a whole
       direction's forward as one persistent kernel where ``W_hh`` fits on chip.
     * ``graphs`` (``GPURNN_CUDA_GRAPHS=1``, default off): ``run_graph`` captures a sequence's
-      launches once per key as a CUDA graph and replays it.  Untested on hardware.
+      launches once per key as a CUDA graph and replays it.
     * ``tf32`` (``GPURNN_TF32=1``, default off): float32 GEMMs on TF32 tensor cores: inputs
       rounded to a 10-bit mantissa (unit roundoff 2^-11, about 4.9e-4, against float32's
       2^-24, about 6e-8), products accumulated in float32.

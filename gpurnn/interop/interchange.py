@@ -14,8 +14,8 @@
 
   ONNX orders the gate blocks LSTM i,o,f,c and GRU z,r,h (gpurnn, like PyTorch: i,f,g,o and
   r,z,n), and ``B`` is ``[Wb, Rb]`` concatenated.  GRU forms: PyTorch's (reset after) is
-  ``linear_before_reset=1``; the seed's (reset before) is ``linear_before_reset=0``, whose update
-  is ``h = (1-z)*h~ + z*h_prev`` where gpurnn's seed form has ``h = (1-z)*h_prev + z*h~``: the z
+  ``linear_before_reset=1``; the reset-before GRU (gpurnn's default) is ``linear_before_reset=0``,
+  whose update is ``h = (1-z)*h~ + z*h_prev`` where gpurnn's has ``h = (1-z)*h_prev + z*h~``: the z
   blocks (weights and both biases) are negated on export and import, since
   ``sigmoid(-a) = 1 - sigmoid(a)``.  Dropout, a training option, is not part of the model.
 """
@@ -79,8 +79,8 @@ def from_torch(module, device="cpu"):
 
 def to_torch(layer):
     """A ``torch.nn.RNN``/``LSTM``/``GRU`` (CPU, the layer's dtype) with this layer's
-    configuration and a copy of its weights.  PyTorch has only the reset-after GRU: a seed-form
-    GRU (``reset_after=False``) raises ValueError."""
+    configuration and a copy of its weights.  PyTorch has only the reset-after GRU: a
+    reset-before GRU (``reset_after=False``) raises ValueError."""
     torch = _import("torch", "torch")
     cell = layer.cell
     if cell.mode == "gru" and not cell.reset_after:
@@ -107,7 +107,7 @@ def _onnx_blocks(cell):
     """(gpurnn block of each ONNX gate block, sign of each gpurnn block).
 
     ONNX block k holds ``sign[perm[k]] * gpurnn block perm[k]``; the signs are -1 for the z
-    block of the seed-form GRU (see the module docstring), else +1.
+    block of the reset-before GRU (see the module docstring), else +1.
     """
     if cell.mode == "lstm":
         return (0, 3, 1, 2), (1, 1, 1, 1)  # ONNX i, o, f, c  <-  gpurnn i, f, g, o

@@ -3,7 +3,7 @@
 call signature ``(input, hx=None)``, ``PackedSequence`` and unbatched input included, and the
 same return structures) whose forward and backward run gpurnn's layers.  Switch in one line::
 
-    rnn = gpurnn.torch.LSTM(32, 64, num_layers=2, batch_first=True)   # was torch.nn.LSTM(...)
+    rnn = gpurnn.torch.LSTM(32, 64, num_layers=2, batch_first=True)   # for torch.nn.LSTM(...)
 
 How: one ``torch.autograd.Function`` runs gpurnn's forward and, in the backward, gpurnn's BPTT.
 The parameters are inputs of that Function, so autograd hands their gradients to ``.grad``,
@@ -14,7 +14,7 @@ The parameters are inputs of that Function, so autograd hands their gradients to
   optimizer updates are seen and nothing is copied per step.  Inputs pass the same way
   (a non-contiguous input is made contiguous first, as gpurnn needs).
 * CUDA tensors run on the gpurnn ``cuda`` backend on PyTorch's current stream (CuPy's
-  ``ExternalStream``).  That path is written but was not run here (no GPU was available).
+  ``ExternalStream``).
 * dtypes: float32 and float64 (gpurnn's).  Autocast is left to the user: inputs must have the
   parameters' dtype.
 * ``torch.compile``: the call into gpurnn is excluded from compilation (a graph break), so a

