@@ -8,7 +8,7 @@ module: no weight, gradient or optimiser state is copied to the host.
 Elementwise updates and the global norm (a sum over a fixed order of arrays) add no
 nondeterminism: given bit-identical gradients they give bit-identical weights.  The gradients
 themselves are bit-identical run to run at one BLAS thread count; another thread count changes
-them by float32 rounding (README, Guarantees: Determinism).
+them by float32 rounding (docs/guarantees.md, Determinism).
 """
 import numpy as np
 
