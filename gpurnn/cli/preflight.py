@@ -9,6 +9,7 @@ import numpy as np
 
 from ..engine.drivers import CellSpec
 from ..engine.memory import OutOfMemory, free_bytes
+from ..nn.model import default_embed_size
 from ..nn.optim import OPTIMIZERS
 
 
@@ -17,7 +18,7 @@ def parameter_count(cell, hidden, layers, model_kwargs):
     ``model_kwargs``: the task's ``model_kwargs()`` (input_size or vocab_size, output_size)."""
     G, H = CellSpec(cell).gates, hidden
     vocab = model_kwargs.get("vocab_size")
-    embed = min(64, H) if vocab is not None else 0
+    embed = default_embed_size(H) if vocab is not None else 0
     inputs = embed if vocab is not None else model_kwargs["input_size"]
     recurrent = G * H * (inputs + H + 2) + (layers - 1) * G * H * (2 * H + 2)  # closed form:
     # a loop over a huge --layers would itself hang

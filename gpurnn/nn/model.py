@@ -14,6 +14,11 @@ CELLS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
 HEADS = ("all", "last")
 
 
+def default_embed_size(hidden_size):
+    """The embedding size of a token model that gives none."""
+    return min(64, hidden_size)
+
+
 class Linear:
     """The seed's output layer ``y = W_y h + b_y``: weight [K, H], bias [K].
 
@@ -100,16 +105,15 @@ class Model:
                        "num_layers": int(num_layers), "head": head, "dtype": str(dtype),
                        "seed": seed, **cell_options}
         rng = np.random.default_rng(None if seed is None else [seed, 1])
-        layer_seed = None if seed is None else seed
         self.head_mode = head
         if vocab_size is not None:
-            embed_size = embed_size or min(64, hidden_size)
+            embed_size = embed_size or default_embed_size(hidden_size)
             self.config["embed_size"] = embed_size
             rnn_in = embed_size
         else:
             rnn_in = input_size
         self.rnn = CELLS[cell](rnn_in, hidden_size, num_layers=num_layers, device=device,
-                               dtype=dtype, seed=layer_seed, **cell_options)
+                               dtype=dtype, seed=seed, **cell_options)
         self.backend, self.dtype = self.rnn.backend, self.rnn.dtype
         self.embedding = None
         if vocab_size is not None:
