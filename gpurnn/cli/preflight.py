@@ -1,7 +1,7 @@
 """Checks of a ``gpurnn train`` run before anything of it is allocated.
 
-The layers check each forward's workspace against free memory (``gpurnn/memory.py``), but
-the parameters are allocated when the model is built, before any forward: a run asking for
+The layers check each forward's workspace against free memory (``gpurnn/engine/memory.py``),
+but the parameters are allocated when the model is built, before any forward: a run asking for
 ``--hidden 1000000`` or ``--layers 1000000`` would otherwise allocate (or loop over) far more
 than the machine has before failing.  ``check_run_fits`` refuses it up front with the sizes.
 """

@@ -1,6 +1,6 @@
 """Backends: the array module, the GEMMs, the step kernels, allocation and synchronisation.
 
-The time-loop drivers (``gpurnn/drivers.py``) are written once against this interface:
+The time-loop drivers (``drivers.py``) are written once against this interface:
 
 * ``cpu``: NumPy arrays, NumPy (OpenBLAS) GEMMs, Numba CPU step kernels.
 * ``cuda``: CuPy arrays, cuBLAS GEMMs through CuPy, Numba CUDA step kernels launched on CuPy's

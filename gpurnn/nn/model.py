@@ -202,7 +202,7 @@ class Model:
 
     def loss(self, y, batch, loss_name, reduction="mean"):
         """(loss, dy) of outputs y against a Batch's target and mask; ``loss_name`` a key of
-        ``gpurnn.losses.LOSSES`` ("mse" or "cross_entropy")."""
+        ``gpurnn.nn.losses.LOSSES`` ("mse" or "cross_entropy")."""
         if loss_name not in losses.LOSSES:
             raise ValueError(f"loss_name must be one of {sorted(losses.LOSSES)}, got {loss_name!r}")
         loss_fn = losses.LOSSES[loss_name]

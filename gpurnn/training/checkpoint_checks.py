@@ -1,6 +1,6 @@
 """Checks that make a checkpoint file data, never code, and never more than it claims to be.
 
-Used by ``gpurnn/checkpoint.py``; each raises ``ValueError`` with what was expected and what
+Used by ``checkpoint.py``; each raises ``ValueError`` with what was expected and what
 came, which the checkpoint module turns into ``CheckpointError``.
 
 * ``check_archive``: before NumPy reads anything, the file must be a zip of uncompressed

@@ -56,7 +56,7 @@ class Task:
 
     ``model_kwargs()`` gives ``input_size`` or ``vocab_size``, ``output_size`` and ``head``
     (``"last"``: one output per sequence; ``"all"``: one per step).  ``loss`` names a loss of
-    ``gpurnn.losses.LOSSES``.  ``metric`` is the headline test metric, ``higher_is_better`` its
+    ``gpurnn.nn.losses.LOSSES``.  ``metric`` is the headline test metric, ``higher_is_better`` its
     direction, ``baseline`` what a trivial model scores on it (the mean, chance, or the
     unigram frequencies of the text).
     """
