@@ -7,11 +7,11 @@ Numba CUDA kernels and CuPy, and on CPUs through Numba CPU kernels, behind one i
     dx, dstate = m.backward(dout)     # BPTT; gradients in m.grads
 """
 from .engine.backend import cuda_unavailable_reason, get_backend
+from .engine.memory import OutOfMemory
 from .interop.interchange import from_onnx, from_torch
 from .nn.inference import is_grad_enabled, no_grad
 from .nn.layers import GRU, LSTM, RNN, RNNBase
 from .nn.losses import mse, softmax_cross_entropy
-from .engine.memory import OutOfMemory
 from .nn.model import Model
 from .nn.optim import SGD, Adam, Momentum, clip_grad_norm, clip_grad_value
 
