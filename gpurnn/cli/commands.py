@@ -137,9 +137,8 @@ def _run_config(args, checkpoint):
 
 def _make_run(config, device):
     from ..engine.backend import get_backend
-    from .preflight import check_run_fits
-    from ..nn.optim import OPTIMIZERS
     from ..training.tasks import make_task, model_for_task
+    from .preflight import check_run_fits
 
     task = make_task(config["task"], config["seq_len"])
     check_run_fits(config, task, get_backend(device))
