@@ -39,16 +39,20 @@ class FitCheck:
         self.backend = backend
         self.largest_fitted = 0  # bytes
 
-    def require(self, need, held, what, remedy):
+    def require(self, need, held, describe):
         """Raise ``OutOfMemory`` when ``need`` bytes do not fit in the free memory plus the
-        ``held`` bytes the call reuses or replaces.  ``what`` names the call, ``remedy`` says
-        how to make it smaller."""
+        ``held()`` bytes the call reuses or replaces.  ``describe()`` gives (what the call is,
+        how to make it smaller) for the message.  Both are called only when the device is
+        asked, off the path of calls of a size that fitted before."""
         if need <= self.largest_fitted:
             return
         free = free_bytes(self.backend)
-        if free is None or need <= free + held:
+        held_bytes = held()
+        if free is None or need <= free + held_bytes:
             self.largest_fitted = need
             return
+        what, remedy = describe()
         gib = 2.0 ** 30
         raise OutOfMemory(f"{what} needs about {need / gib:.2f} GiB but device "
-                          f"'{self.backend.name}' has {(free + held) / gib:.2f} GiB free. {remedy}")
+                          f"'{self.backend.name}' has {(free + held_bytes) / gib:.2f} GiB free. "
+                          f"{remedy}")

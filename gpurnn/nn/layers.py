@@ -290,13 +290,17 @@ class RNNBase:
         return item * total
 
     def _check_fits(self, T, B, training, workspaces):
-        held = sum(ws.nbytes() for ws in workspaces.values())  # reused or replaced
-        mode = "a training step" if training else "an inference forward"
-        self._fit_check.require(
-            self.call_bytes(T, B, training), held, f"{mode} of {self!r} at T={T}, B={B}",
-            "Lower the batch size, split the sequence (truncated BPTT for training; "
-            "layer.stream() for inference), or run inference (eval() or gpurnn.no_grad()), "
-            "which keeps no activations.")
+        def held():  # reused or replaced by the call
+            return sum(ws.nbytes() for ws in workspaces.values())
+
+        def describe():
+            mode = "a training step" if training else "an inference forward"
+            return (f"{mode} of {self!r} at T={T}, B={B}",
+                    "Lower the batch size, split the sequence (truncated BPTT for training; "
+                    "layer.stream() for inference), or run inference (eval() or "
+                    "gpurnn.no_grad()), which keeps no activations.")
+
+        self._fit_check.require(self.call_bytes(T, B, training), held, describe)
 
     # ------------------------------------------------------------------ export
     def to_torch(self):
