@@ -143,7 +143,7 @@ class RNNBase:
         ``LayerTape`` for ``backward_through`` (None in inference).  ``workspaces``: the
         workspace set to write into (default: the layer's own)."""
         workspaces = self._workspaces if workspaces is None else workspaces
-        validation.check_input(self.backend, self.dtype, x, self.input_size, self.batch_first)
+        x = validation.check_input(self.backend, self.dtype, x, self.input_size, self.batch_first)
         xp = self.backend.xp
         if self.batch_first:
             x = xp.ascontiguousarray(x.transpose(1, 0, 2))
@@ -211,7 +211,7 @@ class RNNBase:
         """``backward`` through the training forward that returned ``tape``
         (``forward_with_tape``); the tape's workspaces must not have been written since."""
         T, B = tape.steps, tape.batch
-        validation.check_array(self.backend, self.dtype, dout, "dout")
+        dout = validation.check_array(self.backend, self.dtype, dout, "dout")
         expected = (B, T, self.num_directions * self.hidden_size) if self.batch_first else \
             (T, B, self.num_directions * self.hidden_size)
         if tuple(dout.shape) != expected:

@@ -1,17 +1,16 @@
 """Checks of what a recurrent layer is given, made before any kernel runs: each raises a
-``ValueError`` or ``TypeError`` naming what was expected and what came."""
+``ValueError`` or ``TypeError`` naming what was expected and what came.
+
+Arrays of other libraries are taken through DLPack where their memory is on the layer's device
+(``engine.arrays.adopt``): the checks return the arrays the layer then uses.
+"""
 import numpy as np
+
+from ..engine.arrays import adopt, describe, host_view
 
 #: the dtypes the layers compute in
 DTYPES = ("float32", "float64")
 NONLINEARITIES = ("tanh", "relu")
-
-
-def describe(a):
-    """``module.Type(shape=..., dtype=...)`` of ``a``, for error messages."""
-    shape = getattr(a, "shape", None)
-    dtype = getattr(a, "dtype", None)
-    return f"{type(a).__module__}.{type(a).__name__}(shape={shape}, dtype={dtype})"
 
 
 def parse_dtype(dtype):
@@ -38,23 +37,27 @@ def check_options(input_size, hidden_size, num_layers, dropout, nonlinearity):
 
 
 def check_array(backend, dtype, a, what):
-    """``a`` is an array of ``backend`` with ``dtype``."""
+    """``a`` as an array of ``backend`` (``adopt``: a DLPack array on its device, viewed) with
+    ``dtype``; returns it."""
+    a = adopt(backend, a, what)
     if not backend.is_array(a):
         raise TypeError(f"{what} must be a {backend.xp.__name__}.ndarray on device "
                         f"'{backend.name}', got {describe(a)}")
     if a.dtype != dtype:
         raise TypeError(f"{what} must have dtype {dtype.name} (the layer's dtype), got {a.dtype}")
+    return a
 
 
 def check_input(backend, dtype, x, input_size, batch_first):
-    """``x`` is 3-D with ``input_size`` features."""
-    check_array(backend, dtype, x, "x")
+    """``x`` (``check_array``) 3-D with ``input_size`` features; returns it."""
+    x = check_array(backend, dtype, x, "x")
     if x.ndim != 3:
         layout = "[B, T, I]" if batch_first else "[T, B, I]"
         raise ValueError(f"x must be 3-D {layout}, got shape {tuple(x.shape)}")
     if x.shape[2] != input_size:
         raise ValueError(f"x must have input size {input_size} in its last axis, "
                          f"got shape {tuple(x.shape)}")
+    return x
 
 
 def check_state(backend, dtype, cell, state, expected, what):
@@ -71,12 +74,14 @@ def check_state(backend, dtype, cell, state, expected, what):
             raise TypeError(f"{what} of a {cell.mode.upper()} must be one array h, got a "
                             f"{type(state).__name__}")
         parts = (state,)
+    checked = []
     for name, part in zip(("h", "c"), parts):
-        check_array(backend, dtype, part, f"{what} {name}")
+        part = check_array(backend, dtype, part, f"{what} {name}")
         if tuple(part.shape) != expected:
             raise ValueError(f"{what} {name} must have shape {expected} "
                              f"(num_layers*num_directions, batch, hidden), got {tuple(part.shape)}")
-    return parts
+        checked.append(part)
+    return tuple(checked)
 
 
 def check_lengths(backend, lengths, T, B):
@@ -84,9 +89,7 @@ def check_lengths(backend, lengths, T, B):
     array; None gives T for every sequence."""
     if lengths is None:
         return np.full(B, T, dtype=np.int32)
-    if not backend.host_arrays and backend.is_array(lengths):
-        lengths = backend.to_numpy(lengths)
-    host = np.asarray(lengths)
+    host = np.asarray(host_view(lengths, "lengths"))
     if host.ndim != 1 or host.shape[0] != B:
         raise ValueError(f"lengths must have one entry per sequence, shape ({B},), "
                          f"got shape {host.shape}")
