@@ -6,11 +6,17 @@
 * ``layer.to_onnx(path)`` / ``from_onnx(path)``: a model made of ONNX's own ``RNN``/``LSTM``/``GRU``
   operators, one per layer, that any ONNX runtime runs.  Its graph::
 
-      inputs   X [T, B, I] ([B, T, I] when batch_first), sequence_lens [B] int32,
-               initial_h [L*D, B, H], initial_c [L*D, B, H] (LSTM)
-      per layer l: Split the initial states -> <op>(X_l, W_l, R_l, B_l, sequence_lens, h0_l, c0_l)
-               -> Y_l [T, D, B, H] -> Transpose -> [T, B, D, H] -> Reshape -> X_{l+1} [T, B, D*H]
+      inputs   X [T, B, I] ([B, T, I] when batch_first);
+               with sequence_lens=True: sequence_lens [B] int32;
+               with initial_states=True: initial_h [L*D, B, H], initial_c [L*D, B, H] (LSTM)
+      per layer l: (Split the initial states ->) <op>(X_l, W_l, R_l, B_l, sequence_lens, h0_l,
+               c0_l), the inputs not asked for left out (ONNX's operators then take full
+               lengths and zero states) -> Y_l [T, D, B, H] -> Transpose -> [T, B, D, H]
+               -> Reshape -> X_{l+1} [T, B, D*H]
       outputs  Y [T, B, D*H] (like gpurnn's output), Y_h [L*D, B, H], Y_c [L*D, B, H] (LSTM)
+
+  By default ``X`` is the one input, so a consumer feeds one array; ``from_onnx`` reads every
+  form.
 
   ONNX orders the gate blocks LSTM i,o,f,c and GRU z,r,h (gpurnn, like PyTorch: i,f,g,o and
   r,z,n), and ``B`` is ``[Wb, Rb]`` concatenated.  GRU forms: PyTorch's (reset after) is
@@ -162,9 +168,17 @@ def _state_from_onnx_weights(layer, weights):
     return state
 
 
-def _onnx_graph(layer):
+def _onnx_inputs(layer, sequence_lens, initial_states):
+    """The names of the graph's inputs, in order."""
+    states = ["initial_h", "initial_c"] if layer.cell.has_cell_state else ["initial_h"]
+    return ["X"] + (["sequence_lens"] if sequence_lens else []) + \
+        (states if initial_states else [])
+
+
+def _onnx_graph(layer, sequence_lens, initial_states):
     """The graph's nodes and its constant (non-weight) initializers, named deterministically:
-    ``from_onnx`` rebuilds them to recognise a model written by ``to_onnx``."""
+    ``from_onnx`` rebuilds them to recognise a model written by ``to_onnx``.  A recurrent
+    node's optional inputs not fed are empty names, trailing ones left out."""
     from onnx import helper
 
     L, D, H = layer.num_layers, layer.num_directions, layer.hidden_size
@@ -174,8 +188,10 @@ def _onnx_graph(layer):
         attrs["linear_before_reset"] = int(layer.cell.reset_after)
     if layer.cell.mode == "rnn":
         attrs["activations"] = [layer.nonlinearity.capitalize()] * D
-    consts = {"split_states": np.full(L, D, np.int64), "merge_directions": np.array([0, 0, -1])}
-    states = ["initial_h", "initial_c"] if lstm else ["initial_h"]
+    consts = {"merge_directions": np.array([0, 0, -1])}
+    states = (["initial_h", "initial_c"] if lstm else ["initial_h"]) if initial_states else []
+    if states:
+        consts["split_states"] = np.full(L, D, np.int64)
     nodes = []
     x = "X"
     if layer.batch_first:
@@ -187,8 +203,11 @@ def _onnx_graph(layer):
                                       [f"{s}_l{l}" for l in range(L)], axis=0, name=f"split_{s}"))
     finals = ["Y_h", "Y_c"] if lstm else ["Y_h"]
     for l in range(L):
-        ins = [x, f"W_l{l}", f"R_l{l}", f"B_l{l}" if layer.bias else "", "sequence_lens"]
+        ins = [x, f"W_l{l}", f"R_l{l}", f"B_l{l}" if layer.bias else "",
+               "sequence_lens" if sequence_lens else ""]
         ins += [f"{s}_l{l}" for s in states]
+        while ins[-1] == "":
+            ins.pop()
         outs = [f"Y_l{l}"] + [f"{f}_l{l}" for f in finals]  # Y_l [T, D, B, H], finals [D, B, H]
         nodes.append(helper.make_node(_onnx_op(layer.cell), ins, outs, name=f"layer{l}", **attrs))
         nodes.append(helper.make_node("Transpose", [f"Y_l{l}"], [f"Y_l{l}_tbdh"],
@@ -215,28 +234,29 @@ def _node_signature(node):
     return (node.op_type, list(node.input), list(node.output), attrs)
 
 
-def to_onnx(layer, path):
+def to_onnx(layer, path, sequence_lens=False, initial_states=False):
     """Write ``layer`` as an ONNX model (see the module docstring) to ``path``, atomically
-    (``engine.files.write_atomically``: fsynced, then renamed over ``path``)."""
+    (``engine.files.write_atomically``: fsynced, then renamed over ``path``).  Its inputs:
+    ``X``, and ``sequence_lens`` and the initial states when asked for."""
     onnx = _import("onnx", "onnx")
     from onnx import TensorProto, helper, numpy_helper
 
     elem = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE}[layer.dtype.name]
     L, D, H, I = layer.num_layers, layer.num_directions, layer.hidden_size, layer.input_size
-    nodes, consts = _onnx_graph(layer)
+    nodes, consts = _onnx_graph(layer, sequence_lens, initial_states)
     weights = _onnx_weights(layer, layer.state_dict())
     initializers = [numpy_helper.from_array(np.ascontiguousarray(a), name)
                     for name, a in {**weights, **consts}.items()]
     x_shape = ["batch", "time", I] if layer.batch_first else ["time", "batch", I]
     y_shape = ["batch", "time", D * H] if layer.batch_first else ["time", "batch", D * H]
     state_shape = [L * D, "batch", H]
-    inputs = [helper.make_tensor_value_info("X", elem, x_shape),
-              helper.make_tensor_value_info("sequence_lens", TensorProto.INT32, ["batch"]),
-              helper.make_tensor_value_info("initial_h", elem, state_shape)]
+    types = {"X": (elem, x_shape), "sequence_lens": (TensorProto.INT32, ["batch"]),
+             "initial_h": (elem, state_shape), "initial_c": (elem, state_shape)}
+    inputs = [helper.make_tensor_value_info(name, *types[name])
+              for name in _onnx_inputs(layer, sequence_lens, initial_states)]
     outputs = [helper.make_tensor_value_info("Y", elem, y_shape),
                helper.make_tensor_value_info("Y_h", elem, state_shape)]
     if layer.cell.has_cell_state:
-        inputs.append(helper.make_tensor_value_info("initial_c", elem, state_shape))
         outputs.append(helper.make_tensor_value_info("Y_c", elem, state_shape))
     graph = helper.make_graph(nodes, f"gpurnn_{type(layer).__name__}", inputs, outputs,
                               initializer=initializers)
@@ -251,8 +271,9 @@ def to_onnx(layer, path):
 
 
 def from_onnx(path, device="cpu"):
-    """Read back a model written by ``to_onnx`` as a gpurnn layer on ``device``.  Any other
-    graph raises ValueError (this reads gpurnn's own structure, not arbitrary ONNX models)."""
+    """Read back a model written by ``to_onnx`` (any of its forms) as a gpurnn layer on
+    ``device``.  Any other graph raises ValueError (this reads gpurnn's own structure, not
+    arbitrary ONNX models)."""
     onnx = _import("onnx", "onnx")
     from onnx import numpy_helper
 
@@ -303,8 +324,14 @@ def from_onnx(path, device="cpu"):
     cls = {"RNN": layers.RNN, "LSTM": layers.LSTM, "GRU": layers.GRU}[op]
     layer = cls(int(W.shape[2]), int(attrs["hidden_size"]), **kwargs)
 
-    # Recognise the structure: the graph must be exactly the one to_onnx writes for this layer.
-    nodes, consts = _onnx_graph(layer)
+    # Recognise the structure: the graph must be exactly the one to_onnx writes for this layer,
+    # in the form its inputs name.
+    fed = [i.name for i in graph.input]
+    sequence_lens, initial_states = "sequence_lens" in fed, "initial_h" in fed
+    if fed != _onnx_inputs(layer, sequence_lens, initial_states):
+        raise ValueError(f"{where}: its inputs are {fed}, expected "
+                         f"{_onnx_inputs(layer, sequence_lens, initial_states)}")
+    nodes, consts = _onnx_graph(layer, sequence_lens, initial_states)
     expected = [_node_signature(n) for n in nodes]
     found = [_node_signature(n) for n in graph.node]
     if expected != found:

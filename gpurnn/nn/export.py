@@ -6,13 +6,13 @@ _EXPORTERS = {}
 
 
 def register_exporter(name, function):
-    """Make ``function(layer, *args)`` the exporter ``name``."""
+    """Make ``function(layer, *args, **options)`` the exporter ``name``."""
     _EXPORTERS[name] = function
 
 
-def export(name, layer, *args):
+def export(name, layer, *args, **options):
     """Run the exporter ``name`` on ``layer``."""
     if name not in _EXPORTERS:
         raise RuntimeError(f"no exporter {name!r} is registered (gpurnn.interop registers "
                            f"them: import gpurnn)")
-    return _EXPORTERS[name](layer, *args)
+    return _EXPORTERS[name](layer, *args, **options)

@@ -308,10 +308,14 @@ class RNNBase:
         (``gpurnn/interop/interchange.py``)."""
         return export.export("torch", self)
 
-    def to_onnx(self, path):
+    def to_onnx(self, path, sequence_lens=False, initial_states=False):
         """Write this layer as an ONNX model of ONNX's RNN/LSTM/GRU operators, atomically
-        (``gpurnn/interop/interchange.py``)."""
-        export.export("onnx", self, path)
+        (``gpurnn/interop/interchange.py``).  Its one input is ``X`` unless asked for more:
+        ``sequence_lens`` (the lengths) and ``initial_states`` (``initial_h``, and
+        ``initial_c`` of an LSTM) as further inputs; without them every sequence is full
+        length and starts from zeros."""
+        export.export("onnx", self, path, sequence_lens=sequence_lens,
+                      initial_states=initial_states)
 
     def __repr__(self):
         opts = f"{self.input_size}, {self.hidden_size}"
