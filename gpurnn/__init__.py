@@ -12,12 +12,12 @@ from .interop.interchange import from_onnx, from_torch
 from .nn.inference import is_grad_enabled, no_grad
 from .nn.layers import GRU, LSTM, RNN, RNNBase
 from .nn.losses import mse, softmax_cross_entropy
-from .nn.model import Model
 from .nn.optim import SGD, Adam, Momentum, clip_grad_norm, clip_grad_value
+from .training.model import History, Model, load_model
 
 __version__ = "0.1.0"
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNBase", "no_grad", "is_grad_enabled", "get_backend",
            "cuda_unavailable_reason", "OutOfMemory", "from_torch", "from_onnx", "__version__",
-           "Model", "mse", "softmax_cross_entropy", "SGD", "Momentum", "Adam", "clip_grad_norm",
-           "clip_grad_value"]
+           "Model", "History", "load_model", "mse", "softmax_cross_entropy", "SGD", "Momentum",
+           "Adam", "clip_grad_norm", "clip_grad_value"]

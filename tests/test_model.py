@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import SIMULATOR
-from gpurnn.nn.model import Linear, Model
+from gpurnn import Model
+from gpurnn.nn.model import Linear
 from gpurnn.nn.optim import Adam
 from gpurnn.training.gradflow import gradient_flow
 from gpurnn.training.loop import evaluate, fit

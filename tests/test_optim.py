@@ -135,7 +135,7 @@ def test_bad_arguments(rng):
 def test_optimisers_minimise_a_model(cls, lr):
     """The model's gradients (finite-difference checked in test_model.py) driven by each
     optimiser lower the loss of a fixed batch."""
-    from gpurnn.nn.model import Model
+    from gpurnn import Model
     from gpurnn.training.tasks import Batch
 
     rng = np.random.default_rng(7)

@@ -1,17 +1,21 @@
-"""A trainable sequence model: (embedding) -> recurrent layer -> output layer.
+"""A sequence network: (embedding) -> recurrent layer -> output layer, its forward, backward,
+loss and ``predict``.
 
 Gradients flow loss -> head (``Linear``) -> ``layer.backward(dout)`` -> embedding.  Training
-it is ``gpurnn.training``'s job.
+it is ``gpurnn.training``'s job: ``gpurnn.Model`` (``training/model.py``) is this network with
+``fit`` and ``evaluate``.
 """
 import math
 
 import numpy as np
 
+from ..engine.arrays import adopt
 from . import losses, params
+from .data import HEADS, SequenceData
+from .inference import no_grad
 from .layers import GRU, LSTM, RNN
 
 CELLS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
-HEADS = ("all", "last")
 
 
 def default_embed_size(hidden_size):
@@ -77,7 +81,7 @@ class Embedding:
         self.backend.matmul(onehot.T, dx.reshape(-1, E), out=self.grads["weight"])
 
 
-class Model:
+class Network:
     """(Embedding of tokens) -> recurrent layer(s) -> ``Linear`` head.
 
     Give ``input_size`` for float inputs x [T, B, I], or ``vocab_size`` (and ``embed_size``)
@@ -144,8 +148,10 @@ class Model:
         return self.train(False)
 
     def inputs(self, x):
-        """Host or device inputs -> device array of the model's input type."""
-        x = self.backend.asarray(x)
+        """Inputs of any array library (``engine.arrays.adopt``; host data is copied to the
+        device) -> device array of the model's input type."""
+        x = adopt(self.backend, x, "x", from_host=True)
+        x = x if self.backend.is_array(x) else self.backend.asarray(x)
         if self.embedding is not None:
             if x.ndim != 2 or x.dtype.kind not in "iu":
                 raise TypeError(f"a token model takes int tokens [T, B], got {x.dtype} array "
@@ -154,7 +160,7 @@ class Model:
         if x.ndim != 3 or x.dtype.kind != "f":
             raise TypeError(f"this model takes float inputs [T, B, {self.rnn.input_size}], got "
                             f"{x.dtype} array of shape {tuple(x.shape)}")
-        return x.astype(self.dtype)
+        return x.astype(self.dtype, copy=False)
 
     def forward(self, x, lengths=None, state=None):
         """y [T, B, K] (head "all") or [B, K] (head "last"); x [T, B, I] or tokens [T, B]."""
@@ -184,6 +190,41 @@ class Model:
         cols = xp.arange(B)
         self._cache = (T, B, (last, cols))
         return self.head.forward(out[last, cols]), final  # [B, K]
+
+    def predict(self, x, lengths=None, batch_size=256):
+        """The outputs for N sequences, sample-major: [N, T, K] (head "all"; zero at the steps
+        past each sequence's length) or [N, K] (head "last"), as an array of the backend
+        (NumPy on the CPU, CuPy on a GPU).  Regression values, or class logits (``argmax`` of
+        the last axis for the labels).
+
+        ``x`` [N, T, I] float or [N, T] int tokens, or a list of sequences of different lengths
+        (padded, ``lengths`` made from it), in any array library (``gpurnn/nn/data.py``);
+        ``lengths`` [N]; run ``batch_size`` sequences at a time in inference mode (no
+        activations kept), the training mode restored afterwards."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        data = SequenceData(self, x, lengths)
+        K = self.head.params["weight"].shape[0]
+        N, T = data.N, data.seqs.T
+        shape = (N, T, K) if self.head_mode == "all" else (N, K)
+        out = self.backend.zeros(shape, self.dtype)  # [N, T, K] or [N, K]
+        xp = self.backend.xp
+        was_training = self.rnn.training
+        self.eval()
+        try:
+            with no_grad():
+                for rows, batch in data.batches(batch_size):
+                    y = self.forward(batch.x, batch.lengths)  # [T_b, B, K] or [B, K]
+                    if self.head_mode == "last":
+                        out[rows] = y
+                        continue
+                    if batch.mask is not None:
+                        y *= batch.mask[:, :, None]
+                    out[rows, :y.shape[0]] = xp.swapaxes(y, 0, 1)
+        finally:
+            self.train(was_training)
+        return out
 
     def backward(self, dy):
         """Backward of the last training forward; fills ``grads`` (overwritten)."""
@@ -226,4 +267,4 @@ class Model:
     def __repr__(self):
         emb = f"Embedding({self.embedding.params['weight'].shape}) -> " if self.embedding else ""
         K = self.head.params["weight"].shape[0]
-        return f"Model({emb}{self.rnn!r} -> Linear({self.rnn.hidden_size}, {K}), head={self.head_mode!r})"
+        return f"{type(self).__name__}({emb}{self.rnn!r} -> Linear({self.rnn.hidden_size}, {K}), head={self.head_mode!r})"

@@ -1,4 +1,7 @@
-"""The training loop: ``fit`` a model to a task, ``evaluate`` it on the task's test set."""
+"""The training loop: ``fit`` a model to a task, ``evaluate`` it on the task's test set.
+
+A task is an embedded one (``tasks.py``) or the user's arrays (``data.ArrayTask``, behind
+``Model.fit``): both run through this one loop."""
 import time
 
 import numpy as np
@@ -33,7 +36,8 @@ def _reached(task, metrics, stop_at):
 def fit(model, task, optimizer, rng, steps, batch_size, start_step=0, reduction="mean",
         clip_norm=None, clip_value=None, eval_every=0, stop_at=None, on_step=None,
         data_parallel=None, tbptt=None, on_nonfinite="raise"):
-    """Train from ``start_step`` up to ``steps`` with batches drawn from ``rng``.
+    """Train from ``start_step`` up to ``steps`` with the batches of
+    ``task.batches(rng, batch_size, start_step)``.
 
     ``on_step(record)`` is called after every step with a dict (step, loss, grad_norm,
     seq_per_s, and the test metrics under ``test`` every ``eval_every`` steps and at the last).
@@ -48,15 +52,17 @@ def fit(model, task, optimizer, rng, steps, batch_size, start_step=0, reduction=
     """
     guard = NonFiniteGuard(model, on_nonfinite)
     history = []
+    batches = task.batches(rng, batch_size, start_step)
     for step in range(start_step + 1, steps + 1):
         t0 = time.perf_counter()
-        batch = task.batch(rng, batch_size)
+        batch = next(batches)
+        sequences = batch.x.shape[1]  # the global batch; the last of an epoch may be smaller
         if data_parallel is not None:
             batch = data_parallel.shard(batch, model.head_mode)
         loss, norm = train_batch(model, task, optimizer, batch, tbptt, reduction, clip_norm,
                                  clip_value, guard=guard, data_parallel=data_parallel)
         record = {"step": step, "loss": loss, "grad_norm": norm,
-                  "seq_per_s": batch_size / max(time.perf_counter() - t0, 1e-9)}
+                  "seq_per_s": sequences / max(time.perf_counter() - t0, 1e-9)}
         halted = guard.resolve(step, record)
         if halted or step == steps or (eval_every and step % eval_every == 0):
             record["test"] = evaluate(model, task)

@@ -13,19 +13,21 @@
   held out for the test.  Reported in bits per character, beside the held-out text's
   unigram cross-entropy under the training text's character frequencies.
 
-Each task gives batches of host NumPy arrays (``Batch``), a fixed test set, and its metrics.
-The test sets do not depend on the run's seed: runs with different seeds score on the same data.
+Each task (``task.Task``) gives batches of host NumPy arrays (``Batch``), a fixed test set, and
+its metrics.  The test sets do not depend on the run's seed: runs with different seeds score on
+the same data.
 """
 import glob
 import math
 import os
 import sysconfig
-from dataclasses import dataclass
-from typing import Any, Optional
 
 import numpy as np
 
-from ..nn.model import Model
+from ..nn.data import Batch
+from . import metrics
+from .model import Model
+from .task import Task
 
 TEST_SEED = 20240601  # the fixed seed of the synthetic test sets
 
@@ -38,73 +40,6 @@ TASK_DEFAULTS = {
     "digits": {"seq_len": 8, "hidden": 64, "batch": 32, "steps": 1000, "lr": 1e-2},
     "charlm": {"seq_len": 100, "hidden": 128, "batch": 32, "steps": 1000, "lr": 3e-3},
 }
-
-
-@dataclass
-class Batch:
-    """x [T, B, I] float (or [T, B] int tokens); target [B, K] float, [B] or [T, B] int;
-    lengths [B] int or None (all T); mask of the target's positions or None (all count)."""
-
-    x: Any
-    target: Any
-    lengths: Optional[Any] = None
-    mask: Optional[Any] = None
-
-
-class Task:
-    """A task: its model shape, loss, batches, fixed test set and metrics.
-
-    ``model_kwargs()`` gives ``input_size`` or ``vocab_size``, ``output_size`` and ``head``
-    (``"last"``: one output per sequence; ``"all"``: one per step).  ``loss`` names a loss of
-    ``gpurnn.nn.losses.LOSSES``.  ``metric`` is the headline test metric, ``higher_is_better`` its
-    direction, ``baseline`` what a trivial model scores on it (the mean, chance, or the
-    unigram frequencies of the text).
-    """
-
-    name = None
-    loss = None
-    head = None
-    metric = None
-    higher_is_better = False
-
-    def __init__(self, seq_len):
-        if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
-            raise ValueError(f"seq_len of task {self.name!r} must be a positive int, got {seq_len!r}")
-        self.seq_len = int(seq_len)
-
-    def model_kwargs(self):
-        raise NotImplementedError
-
-    def batch(self, rng, batch_size):
-        """A training batch drawn with ``rng`` (a ``numpy.random.Generator``)."""
-        raise NotImplementedError
-
-    def test_batches(self):
-        """The fixed test set, as a list of Batch."""
-        raise NotImplementedError
-
-    def score(self, y, batch):
-        """{metric: (sum, count)} of one test batch; y the model's output as a NumPy array."""
-        raise NotImplementedError
-
-    @property
-    def baseline(self):
-        raise NotImplementedError
-
-    def describe(self):
-        return f"{self.name} (seq_len {self.seq_len})"
-
-
-def _classification_score(logits, targets, mask=None):
-    """Summed accuracy and nats of class logits [..., C] against int targets [...]."""
-    logits = logits.astype(np.float64)
-    z = logits - logits.max(axis=-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-    nll = -np.take_along_axis(logp, targets[..., None].astype(np.int64), axis=-1)[..., 0]
-    correct = (logits.argmax(axis=-1) == targets).astype(np.float64)
-    w = np.ones(targets.shape) if mask is None else mask.astype(np.float64)
-    n = float(w.sum())
-    return {"accuracy": (float((correct * w).sum()), n), "loss": (float((nll * w).sum()), n)}
 
 
 class Adding(Task):
@@ -140,8 +75,7 @@ class Adding(Task):
         return [self.batch(np.random.default_rng(TEST_SEED), self.test_size)]
 
     def score(self, y, batch):
-        err = (y.astype(np.float64) - batch.target) ** 2
-        return {"mse": (float(err.sum()), err.size)}
+        return metrics.regression(y, batch.target)
 
     @property
     def baseline(self):
@@ -191,7 +125,7 @@ class Copy(Task):
         return [self.batch(np.random.default_rng(TEST_SEED), self.test_size)]
 
     def score(self, y, batch):
-        return _classification_score(y, batch.target, batch.mask)
+        return metrics.classification(y, batch.target, batch.mask)
 
     @property
     def baseline(self):
@@ -242,7 +176,7 @@ class Digits(Task):
         return [Batch(self.x_test, self.y_test)]
 
     def score(self, y, batch):
-        return _classification_score(y, batch.target)
+        return metrics.classification(y, batch.target)
 
     @property
     def baseline(self):
@@ -322,7 +256,7 @@ class CharLM(Task):
                 for i in range(0, starts.shape[0], batch_size)]
 
     def score(self, y, batch):
-        s = _classification_score(y, batch.target)
+        s = metrics.classification(y, batch.target)
         nats, n = s["loss"]
         return {"bits_per_char": (nats / math.log(2), n), "accuracy": s["accuracy"]}
 
@@ -355,5 +289,5 @@ def make_task(name, seq_len=None):
 
 
 def model_for_task(task, cell="lstm", hidden_size=64, **kwargs):
-    """A Model shaped for ``task`` (inputs, outputs, head)."""
+    """A ``Model`` (``gpurnn.Model``) shaped for ``task`` (inputs, outputs, head)."""
     return Model(cell=cell, hidden_size=hidden_size, **task.model_kwargs(), **kwargs)

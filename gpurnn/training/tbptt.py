@@ -14,9 +14,9 @@ the state.  With ``k >= T`` the batch is one chunk: exactly ``train_step``.
 """
 import numpy as np
 
+from ..nn.data import Batch
 from ..nn.inference import no_grad
 from .step import forward_backward, train_step, update
-from .tasks import Batch
 
 
 def chunks(batch, k, head):
