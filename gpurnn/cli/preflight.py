@@ -14,8 +14,9 @@ from ..nn.optim import OPTIMIZERS
 
 
 def parameter_count(cell, hidden, layers, model_kwargs):
-    """Parameters of ``model_for_task``'s model: recurrent layers, embedding and head.
-    ``model_kwargs``: the task's ``model_kwargs()`` (input_size or vocab_size, output_size)."""
+    """Parameters of the run's model: recurrent layers, embedding and head.  ``model_kwargs``:
+    a task's ``model_kwargs()`` or those read from the data (input_size or vocab_size,
+    output_size)."""
     G, H = CellSpec(cell).gates, hidden
     vocab = model_kwargs.get("vocab_size")
     embed = default_embed_size(H) if vocab is not None else 0
@@ -25,12 +26,11 @@ def parameter_count(cell, hidden, layers, model_kwargs):
     return recurrent + (vocab or 0) * embed + model_kwargs["output_size"] * (H + 1)
 
 
-def check_run_fits(config, task, backend):
+def check_run_fits(config, model_kwargs, backend):
     """Raise ``OutOfMemory`` when the model's parameters, gradients and optimiser buffers
     alone (plus the float64 draw of the largest weight at initialisation) exceed the free
     memory of ``backend``'s device."""
-    count = parameter_count(config["cell"], config["hidden"], config["layers"],
-                            task.model_kwargs())
+    count = parameter_count(config["cell"], config["hidden"], config["layers"], model_kwargs)
     item = np.dtype(config["dtype"]).itemsize
     copies = 2 + len(OPTIMIZERS[config["optimizer"]].slots)  # weights, gradients, buffers
     G, H = CellSpec(config["cell"]).gates, config["hidden"]
