@@ -232,3 +232,48 @@ def test_options_of_the_other_kind_of_run_are_refused(tmp_path, rng, capsys):
     assert "--loss applies to --data runs only" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "x.npz"), "--head", "all", *QUICK]) == 2
     assert "the options ask for head='all'" in capsys.readouterr().err
+
+
+def _readme_blocks():
+    """The Python and bash blocks of the README's quickstart."""
+    text = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    quick = text[text.index("## Quickstart"):text.index("## Features")]
+    blocks = quick.split("```")[1::2]
+    python = next(b for b in blocks if b.startswith("python"))[len("python"):]
+    bash = next(b for b in blocks if b.startswith("bash"))[len("bash"):]
+    return python, [line.split("#")[0].split() for line in bash.strip().splitlines()]
+
+
+def _shrunk(code, device):
+    """The README's Python at test sizes on ``device``; every substitution must apply."""
+    for old, new in [("500, 30, 8", "12, 6, 8"), ("x[:, -5:, 0]", "x[:, -2:, 0]"),
+                     ("hidden_size=32", "hidden_size=3"), ("epochs=20", "epochs=2"),
+                     ('head="last")', f'head="last", device="{device}")')]:
+        assert old in code, f"the README's quickstart no longer holds {old!r}"
+        code = code.replace(old, new)
+    return code
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_readme_quickstart_runs(device, tmp_path, rng, capsys, monkeypatch):
+    """The README's lines of Python and its three commands, at test sizes, on the CPU and on
+    the CUDA backend (the simulator without a GPU)."""
+    python, commands = _readme_blocks()
+    scope = {}
+    exec(_shrunk(python, device), scope)
+    assert set(scope["model"].evaluate(scope["x"], scope["y"])) == {"loss", "mse"}
+    assert scope["history"].params["loss"] == "mse" and len(scope["history"].epochs) == 2
+
+    monkeypatch.chdir(tmp_path)
+    x, y = _classification(rng, N=10, T=4)
+    for name in ("x.npz", "test.npz", "new.npz"):
+        np.savez(name, x=x, y=y)
+    assert [c[:2] for c in commands] == [["gpurnn", "train"], ["gpurnn", "evaluate"],
+                                         ["gpurnn", "predict"]]
+    for argv in commands:
+        extra = ["--hidden", "3", "--batch", "4", "--epochs", "1", "--quiet"] \
+            if argv[1] == "train" else []
+        assert main(argv[1:] + extra + ["--device", device]) == 0, argv
+    with np.load("preds.npz") as written:
+        model = gpurnn.load_model("runs/mine", device=device)
+        assert np.array_equal(written["y_pred"], model.backend.to_numpy(model.predict(x)))

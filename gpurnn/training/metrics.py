@@ -23,12 +23,12 @@ def classification(logits, targets, mask=None):
 
 
 def regression(pred, target, mask=None):
-    """The mean squared error per output value ("mse") and the training loss ("loss": the
-    mean over positions of 1/2 ||pred - target||^2, the seed's MSE) of pred [..., K] against
+    """The training loss ("loss": the mean over positions of 1/2 ||pred - target||^2, the
+    seed's MSE) and the mean squared error per output value ("mse") of pred [..., K] against
     target [..., K], over the positions of ``mask`` [...] (None: all)."""
     err = (pred.astype(np.float64) - target) ** 2  # [..., K]
     w = _weights(err.shape[:-1], mask)
     per_position = err.sum(axis=-1) * w
     n = float(w.sum())
-    return {"mse": (float(per_position.sum()), n * err.shape[-1]),
-            "loss": (0.5 * float(per_position.sum()), n)}
+    return {"loss": (0.5 * float(per_position.sum()), n),
+            "mse": (float(per_position.sum()), n * err.shape[-1])}
