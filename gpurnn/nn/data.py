@@ -24,7 +24,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..engine.arrays import adopt, array_module, host_view, to_numpy
+from ..engine.arrays import DLPACK_CUDA, adopt, array_module, dlpack_device_type, host_view, \
+    to_numpy
 from ..engine.memory import free_bytes
 from .losses import LOSSES
 
@@ -73,12 +74,21 @@ def _pad(items, what, lengths=None):
 
 
 def _as_array(a, what, backend):
-    """``a`` as an array: the backend's (``adopt``, host data copied) when ``backend`` is given,
-    else a host NumPy array."""
-    if backend is not None:
-        a = adopt(backend, a, what, from_host=True)
-        return a if backend.is_array(a) else np.asarray(a)
+    """``a`` as an array without a copy where it can be: an array of ``backend`` when its
+    memory is on the backend's device (``adopt``; device memory given to a host backend is a
+    TypeError), else a host NumPy array, which ``SequenceData`` stages on the device."""
+    if backend is not None and (backend.host_arrays or dlpack_device_type(a) in DLPACK_CUDA):
+        a = adopt(backend, a, what)
+        if backend.is_array(a):
+            return a
     return np.asarray(host_view(a, what))
+
+
+def positive_int(value, name):
+    """``value`` as an int, or a ValueError unless it is a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
 
 
 def _lengths(lengths, N, T, what):
@@ -113,7 +123,7 @@ class Sequences:
         else:
             self.ragged = False
         x = _as_array(x, what, backend)
-        if x.dtype.kind == "b" or x.dtype.kind not in "iuf":
+        if x.dtype.kind not in "iuf":
             raise TypeError(f"{what} must hold float features [N, T, I] or int tokens [N, T], "
                             f"got dtype {x.dtype}")
         rank = 2 if x.dtype.kind in "iu" else 3

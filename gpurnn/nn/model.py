@@ -11,7 +11,7 @@ import numpy as np
 
 from ..engine.arrays import adopt
 from . import losses, params
-from .data import HEADS, SequenceData
+from .data import HEADS, SequenceData, positive_int
 from .inference import no_grad
 from .layers import GRU, LSTM, RNN
 
@@ -201,9 +201,7 @@ class Network:
         (padded, ``lengths`` made from it), in any array library (``gpurnn/nn/data.py``);
         ``lengths`` [N]; run ``batch_size`` sequences at a time in inference mode (no
         activations kept), the training mode restored afterwards."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-                or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = positive_int(batch_size, "batch_size")
         data = SequenceData(self, x, lengths)
         K = self.head.params["weight"].shape[0]
         N, T = data.N, data.seqs.T
@@ -267,4 +265,5 @@ class Network:
     def __repr__(self):
         emb = f"Embedding({self.embedding.params['weight'].shape}) -> " if self.embedding else ""
         K = self.head.params["weight"].shape[0]
-        return f"{type(self).__name__}({emb}{self.rnn!r} -> Linear({self.rnn.hidden_size}, {K}), head={self.head_mode!r})"
+        return (f"{type(self).__name__}({emb}{self.rnn!r} -> Linear({self.rnn.hidden_size}, {K}), "
+                f"head={self.head_mode!r})")

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from ..nn.data import positive_int
 from ..nn.losses import REDUCTIONS
 from ..nn.model import Network
 from ..nn.optim import OPTIMIZERS, Optimizer
@@ -28,12 +29,6 @@ DEFAULT_LR = {"adam": 1e-3, "momentum": 1e-2, "sgd": 1e-2}
 CHECKPOINT = "checkpoint.npz"
 #: Sequences per forward when evaluating.
 EVAL_BATCH = 256
-
-
-def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 class History:
@@ -121,14 +116,14 @@ class Model(Network):
           ``NonFiniteError``, "skip" the batch, or "stop" at the last good weights.
         * ``progress``: a progress bar, the inferred task and one line per epoch on stderr.
         """
-        batch_size = _positive_int(batch_size, "batch_size")
+        batch_size = positive_int(batch_size, "batch_size")
         if epochs is not None and steps is not None:
             raise ValueError(f"give epochs or steps, not both (got epochs={epochs!r}, "
                              f"steps={steps!r})")
         if steps is None:
-            epochs = _positive_int(1 if epochs is None else epochs, "epochs")
+            epochs = positive_int(1 if epochs is None else epochs, "epochs")
         else:
-            steps = _positive_int(steps, "steps")
+            steps = positive_int(steps, "steps")
         if validation_data is not None and validation_split is not None:
             raise ValueError("give validation_data or validation_split, not both")
         if reduction not in REDUCTIONS:
@@ -228,7 +223,7 @@ class Model(Network):
         over the outputs), "mse" the mean squared error per output value.  ``loss`` None: from
         y's dtype, as in ``fit``."""
         task = ArrayTask(self, validation=(x, y, lengths), loss=loss,
-                         eval_batch=_positive_int(batch_size, "batch_size"))
+                         eval_batch=positive_int(batch_size, "batch_size"))
         return loop.evaluate(self, task)
 
 
