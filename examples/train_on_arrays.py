@@ -16,6 +16,7 @@ import subprocess
 import time
 
 import numpy as np
+from sklearn.datasets import load_digits
 from threadpoolctl import threadpool_limits
 
 import gpurnn
@@ -33,8 +34,6 @@ class _Clock:
 
 
 def digits(device, epochs):
-    from sklearn.datasets import load_digits
-
     images = load_digits()
     x = (images.images / 16.0).astype(np.float32)  # [1797, 8, 8]: 8 steps of 8 pixels
     y = images.target  # [1797] class labels
@@ -111,7 +110,8 @@ def main():
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     # One BLAS thread, as gpurnn train uses: the per-step products are small, and threads
-    # spinning against each other cost more than they bring (docs/training.md).
+    # spinning against each other cost more than they bring (docs/training.md).  The limit
+    # covers the BLAS libraries loaded when it is set: SciPy's too, imported with sklearn above.
     with threadpool_limits(limits=1, user_api="blas"):
         print(digits(args.device, args.digits_epochs))
         print(waves(args.device, args.waves_epochs, args.out))
