@@ -125,9 +125,12 @@ def _npz(**arrays):
     return write
 
 
-def _raw(text, suffix=".csv"):
+def _raw(content, suffix=".csv"):
     def write(path, rng):
-        path.write_text(text)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
     write.suffix = suffix
     return write
 
@@ -139,8 +142,10 @@ BAD_FILES = [
     ("wrong rank", _npz(x=lambda x, y: x[:, 0, 0]), "must be float features [N, T, I], got shape (6,)"),
     ("lengths out of range", _npz(lengths=np.array([5, 5, 6, 1, 1, 1])),
      r"lengths must lie in [0, T=5]"),
-    ("NaN in x", _npz(x=lambda x, y: np.where(x > 1.5, np.nan, x)), "NaN or Inf value"),
-    ("NaN in y", _npz(y=lambda x, y: np.where(y > 0, np.nan, 0.0)), "NaN or Inf value"),
+    ("NaN in x", _npz(x=lambda x, y: np.where(np.arange(5)[:, None] == 3, np.nan, x)),
+     "NaN or Inf value(s) (first at sequence 0, step 3)"),
+    ("NaN in y", _npz(y=lambda x, y: np.where(np.arange(6) == 2, np.nan, 0.0)),
+     "NaN or Inf value(s) (first at sequence 2)"),
     ("mismatched N", _npz(y=lambda x, y: y[:4]), "x has 6 sequences, y has shape (4,)"),
     ("wrong dtype", _npz(x=lambda x, y: x.astype(str)), "got dtype <U"),
     ("x_val without y_val", _npz(x_val=lambda x, y: x), "has x_val but no y_val"),
@@ -155,6 +160,7 @@ BAD_FILES = [
     ("csv targets mixed", _raw("sequence,a,y\ns,1,1\ns,2,\ns,3,1\n"),
      "line 3: no target here"),
     ("csv short row", _raw("sequence,a,y\ns,1\n"), "line 2: 2 fields"),
+    ("csv binary", _raw(b"sequence,a\ns,\xff\xfe\n"), "not a readable CSV text file"),
 ]
 
 
@@ -277,3 +283,18 @@ def test_the_readme_quickstart_runs(device, tmp_path, rng, capsys, monkeypatch):
     with np.load("preds.npz") as written:
         model = gpurnn.load_model("runs/mine", device=device)
         assert np.array_equal(written["y_pred"], model.backend.to_numpy(model.predict(x)))
+
+
+def test_a_checkpoint_of_model_fit_is_read_by_the_commands(tmp_path, rng, capsys):
+    """fit(checkpoint_dir=...) in Python, then evaluate and predict on the command line;
+    train --resume refuses it with a message (it holds no task nor data file)."""
+    x, y = _classification(rng)
+    model = gpurnn.Model("gru", 4, 2, input_size=2, head="last", seed=0)
+    model.fit(x, y, epochs=1, checkpoint_dir=tmp_path / "run", progress=False)
+    np.savez(tmp_path / "x.npz", x=x, y=y)
+    assert main(["evaluate", str(tmp_path / "run"), "--data", str(tmp_path / "x.npz"),
+                 "--device", "cpu"]) == 0
+    printed = dict(line.split() for line in capsys.readouterr().out.splitlines())
+    assert float(printed["accuracy"]) == pytest.approx(model.evaluate(x, y)["accuracy"])
+    assert main(["train", "--resume", str(tmp_path / "run"), "--steps", "9", "--quiet"]) == 2
+    assert "not of a gpurnn train run" in capsys.readouterr().err

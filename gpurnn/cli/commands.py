@@ -182,6 +182,10 @@ def _run_config(args, checkpoint):
             given[k] = os.path.abspath(given[k])
     if checkpoint is not None:
         config = dict(checkpoint["config"])
+        if config.get("task") not in TASKS and not isinstance(config.get("data"), str):
+            raise ValueError("the checkpoint is not of a gpurnn train run (no task nor data "
+                             "file in its config; Model.fit writes such): gpurnn evaluate and "
+                             "predict read it, and gpurnn.load_model in Python")
         clash = {k: (v, config.get(k)) for k, v in given.items() if config.get(k) != v}
         if clash:
             raise ValueError("options differ from the checkpoint's run: " + ", ".join(

@@ -46,7 +46,10 @@ def read_data(path):
     if ext == ".npz":
         return _read_npz(path)
     if ext == ".csv":
-        return _read_csv(path)
+        try:
+            return _read_csv(path)
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: not a readable CSV text file: {exc}") from exc
     raise DataError(f"{path}: the data file must be a .npz or a .csv, got {ext or 'no suffix'!r}")
 
 

@@ -194,16 +194,17 @@ def _first_position(bad):
     return f"sequence {where[0]}" + (f", step {where[1]}" if len(where) > 1 else "")
 
 
-def _finite(a, valid, what):
+def _finite(a, valid, what, per_step=True):
     """``a`` with non-finite values at padded positions replaced by zeros; ValueError naming
-    the first non-finite value at a valid position.  ``valid``: host bool [N, T] or None."""
+    the first non-finite value at a valid position.  ``a``: [N, T, ...] (``per_step``) or
+    [N, ...]; ``valid``: host bool [N, T] or None (every position)."""
     xp = array_module(a)
     bad = ~xp.isfinite(a)
     if not bool(bad.any()):
         return a
-    per_position = bad.reshape(bad.shape[:2] + (-1,)).any(axis=2) if a.ndim > 2 else bad
-    counted = per_position if valid is None or per_position.ndim < 2 else \
-        per_position & xp.asarray(valid)
+    axes = 2 if per_step else 1  # the leading axes that name a position
+    per_position = bad.reshape(bad.shape[:axes] + (-1,)).any(axis=axes)
+    counted = per_position if valid is None else per_position & xp.asarray(valid)
     if bool(counted.any()):
         host = to_numpy(counted)
         raise ValueError(f"{what} holds {int(host.sum())} NaN or Inf value(s) (first at "
@@ -211,9 +212,12 @@ def _finite(a, valid, what):
     return xp.where(bad, xp.zeros((), a.dtype), a)
 
 
-def _head_error(found, head, head_from):
+def _head_error(y, head, found, head_from):
+    """The ValueError of a y whose shape asks for head ``found`` where ``head`` is set."""
     wanted = {"all": "an output at every step", "last": "one output per sequence"}
-    return ValueError(f"{found}, but {head_from} head={head!r} ({wanted[head]})")
+    held = "per step" if found == "all" else "per sequence"
+    return ValueError(f"y of shape {tuple(y.shape)} holds targets {held}, but {head_from} "
+                      f"head={head!r} ({wanted[head]}); this y needs head={found!r}")
 
 
 def targets(y, seqs, loss=None, head=None, head_from="the model has"):
@@ -250,12 +254,10 @@ def targets(y, seqs, loss=None, head=None, head_from="the model has"):
             raise ValueError(f"class labels y must be [N] (one per sequence) or [N, T={T}] (one "
                              f"per step), got shape {tuple(y.shape)}")
         if head is not None and head != found:
-            raise _head_error(f"y of shape {tuple(y.shape)} holds class labels "
-                              f"{'per step' if found == 'all' else 'per sequence'}", head,
-                              head_from)
+            raise _head_error(y, head, found, head_from)
         counted = np.ones(y.shape, bool) if found == "last" or valid is None else valid
         if y.dtype.kind == "f":
-            y = _finite(y, counted if found == "all" else None, "y")
+            y = _finite(y, valid if found == "all" else None, "y", found == "all")
             if not np.all(y[counted] == np.round(y[counted])):
                 raise TypeError("loss 'cross_entropy' needs integer class labels, y holds "
                                 "non-integer values; for regression targets give loss='mse'")
@@ -276,9 +278,8 @@ def targets(y, seqs, loss=None, head=None, head_from="the model has"):
         raise ValueError(f"regression targets y must be [N, T={T}, K] (per step) or [N, K] / "
                          f"[N] (per sequence), got shape {tuple(y.shape)}")
     if head is not None and head != found:
-        raise _head_error(f"y of shape {tuple(y.shape)} holds targets "
-                          f"{'per step' if found == 'all' else 'per sequence'}", head, head_from)
-    y = _finite(y, valid if found == "all" else None, "y")
+        raise _head_error(y, head, found, head_from)
+    y = _finite(y, valid if found == "all" else None, "y", found == "all")
     return Targets(y, loss, found, int(y.shape[-1]))
 
 
