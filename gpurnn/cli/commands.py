@@ -202,8 +202,8 @@ def _run_config(args, checkpoint):
         return config
     wrong = [k for k in DATA_OPTIONS if k in given]
     if wrong:
-        raise ValueError(f"{', '.join(_flag(k) for k in wrong)} appl{'ies' if len(wrong) == 1 else 'y'}"
-                         f" to --data runs only")
+        verb = "applies" if len(wrong) == 1 else "apply"
+        raise ValueError(f"{', '.join(_flag(k) for k in wrong)} {verb} to --data runs only")
     task = given.get("task", "adding")
     config = {"task": task, "cell": "lstm", "layers": 1, "optimizer": "adam", "clip": 1.0,
               "clip_value": None, "seed": 0, "dtype": "float32", "reduction": "mean",

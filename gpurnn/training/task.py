@@ -22,7 +22,8 @@ class Task:
 
     def __init__(self, seq_len):
         if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
-            raise ValueError(f"seq_len of task {self.name!r} must be a positive int, got {seq_len!r}")
+            raise ValueError(f"seq_len of task {self.name!r} must be a positive int, got "
+                             f"{seq_len!r}")
         self.seq_len = int(seq_len)
 
     def model_kwargs(self):
