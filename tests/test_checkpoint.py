@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from gpurnn import checkpoint as ck
-from gpurnn.model import fit, model_for_task
-from gpurnn.optim import Adam, Momentum
-from gpurnn.tasks import make_task
+from gpurnn.training import checkpoint as ck
+from gpurnn.training.loop import fit
+from gpurnn.nn.optim import Adam, Momentum
+from gpurnn.training.tasks import make_task, model_for_task
 
 
 def _run(seed=0, cell="gru", opt_cls=Adam):
@@ -140,7 +140,7 @@ def test_restore_refuses_another_optimiser(tmp_path):
 
 _SAVER = """
 import sys, numpy as np
-from gpurnn.checkpoint import save_arrays
+from gpurnn.training.checkpoint import save_arrays
 big = np.random.default_rng(0).standard_normal(4_000_000)  # 32 MB: a save takes a while
 i = 0
 while True:

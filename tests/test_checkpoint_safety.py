@@ -18,10 +18,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from gpurnn import checkpoint as ck
-from gpurnn.model import model_for_task
-from gpurnn.optim import Adam
-from gpurnn.tasks import make_task
+from gpurnn.training import checkpoint as ck
+from gpurnn.nn.optim import Adam
+from gpurnn.training.tasks import make_task, model_for_task
 
 MARKER = "unpickled-marker"
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from gpurnn.checkpoint import load_checkpoint
+from gpurnn.training.checkpoint import load_checkpoint
 from gpurnn.cli import main
 
 TINY = ["--seq-len", "5", "--hidden", "6", "--batch", "4", "--device", "cpu", "--quiet"]

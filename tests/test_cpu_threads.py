@@ -11,8 +11,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from gpurnn import drivers
-from gpurnn.backend import CPUBackend
+from gpurnn.engine import drivers
+from gpurnn.engine.backend import CPUBackend
 from gpurnn.kernels import cpu
 
 from conftest import CELL_IDS, CELLS
@@ -102,8 +102,9 @@ def test_blas_matmul_refuses_bad_shapes():
 
 
 def test_no_cpu_kernel_or_loop_is_parallel():
-    # A Numba thread pool spinning against OpenBLAS's cost 60x here (DESIGN.md): the cores
-    # belong to BLAS, so nothing gpurnn compiles for the CPU may use parallel=True / prange.
+    # Another thread pool spinning against OpenBLAS's made a training step up to 20x slower
+    # here (BENCHMARKS.md, core ownership): the cores belong to BLAS, so nothing gpurnn
+    # compiles for the CPU may use parallel=True / prange.
     be = CPUBackend()
     for dtype in (np.float32, np.float64):
         for fn in list(be.kernels(dtype).values()) + list(be.compiled_loops(dtype).values()):

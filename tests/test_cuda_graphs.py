@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import SIMULATOR
-from gpurnn.backend import CUDABackend
+from gpurnn.engine.backend import CUDABackend
 
 
 class _FakeCuda:

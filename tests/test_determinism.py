@@ -1,4 +1,4 @@
-"""Determinism of the layers, as the README's Guarantees promise it.
+"""Determinism of the layers, as docs/guarantees.md promises it.
 
 * Same machine, same library versions, same BLAS thread count: bit-identical, run to run.
   Reductions are plain sums and GEMMs (no atomics), so nothing depends on timing.

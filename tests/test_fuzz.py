@@ -1,5 +1,5 @@
 """Fuzzing: the ``gpurnn`` command with random and malformed arguments and files, and the
-loaders (``gpurnn.checkpoint``, ``gpurnn.from_onnx``) with mutated files.  Every case ends in a
+loaders (``gpurnn.training.checkpoint``, ``gpurnn.from_onnx``) with mutated files.  Every case ends in a
 clear error (non-zero exit and a message; ValueError subclasses from the loaders), never a
 traceback or a hang.  Seeded, so a failure replays; the counts are printed (``pytest -s``)."""
 import copy
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import gpurnn
-from gpurnn import checkpoint as ck
+from gpurnn.training import checkpoint as ck
 from gpurnn.cli import main
 
 # NumPy's overflow warnings are expected: fuzzed options include learning rates that overflow.
@@ -216,9 +216,8 @@ def _mutations(data, rng, n):
 
 
 def test_checkpoint_loader_fuzz(tmp_path):
-    from gpurnn.model import model_for_task
-    from gpurnn.optim import Momentum
-    from gpurnn.tasks import make_task
+    from gpurnn.nn.optim import Momentum
+    from gpurnn.training.tasks import make_task, model_for_task
 
     model = model_for_task(make_task("adding", 5), "lstm", hidden_size=5, seed=0)
     opt = Momentum(model.params, model.grads, lr=0.1)

@@ -61,12 +61,12 @@ def test_a_million_steps_in_bounded_memory(rng):
 def test_too_large_a_request_is_refused_before_allocating(monkeypatch, rng):
     layer = gpurnn.LSTM(3, 64, num_layers=2)
     x = rng.standard_normal((50, 8, 3)).astype(np.float32)
-    monkeypatch.setattr(gpurnn.memory, "free_bytes", lambda backend: 100_000)
+    monkeypatch.setattr(gpurnn.engine.memory, "free_bytes", lambda backend: 100_000)
     with pytest.raises(gpurnn.OutOfMemory, match=r"T=50, B=8.*Lower the batch size.*eval\(\)"):
         layer(x)
     assert not layer._workspaces  # nothing was allocated
     # inference of the same shape is smaller and still refused here; a small batch fits
-    monkeypatch.setattr(gpurnn.memory, "free_bytes", lambda backend: 10_000_000)
+    monkeypatch.setattr(gpurnn.engine.memory, "free_bytes", lambda backend: 10_000_000)
     layer(x[:, :1])
 
 
@@ -77,7 +77,7 @@ def test_estimate_covers_what_is_allocated(rng):
     out, _ = layer(x)
     layer.backward(np.ones_like(out))
     held = sum(ws.nbytes() for ws in layer._workspaces.values())
-    assert gpurnn.memory.call_bytes(layer, 20, 4, True) >= held
+    assert layer.call_bytes(20, 4, True) >= held
 
 
 def test_device_memory_is_asked_only_for_larger_calls(monkeypatch, rng):
@@ -89,7 +89,7 @@ def test_device_memory_is_asked_only_for_larger_calls(monkeypatch, rng):
         asked.append(1)
         return 10_000_000
 
-    monkeypatch.setattr(gpurnn.memory, "free_bytes", free)
+    monkeypatch.setattr(gpurnn.engine.memory, "free_bytes", free)
     layer = gpurnn.LSTM(3, 16)
     x = rng.standard_normal((20, 4, 3)).astype(np.float32)
     for _ in range(3):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpurnn.losses import mse, softmax_cross_entropy
+from gpurnn.nn.losses import mse, softmax_cross_entropy
 from helpers import central_difference
 
 EPS = 1e-6

@@ -6,11 +6,14 @@ import pytest
 import torch
 
 from conftest import SIMULATOR
-from gpurnn.model import Linear, Model, evaluate, fit, gradient_flow, model_for_task
-from gpurnn.optim import Adam
-from gpurnn.tasks import Batch, make_task
+from gpurnn import Model
+from gpurnn.nn.model import Linear
+from gpurnn.nn.optim import Adam
+from gpurnn.training.gradflow import gradient_flow
+from gpurnn.training.loop import evaluate, fit
+from gpurnn.training.tasks import Batch, make_task, model_for_task
 from helpers import central_difference
-from gpurnn.backend import get_backend
+from gpurnn.engine.backend import get_backend
 
 EPS = 1e-6
 

@@ -20,11 +20,11 @@ import threading
 import numpy as np
 import pytest
 
-from gpurnn.distributed import DataParallel, SingleProcess, launched_by_mpi, world
-from gpurnn.model import model_for_task, train_step
-from gpurnn.optim import Adam
-from gpurnn.tbptt import train_batch
-from gpurnn.tasks import make_task
+from gpurnn.training.distributed import DataParallel, SingleProcess, launched_by_mpi, world
+from gpurnn.nn.optim import Adam
+from gpurnn.training.step import train_step
+from gpurnn.training.tasks import make_task, model_for_task
+from gpurnn.training.tbptt import train_batch
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 TIMEOUT_S = 120  # per command; a hung collective fails the test instead of blocking CI

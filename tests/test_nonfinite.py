@@ -6,13 +6,16 @@ import logging
 import numpy as np
 import pytest
 
-from gpurnn import checkpoint as ck
-from gpurnn import nonfinite, optim
+from gpurnn.training import checkpoint as ck
+from gpurnn.nn import optim
+from gpurnn.training import nonfinite
 from gpurnn.cli import main
-from gpurnn.model import fit, model_for_task, train_step
-from gpurnn.nonfinite import NonFiniteError, NonFiniteGuard
-from gpurnn.optim import Adam
-from gpurnn.tasks import make_task
+from gpurnn.training.nonfinite import NonFiniteError, NonFiniteGuard
+from gpurnn.nn.optim import Adam
+from gpurnn.training.loop import fit
+from gpurnn.training.step import train_step
+from gpurnn.training.task import Task
+from gpurnn.training.tasks import make_task, model_for_task
 
 # NumPy's overflow warnings are expected: these tests inject overflow and NaN on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -28,6 +31,8 @@ def _run(cell="lstm", seed=0):
 
 class _Poisoned:
     """The task, with a NaN put into the input of the batch drawn at ``bad_step``."""
+
+    batches = Task.batches  # the loop's stream of batches, drawn by this batch()
 
     def __init__(self, task, bad_step, value=np.nan):
         self.task, self.bad_step, self.value, self.drawn = task, bad_step, value, 0

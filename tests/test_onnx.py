@@ -1,6 +1,7 @@
 """ONNX export and import: onnxruntime runs ``layer.to_onnx(path)`` and gives gpurnn's outputs
-(an independent implementation, also of the seed-form GRU), and ``from_onnx`` reads the model
-back with identical parameters.
+(an independent implementation, also of the seed-form GRU), in the default form fed ``X`` alone
+and in the forms that also take the lengths and the initial states, and ``from_onnx`` reads
+every form back with identical parameters.
 
 onnxruntime's CPU RNN/LSTM/GRU kernels run float32 only ("does not support double yet"), so
 the runtime comparisons are float32; float64 models are checked by the exact round trip.
@@ -21,13 +22,23 @@ ort = pytest.importorskip("onnxruntime")
 TOL32 = dict(rtol=2e-4, atol=2e-5)
 
 
-def run_ort(path, x, lengths, state):
-    """Y, Y_h (, Y_c) of the ONNX model at ``path``."""
-    parts = state if isinstance(state, tuple) else (state,)
-    feeds = {"X": x, "sequence_lens": lengths.astype(np.int32), "initial_h": parts[0]}
-    if len(parts) == 2:
-        feeds["initial_c"] = parts[1]
+#: the full form: X, sequence_lens and the initial states as inputs
+FULL = dict(sequence_lens=True, initial_states=True)
+
+
+def run_ort(path, x, lengths=None, state=None):
+    """Y, Y_h (, Y_c) of the ONNX model at ``path``, fed ``x`` and what else is given; the
+    model must have exactly those inputs."""
+    feeds = {"X": x}
+    if lengths is not None:
+        feeds["sequence_lens"] = lengths.astype(np.int32)
+    if state is not None:
+        parts = state if isinstance(state, tuple) else (state,)
+        feeds["initial_h"] = parts[0]
+        if len(parts) == 2:
+            feeds["initial_c"] = parts[1]
     session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    assert sorted(i.name for i in session.get_inputs()) == sorted(feeds)
     return session.run(None, feeds)
 
 
@@ -43,7 +54,7 @@ def random_inputs(layer, T, B, rng, lengths=None):
     return x, np.asarray(lengths, np.int32), parts if len(parts) == 2 else parts[0]
 
 
-def assert_runtime_matches(layer, path, x, lengths, state):
+def assert_runtime_matches(layer, path, x, lengths=None, state=None):
     out, final = layer(x, state, lengths=lengths)
     got = run_ort(path, x, lengths, state)
     finals = final if isinstance(final, tuple) else (final,)
@@ -60,7 +71,7 @@ def test_onnxruntime_gives_gpurnn_outputs(cell, opts, bidirectional, tmp_path, r
     layer = make(cell, opts, 3, 7, dtype="float32", num_layers=2, bidirectional=bidirectional,
                  seed=int(rng.integers(1 << 30)))
     path = tmp_path / "m.onnx"
-    layer.to_onnx(path)
+    layer.to_onnx(path, **FULL)
     T, B = 6, 5
     x, lengths, state = random_inputs(layer, T, B, rng)
     out, got = assert_runtime_matches(layer, path, x, lengths, state)
@@ -75,7 +86,7 @@ def test_batch_first_and_no_bias(cell, opts, tmp_path, rng):
         layer = make(cell, opts, 4, 5, dtype="float32", num_layers=2, bidirectional=True,
                      seed=int(rng.integers(1 << 30)), **kw)
         path = tmp_path / "m.onnx"
-        layer.to_onnx(path)
+        layer.to_onnx(path, **FULL)
         x, lengths, state = random_inputs(layer, 5, 3, rng)
         assert_runtime_matches(layer, path, x, lengths, state)
         back = gpurnn.from_onnx(path)
@@ -87,7 +98,7 @@ def test_zero_length_sequence_final_state_differs(tmp_path, rng):
     state (documented in RNNBase.forward), onnxruntime's is zero."""
     layer = make("LSTM", {}, 3, 4, dtype="float32", seed=3)
     path = tmp_path / "m.onnx"
-    layer.to_onnx(path)
+    layer.to_onnx(path, **FULL)
     x, _, state = random_inputs(layer, 4, 3, rng)
     lengths = np.array([4, 0, 2], np.int32)
     out, (h, c) = layer(x, state, lengths=lengths)
@@ -101,11 +112,36 @@ def test_zero_length_sequence_final_state_differs(tmp_path, rng):
 
 
 @cell_params()
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_round_trip_identical(cell, opts, dtype, tmp_path):
-    layer = make(cell, opts, 3, 5, dtype=dtype, num_layers=2, bidirectional=True, seed=11)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_onnxruntime_fed_x_alone(cell, opts, bidirectional, tmp_path, rng):
+    """The default export takes X alone: full lengths and zero initial states, as a layer
+    called with no lengths and no state."""
+    layer = make(cell, opts, 3, 7, dtype="float32", num_layers=2, bidirectional=bidirectional,
+                 seed=int(rng.integers(1 << 30)))
     path = tmp_path / "m.onnx"
     layer.to_onnx(path)
+    x = rng.standard_normal((6, 5, 3)).astype(np.float32)
+    assert_runtime_matches(layer, path, x)
+
+
+@pytest.mark.parametrize("cell,opts", [CELLS[2], CELLS[4]], ids=[CELL_IDS[2], CELL_IDS[4]])
+def test_onnxruntime_fed_x_and_lengths(cell, opts, tmp_path, rng):
+    layer = make(cell, opts, 3, 4, dtype="float32", num_layers=2, bidirectional=True,
+                 seed=int(rng.integers(1 << 30)))
+    path = tmp_path / "m.onnx"
+    layer.to_onnx(path, sequence_lens=True)
+    x, lengths, _ = random_inputs(layer, 6, 4, rng)
+    assert_runtime_matches(layer, path, x, lengths)
+
+
+@cell_params()
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("form", [{}, dict(sequence_lens=True), dict(initial_states=True), FULL],
+                         ids=["x", "x_lengths", "x_states", "full"])
+def test_round_trip_identical(cell, opts, dtype, form, tmp_path):
+    layer = make(cell, opts, 3, 5, dtype=dtype, num_layers=2, bidirectional=True, seed=11)
+    path = tmp_path / "m.onnx"
+    layer.to_onnx(path, **form)
     model = onnx.load(path)
     onnx.checker.check_model(model, full_check=True)
     back = gpurnn.from_onnx(path)
@@ -152,6 +188,15 @@ def test_from_onnx_refuses_other_graphs(tmp_path):
     model = onnx.load(path)
     transpose = next(n for n in model.graph.node if n.op_type == "Transpose")
     transpose.attribute[0].ints[:] = [0, 1, 2, 3]
+    onnx.save(model, path)
+    with pytest.raises(ValueError, match="graph differs at node"):
+        gpurnn.from_onnx(path)
+
+    # An input the nodes do not read is refused too.
+    gpurnn.GRU(3, 4).to_onnx(path)
+    model = onnx.load(path)
+    model.graph.input.append(onnx.helper.make_tensor_value_info("sequence_lens",
+                                                                onnx.TensorProto.INT32, [2]))
     onnx.save(model, path)
     with pytest.raises(ValueError, match="graph differs at node"):
         gpurnn.from_onnx(path)

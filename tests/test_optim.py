@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpurnn.optim import SGD, Adam, Momentum, clip_grad_norm, clip_grad_value, global_norm
+from gpurnn.nn.optim import SGD, Adam, Momentum, clip_grad_norm, clip_grad_value, global_norm
 
 
 def _pair(rng, dtype=np.float64):
@@ -135,8 +135,8 @@ def test_bad_arguments(rng):
 def test_optimisers_minimise_a_model(cls, lr):
     """The model's gradients (finite-difference checked in test_model.py) driven by each
     optimiser lower the loss of a fixed batch."""
-    from gpurnn.model import Model
-    from gpurnn.tasks import Batch
+    from gpurnn import Model
+    from gpurnn.training.tasks import Batch
 
     rng = np.random.default_rng(7)
     model = Model("gru", hidden_size=6, output_size=2, input_size=3, head="last",

@@ -6,8 +6,8 @@ exercised by giving that block several slices, and checked on its own for many b
 import numpy as np
 import pytest
 
-from gpurnn import drivers
-from gpurnn.backend import CPUBackend, CUDABackend
+from gpurnn.engine import drivers
+from gpurnn.engine.backend import CPUBackend, CUDABackend
 from gpurnn.kernels import persistent
 
 TOL = {"float64": dict(rtol=1e-12, atol=1e-13), "float32": dict(rtol=1e-5, atol=1e-6)}

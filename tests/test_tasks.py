@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from gpurnn.tasks import CharLM, Copy, make_task, stdlib_files
+from gpurnn.training.tasks import CharLM, Copy, make_task, stdlib_files
 
 
 def test_adding_targets_are_the_marked_sums(rng):

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 import gpurnn
-from gpurnn import losses, memory
-from gpurnn.checkpoint import load_checkpoint
+from gpurnn.engine import memory
+from gpurnn.nn import losses
+from gpurnn.training.checkpoint import load_checkpoint
 from gpurnn.cli import main
-from gpurnn.layers import no_grad
-from gpurnn.model import fit, model_for_task
-from gpurnn.optim import Adam, clip_grad_norm
-from gpurnn.tasks import make_task
+from gpurnn.nn.inference import no_grad
+from gpurnn.training.loop import fit
+from gpurnn.nn.optim import Adam, clip_grad_norm
+from gpurnn.training.tasks import make_task, model_for_task
 
 
 def _run(task_name, T, cell="gru", seed=0):
@@ -82,7 +83,7 @@ def test_tbptt_of_at_least_T_is_plain_training_bit_for_bit(cell):
 def test_every_chunk_with_a_loss_updates():
     """Head "all" without a mask (the copy task's mask cleared): T=9, k=2 gives 5 updates (the
     last chunk is 1 step); with the mask, only the chunks holding recall steps update."""
-    from gpurnn.tbptt import train_batch
+    from gpurnn.training.tbptt import train_batch
 
     model, task, opt, rng = _run("copy", 9)
     batch = task.batch(rng, 3)
@@ -98,7 +99,7 @@ def test_activation_memory_is_that_of_k_steps(monkeypatch):
     batch of 5 steps; with free memory for k steps but not for T, training on the whole batch
     is refused before allocating and tbptt trains.  (fit's test-set evaluation is inference,
     a separate call: ``layer.stream`` bounds that.)"""
-    from gpurnn.tbptt import train_batch
+    from gpurnn.training.tbptt import train_batch
 
     T, k, B = 60, 5, 4
     long = _run("copy", T)
@@ -110,8 +111,8 @@ def test_activation_memory_is_that_of_k_steps(monkeypatch):
     for ws in long[0].rnn._workspaces.values():
         assert all(b.shape[0] <= k + 1 for b in ws._buffers.values())
 
-    need_k = memory.call_bytes(long[0].rnn, k, B, True)
-    need_T = memory.call_bytes(long[0].rnn, T, B, True)
+    need_k = long[0].rnn.call_bytes(k, B, True)
+    need_T = long[0].rnn.call_bytes(T, B, True)
     assert need_T > 10 * need_k
     monkeypatch.setattr(memory, "free_bytes", lambda backend: 2 * need_k)
     fresh = _run("copy", T)
@@ -129,7 +130,7 @@ def test_bad_tbptt_values_and_short_sequences_with_a_last_step_head():
     for bad in (0, -2, 2.5, True, "3"):
         with pytest.raises(ValueError, match="tbptt must be a positive int"):
             fit(model, task, opt, rng, steps=1, batch_size=2, tbptt=bad)
-    from gpurnn.tbptt import chunks
+    from gpurnn.training.tbptt import chunks
 
     batch = task.batch(rng, 3)
     batch.lengths = np.array([6, 4, 6])

@@ -1,4 +1,4 @@
-"""Whole training runs are deterministic as the README's Guarantees promise: ``gpurnn train``
+"""Whole training runs are deterministic as docs/guarantees.md promises: ``gpurnn train``
 with the same seed, in fresh processes, ends with bit-identical weights and optimiser state at
 the same BLAS thread count (``--blas-threads``, default 1, whatever the environment asks for);
 at another thread count the weights agree to float32 rounding (tests/test_determinism.py says
@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from gpurnn.checkpoint import load_checkpoint
+from gpurnn.training.checkpoint import load_checkpoint
 from gpurnn.cli import main
 from test_determinism import THREADS_VS_ROUNDING, max_distance
 

@@ -15,8 +15,8 @@ import math
 
 import numpy as np
 
-from .losses import _xp
-from .optim import global_norm
+from ..engine.arrays import array_module
+from ..nn.optim import global_norm
 
 POLICIES = ("stop", "skip", "raise")
 _log = logging.getLogger("gpurnn")
@@ -28,7 +28,7 @@ class NonFiniteError(FloatingPointError, ValueError):
 
 def _count(array):
     """(NaN count, Inf count) of a device or host array, as ints."""
-    xp = _xp(array)
+    xp = array_module(array)
     return int(xp.isnan(array).sum()), int(xp.isinf(array).sum())
 
 
@@ -53,10 +53,11 @@ def require_finite(arrays, what):
 class NonFiniteGuard:
     """Checks a training step of ``model`` before its update and applies ``policy``.
 
-    ``check(loss)``, called after the backward: the global gradient norm (0-d device array)
-    when the loss and every gradient are finite, else None with the finding in ``report``.
-    ``where`` (set by the caller) locates the step within a batch, e.g. a tbptt chunk.
-    ``resolve(step, record)`` applies the policy to a step whose check failed.
+    ``check(loss, where)``, called after the backward: the global gradient norm (0-d device
+    array) when the loss and every gradient are finite, else None with the finding in
+    ``report`` (``failed`` is then True); ``where`` locates the step within a batch, e.g. a
+    tbptt chunk.  ``resolve(step, record)`` applies the policy to a step whose check failed.
+    The guard's state changes in these two methods only.
     """
 
     def __init__(self, model, policy="raise"):
@@ -64,10 +65,14 @@ class NonFiniteGuard:
             raise ValueError(f"on_nonfinite must be one of {POLICIES}, got {policy!r}")
         self.model, self.policy = model, policy
         self.report = None
-        self.where = ""
         self.skipped = []  # steps whose update was not applied
 
-    def check(self, loss):
+    @property
+    def failed(self):
+        """Whether the last check found a NaN or Inf that ``resolve`` has not handled yet."""
+        return self.report is not None
+
+    def check(self, loss, where=""):
         norm = global_norm(self.model.grads)
         norm_host = float(norm)  # the one scalar brought to the host per step
         if math.isfinite(loss) and math.isfinite(norm_host):
@@ -82,7 +87,7 @@ class NonFiniteGuard:
         if weights:
             report += (f"; the weights themselves are non-finite ({weights}): an earlier update "
                        f"overflowed")
-        self.report = report + (f" [{self.where}]" if self.where else "")
+        self.report = report + (f" [{where}]" if where else "")
         return None
 
     def resolve(self, step, record):

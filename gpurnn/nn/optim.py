@@ -8,11 +8,11 @@ module: no weight, gradient or optimiser state is copied to the host.
 Elementwise updates and the global norm (a sum over a fixed order of arrays) add no
 nondeterminism: given bit-identical gradients they give bit-identical weights.  The gradients
 themselves are bit-identical run to run at one BLAS thread count; another thread count changes
-them by float32 rounding (README, Guarantees: Determinism).
+them by float32 rounding (docs/guarantees.md, Determinism).
 """
 import numpy as np
 
-from .losses import _xp
+from ..engine.arrays import array_module, to_numpy
 
 
 def _check_dicts(params, grads):
@@ -34,7 +34,7 @@ def global_norm(grads):
     arrays = list(grads.values())
     if not arrays:
         raise ValueError("global_norm needs at least one gradient")
-    xp = _xp(arrays[0])
+    xp = array_module(arrays[0])
     total = sum(xp.vdot(g.ravel(), g.ravel()) for g in arrays)
     return xp.sqrt(total)
 
@@ -46,7 +46,7 @@ def clip_grad_norm(grads, max_norm, eps=1e-6, norm=None):
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
     norm = global_norm(grads) if norm is None else norm
-    xp = _xp(norm)
+    xp = array_module(norm)
     scale = xp.minimum(1.0, max_norm / (norm + eps))  # stays on the device
     for g in grads.values():
         g *= scale.astype(g.dtype)
@@ -58,7 +58,7 @@ def clip_grad_value(grads, clip_value):
     if not clip_value > 0:
         raise ValueError(f"clip_value must be > 0, got {clip_value!r}")
     for g in grads.values():
-        _xp(g).clip(g, -clip_value, clip_value, out=g)
+        array_module(g).clip(g, -clip_value, clip_value, out=g)
 
 
 class Optimizer:
@@ -74,7 +74,7 @@ class Optimizer:
             raise ValueError(f"lr must be > 0, got {lr!r}")
         self.params, self.grads, self.lr = params, grads, float(lr)
         self.t = 0
-        self.state = {slot: {name: _xp(p).zeros_like(p) for name, p in params.items()}
+        self.state = {slot: {name: array_module(p).zeros_like(p) for name, p in params.items()}
                       for slot in self.slots}
 
     def step(self):
@@ -93,7 +93,7 @@ class Optimizer:
         buffers = {}
         for slot, arrays in self.state.items():
             for name, a in arrays.items():
-                buffers[f"{slot}/{name}"] = _to_numpy(a)
+                buffers[f"{slot}/{name}"] = to_numpy(a)
         return {"t": self.t, "hyperparams": self.hyperparams(), "buffers": buffers}
 
     def load_state_dict(self, state):
@@ -111,12 +111,8 @@ class Optimizer:
                 if host.shape != tuple(a.shape):
                     raise ValueError(f"optimiser buffer {slot}/{name} must have shape "
                                      f"{tuple(a.shape)}, got {host.shape}")
-                a[...] = _xp(a).asarray(host.astype(a.dtype))
+                a[...] = array_module(a).asarray(host.astype(a.dtype))
         self.t = int(state["t"])
-
-
-def _to_numpy(a):
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.array(a)
 
 
 class SGD(Optimizer):
@@ -170,7 +166,7 @@ class Adam(Optimizer):
         b1, b2 = self.betas
         f = p.dtype.type
         m, v = self.state["m"][name], self.state["v"][name]
-        xp = _xp(p)
+        xp = array_module(p)
         m *= f(b1)
         m += f(1 - b1) * g
         v *= f(b2)

@@ -13,16 +13,9 @@ steps and sequences); ``"mean"`` divides that sum by the number of valid positio
 """
 import numpy as np
 
+from ..engine.arrays import array_module
+
 REDUCTIONS = ("sum", "mean")
-
-
-def _xp(a):
-    mod = type(a).__module__.split(".")[0]
-    if mod == "cupy":
-        import cupy
-
-        return cupy
-    return np
 
 
 def _check(pred, mask, reduction, what):
@@ -56,7 +49,7 @@ def mse(pred, target, mask=None, reduction="sum"):
     if tuple(target.shape) != tuple(pred.shape):
         raise ValueError(f"target must have the shape of pred {tuple(pred.shape)}, "
                          f"got {tuple(target.shape)}")
-    xp = _xp(pred)
+    xp = array_module(pred)
     w, scale = _weights(xp, pred, mask, reduction)
     diff = pred - xp.asarray(target, dtype=pred.dtype)  # [..., K]
     if w is not None:
@@ -74,7 +67,7 @@ def softmax_cross_entropy(logits, targets, mask=None, reduction="sum"):
     mask * scale.
     """
     _check(logits, mask, reduction, "logits")
-    xp = _xp(logits)
+    xp = array_module(logits)
     targets = xp.asarray(targets)
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"targets must have the shape of the positions "

@@ -14,9 +14,9 @@ the state.  With ``k >= T`` the batch is one chunk: exactly ``train_step``.
 """
 import numpy as np
 
-from . import model as _model
-from .layers import no_grad
-from .tasks import Batch
+from ..nn.data import Batch
+from ..nn.inference import no_grad
+from .step import forward_backward, train_step, update
 
 
 def chunks(batch, k, head):
@@ -44,9 +44,9 @@ def chunks(batch, k, head):
 
 
 def train_batch(model, task, optimizer, batch, tbptt=None, reduction="mean", clip_norm=None,
-                clip_value=None, guard=None, **step_options):
-    """Train on one batch, in chunks of ``tbptt`` steps when given (None: the whole batch);
-    ``step_options`` go on to ``model.train_step`` (e.g. ``data_parallel``).
+                clip_value=None, guard=None, data_parallel=None):
+    """Train on one batch, in chunks of ``tbptt`` steps when given (None: the whole batch).
+    The options are ``step.train_step``'s.
 
     Returns (loss, grad norm of the last update or None).  The loss is the mean of the
     chunks' losses (their sum with ``reduction="sum"``).  ``guard`` (a
@@ -57,31 +57,27 @@ def train_batch(model, task, optimizer, batch, tbptt=None, reduction="mean", cli
     if tbptt is not None and (isinstance(tbptt, bool) or not isinstance(tbptt, (int, np.integer))
                               or tbptt < 1):
         raise ValueError(f"tbptt must be a positive int (steps per chunk), got {tbptt!r}")
-    options = dict(reduction=reduction, clip_norm=clip_norm, clip_value=clip_value, guard=guard,
-                   **step_options)
-    if guard is not None:
-        guard.where = ""
+    options = dict(reduction=reduction, clip_norm=clip_norm, clip_value=clip_value,
+                   data_parallel=data_parallel, guard=guard)
     if tbptt is None or tbptt >= T:
-        return _model.train_step(model, task, optimizer, batch, **options)
+        return train_step(model, task, optimizer, batch, **options)
     n = -(-T // tbptt)
-    data_parallel = step_options.get("data_parallel")
     state, losses, norm = None, [], None
     for i, (start, chunk, has_loss) in enumerate(chunks(batch, tbptt, model.head_mode)):
         if data_parallel is not None:
-            # train_step all-reduces, so every rank must take the same branch even when only
+            # update() all-reduces, so every rank must take the same branch even when only
             # some shards have loss positions in this chunk (the others add weight 0).
             has_loss = data_parallel.any(has_loss)
         if has_loss:
-            if guard is not None:
-                guard.where = (f"tbptt chunk {i + 1} of {n}, time steps {start}.."
-                               f"{start + chunk.x.shape[0] - 1}")
-            loss, norm = _model.train_step(model, task, optimizer, chunk, state=state, **options)
+            end = start + chunk.x.shape[0] - 1
+            where = f"tbptt chunk {i + 1} of {n}, time steps {start}..{end}"
+            loss, state = forward_backward(model, task, chunk, state, reduction)
+            loss, norm = update(model, optimizer, loss, chunk, where=where, **options)
             losses.append(loss)
-            if guard is not None and guard.report is not None:
+            if guard is not None and guard.failed:
                 break
         else:
             with no_grad():
-                model(chunk.x, chunk.lengths, state)
-        state = model.final_state
+                _, state = model.forward_with_state(chunk.x, chunk.lengths, state)
     total = float(np.sum(losses)) if reduction == "sum" else float(np.mean(losses))
     return total, norm

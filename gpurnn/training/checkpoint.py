@@ -11,18 +11,17 @@ Format (``.npz``, read with ``allow_pickle=False``): a NumPy zip archive of plai
 * ``sha256``        0-d str: SHA-256 over every other entry (name, dtype, shape, bytes, in
                     sorted name order).  A file that is truncated or altered is refused.
 
-Writes are atomic: the archive goes to a temporary file in the same directory, is flushed and
-fsynced, then renamed over the target (``os.replace``); a save killed at any point leaves the
-previous checkpoint as it was.
+Writes are atomic (``engine.files.write_atomically``): the archive goes to a temporary file in
+the same directory, is flushed and fsynced, then renamed over the target (``os.replace``); a
+save killed at any point leaves the previous checkpoint as it was.
 """
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 
 import numpy as np
 
+from ..engine.files import write_atomically
 from . import checkpoint_checks as checks
 from .nonfinite import require_finite
 
@@ -52,31 +51,7 @@ def save_arrays(path, arrays, meta):
             raise TypeError(f"checkpoint entry {name} must be a plain array, got dtype object")
     payload["meta"] = np.array(json.dumps({"format": FORMAT, "version": VERSION, **meta}))
     payload["sha256"] = np.array(_digest(payload))
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory):
-    # Makes the rename itself durable; some systems cannot open a directory for that.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomically(path, lambda f: np.savez(f, **payload))
 
 
 def load_arrays(path):

@@ -1,6 +1,6 @@
 """Backends: the array module, the GEMMs, the step kernels, allocation and synchronisation.
 
-The time-loop drivers (``gpurnn/drivers.py``) are written once against this interface:
+The time-loop drivers (``drivers.py``) are written once against this interface:
 
 * ``cpu``: NumPy arrays, NumPy (OpenBLAS) GEMMs, Numba CPU step kernels.
 * ``cuda``: CuPy arrays, cuBLAS GEMMs through CuPy, Numba CUDA step kernels launched on CuPy's
@@ -82,7 +82,7 @@ class CPUBackend(Backend):
         self._loops = {}
 
     def kernels(self, dtype):
-        from . import kernels
+        from .. import kernels
 
         return kernels.cpu_kernels(np.dtype(dtype))
 
@@ -91,7 +91,7 @@ class CPUBackend(Backend):
         or None where that BLAS cannot be called from Numba: the drivers then loop in Python."""
         dtype = np.dtype(dtype)
         if dtype not in self._loops:
-            from .kernels import cpu
+            from ..kernels import cpu
 
             self._loops[dtype] = cpu.make_cpu_loops(dtype, self.kernels(dtype))
         return self._loops[dtype]
@@ -109,7 +109,7 @@ class CUDABackend(Backend):
     * ``persistent`` (``GPURNN_PERSISTENT=1``, default off): ``forward_sequence`` runs a whole
       direction's forward as one persistent kernel where ``W_hh`` fits on chip.
     * ``graphs`` (``GPURNN_CUDA_GRAPHS=1``, default off): ``run_graph`` captures a sequence's
-      launches once per key as a CUDA graph and replays it.  Untested on hardware.
+      launches once per key as a CUDA graph and replays it.
     * ``tf32`` (``GPURNN_TF32=1``, default off): float32 GEMMs on TF32 tensor cores: inputs
       rounded to a 10-bit mantissa (unit roundoff 2^-11, about 4.9e-4, against float32's
       2^-24, about 6e-8), products accumulated in float32.
@@ -120,14 +120,14 @@ class CUDABackend(Backend):
     def __init__(self, launch=None, persistent=None, graphs=None, tf32=None):
         from numba import cuda
 
-        from .kernels.cuda import LAUNCH_MODES
+        from ..kernels.cuda import LAUNCH_MODES
 
         self.launch = os.environ.get("GPURNN_CUDA_LAUNCH", "eager") if launch is None else launch
         if self.launch not in LAUNCH_MODES:
             raise ValueError(f"launch (GPURNN_CUDA_LAUNCH) must be one of {LAUNCH_MODES}, "
                              f"got {self.launch!r}")
         if self.launch == "fast" and not cuda.config.ENABLE_CUDASIM:
-            from .kernels.cuda import fast_launch_unavailable
+            from ..kernels.cuda import fast_launch_unavailable
 
             reason = fast_launch_unavailable()
             if reason is not None:
@@ -147,7 +147,7 @@ class CUDABackend(Backend):
             self.host_arrays = False
 
     def kernels(self, dtype):
-        from . import kernels
+        from .. import kernels
 
         launchers = kernels.cuda_kernels(np.dtype(dtype), self.launch)
         if self.simulator:
@@ -180,7 +180,7 @@ class CUDABackend(Backend):
             linalg.set_compute_type(np.float32, previous)
 
     def forward_sequence(self, cell, w, xg, y, hs, cs, gates, hg, lengths, reverse, training):
-        from .kernels import persistent
+        from ..kernels import persistent
 
         T, B, H = y.shape
         launch = self._persistent_launch(cell, B, H, y.dtype, backward=False)
@@ -192,7 +192,7 @@ class CUDABackend(Backend):
         return True
 
     def backward_sequence(self, cell, w, tape, dg, dgh, dh_carry, dc, dy, dh_rec):
-        from .kernels import persistent
+        from ..kernels import persistent
 
         T, B, H = dy.shape
         launch = self._persistent_launch(cell, B, H, dy.dtype, backward=True)
@@ -209,7 +209,7 @@ class CUDABackend(Backend):
         cell has none, or the shape does not fit."""
         if not self.persistent or not self._persistent_cell(cell):
             return None
-        from .kernels import persistent
+        from ..kernels import persistent
 
         kernel = persistent.persistent_kernels(dtype)[cell.mode][int(backward)]
         shape = self._persistent_shape(kernel, cell.gates, B, H, dtype, backward)
@@ -219,13 +219,13 @@ class CUDABackend(Backend):
 
     @staticmethod
     def _persistent_cell(cell):
-        from .kernels import persistent
+        from ..kernels import persistent
 
         return cell.mode in persistent.PERSISTENT_MODES and (cell.mode != "gru"
                                                              or cell.reset_after)
 
     def _persistent_shape(self, kernel, G, B, H, dtype, backward):
-        from .kernels import persistent
+        from ..kernels import persistent
 
         itemsize = np.dtype(dtype).itemsize
         if self.simulator:
@@ -333,19 +333,21 @@ def cuda_unavailable_reason():
 
 
 _BACKENDS = {}
+#: the values of ``device=``: a backend, or "auto" (CUDA when a real GPU is usable, else CPU)
+DEVICES = ("cpu", "cuda", "auto")
 
 
 def get_backend(device):
-    """The backend for ``device`` in ``"cpu" | "cuda" | "auto"``."""
+    """The backend for ``device`` in ``DEVICES``."""
     if not isinstance(device, str):
         raise TypeError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
     if device == "auto":
         # A real GPU only: the simulator is a test tool, far slower than the CPU backend.
         reason = cuda_unavailable_reason()
         device = "cuda" if reason is None else "cpu"
         _log.info("device='auto' chose %s%s", device, f" ({reason})" if reason else "")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
     if device not in _BACKENDS:
         if device == "cuda":
             reason = None if _simulator_on() else cuda_unavailable_reason()

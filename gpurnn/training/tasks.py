@@ -13,86 +13,33 @@
   held out for the test.  Reported in bits per character, beside the held-out text's
   unigram cross-entropy under the training text's character frequencies.
 
-Each task gives batches of host NumPy arrays (``Batch``), a fixed test set, and its metrics.
-The test sets do not depend on the run's seed: runs with different seeds score on the same data.
+Each task (``task.Task``) gives batches of host NumPy arrays (``Batch``), a fixed test set, and
+its metrics.  The test sets do not depend on the run's seed: runs with different seeds score on
+the same data.
 """
 import glob
 import math
 import os
 import sysconfig
-from dataclasses import dataclass
-from typing import Any, Optional
 
 import numpy as np
 
+from ..nn.data import Batch
+from . import metrics
+from .model import Model
+from .task import Task
+
 TEST_SEED = 20240601  # the fixed seed of the synthetic test sets
 
-
-@dataclass
-class Batch:
-    """x [T, B, I] float (or [T, B] int tokens); target [B, K] float, [B] or [T, B] int;
-    lengths [B] int or None (all T); mask of the target's positions or None (all count)."""
-
-    x: Any
-    target: Any
-    lengths: Optional[Any] = None
-    mask: Optional[Any] = None
-
-
-class Task:
-    """A task: its model shape, loss, batches, fixed test set and metrics.
-
-    ``model_kwargs()`` gives ``input_size`` or ``vocab_size``, ``output_size`` and ``head``
-    (``"last"``: one output per sequence; ``"all"``: one per step).  ``loss`` names a loss of
-    ``gpurnn.losses.LOSSES``.  ``metric`` is the headline test metric, ``higher_is_better`` its
-    direction, ``baseline`` what a trivial model scores on it (the mean, chance, or the
-    unigram frequencies of the text).
-    """
-
-    name = None
-    loss = None
-    head = None
-    metric = None
-    higher_is_better = False
-
-    def __init__(self, seq_len):
-        if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
-            raise ValueError(f"seq_len of task {self.name!r} must be a positive int, got {seq_len!r}")
-        self.seq_len = int(seq_len)
-
-    def model_kwargs(self):
-        raise NotImplementedError
-
-    def batch(self, rng, batch_size):
-        """A training batch drawn with ``rng`` (a ``numpy.random.Generator``)."""
-        raise NotImplementedError
-
-    def test_batches(self):
-        """The fixed test set, as a list of Batch."""
-        raise NotImplementedError
-
-    def score(self, y, batch):
-        """{metric: (sum, count)} of one test batch; y the model's output as a NumPy array."""
-        raise NotImplementedError
-
-    @property
-    def baseline(self):
-        raise NotImplementedError
-
-    def describe(self):
-        return f"{self.name} (seq_len {self.seq_len})"
-
-
-def _classification_score(logits, targets, mask=None):
-    """Summed accuracy and nats of class logits [..., C] against int targets [...]."""
-    logits = logits.astype(np.float64)
-    z = logits - logits.max(axis=-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-    nll = -np.take_along_axis(logp, targets[..., None].astype(np.int64), axis=-1)[..., 0]
-    correct = (logits.argmax(axis=-1) == targets).astype(np.float64)
-    w = np.ones(targets.shape) if mask is None else mask.astype(np.float64)
-    n = float(w.sum())
-    return {"accuracy": (float((correct * w).sum()), n), "loss": (float((nll * w).sum()), n)}
+#: Per task, the defaults of a run: sequence length, hidden size, sequences per batch,
+#: training steps and learning rate.  ``make_task(name)`` takes the sequence length from here,
+#: ``gpurnn train`` and ``gpurnn gradflow`` every option not given.
+TASK_DEFAULTS = {
+    "adding": {"seq_len": 30, "hidden": 32, "batch": 32, "steps": 1000, "lr": 1e-2},
+    "copy": {"seq_len": 20, "hidden": 64, "batch": 32, "steps": 1500, "lr": 3e-3},
+    "digits": {"seq_len": 8, "hidden": 64, "batch": 32, "steps": 1000, "lr": 1e-2},
+    "charlm": {"seq_len": 100, "hidden": 128, "batch": 32, "steps": 1000, "lr": 3e-3},
+}
 
 
 class Adding(Task):
@@ -101,7 +48,7 @@ class Adding(Task):
     head = "last"
     metric = "mse"
 
-    def __init__(self, seq_len=100, test_size=1000):
+    def __init__(self, seq_len, test_size=1000):
         super().__init__(seq_len)
         if self.seq_len < 2:
             raise ValueError(f"the adding problem needs seq_len >= 2, got {seq_len}")
@@ -128,8 +75,7 @@ class Adding(Task):
         return [self.batch(np.random.default_rng(TEST_SEED), self.test_size)]
 
     def score(self, y, batch):
-        err = (y.astype(np.float64) - batch.target) ** 2
-        return {"mse": (float(err.sum()), err.size)}
+        return metrics.regression(y, batch.target)
 
     @property
     def baseline(self):
@@ -144,7 +90,7 @@ class Copy(Task):
     higher_is_better = True
     symbols = 8
 
-    def __init__(self, seq_len=30, length=None, test_size=500):
+    def __init__(self, seq_len, length=None, test_size=500):
         super().__init__(seq_len)
         if self.seq_len < 3:
             raise ValueError(f"the copy task needs seq_len >= 3 (symbols, delimiter, recall), "
@@ -179,7 +125,7 @@ class Copy(Task):
         return [self.batch(np.random.default_rng(TEST_SEED), self.test_size)]
 
     def score(self, y, batch):
-        return _classification_score(y, batch.target, batch.mask)
+        return metrics.classification(y, batch.target, batch.mask)
 
     @property
     def baseline(self):
@@ -206,7 +152,7 @@ class Digits(Task):
     higher_is_better = True
     test_size = 360
 
-    def __init__(self, seq_len=8):
+    def __init__(self, seq_len):
         super().__init__(seq_len)
         if self.seq_len != 8:
             raise ValueError(f"the digits task reads 8x8 images row by row: seq_len must be 8, "
@@ -230,7 +176,7 @@ class Digits(Task):
         return [Batch(self.x_test, self.y_test)]
 
     def score(self, y, batch):
-        return _classification_score(y, batch.target)
+        return metrics.classification(y, batch.target)
 
     @property
     def baseline(self):
@@ -263,7 +209,7 @@ class CharLM(Task):
     metric = "bits_per_char"
     min_count = 10  # rarer characters of the training text become one "unknown" symbol
 
-    def __init__(self, seq_len=100, test_windows=256):
+    def __init__(self, seq_len, test_windows=256):
         super().__init__(seq_len)
         train_files, test_files = stdlib_files()
         train_text, test_text = _read(train_files), _read(test_files)
@@ -310,7 +256,7 @@ class CharLM(Task):
                 for i in range(0, starts.shape[0], batch_size)]
 
     def score(self, y, batch):
-        s = _classification_score(y, batch.target)
+        s = metrics.classification(y, batch.target)
         nats, n = s["loss"]
         return {"bits_per_char": (nats / math.log(2), n), "accuracy": s["accuracy"]}
 
@@ -336,7 +282,12 @@ TASKS = {"adding": Adding, "copy": Copy, "digits": Digits, "charlm": CharLM}
 
 
 def make_task(name, seq_len=None):
-    """The task ``name`` with its default ``seq_len`` unless one is given."""
+    """The task ``name`` at ``seq_len`` steps (None: its ``TASK_DEFAULTS`` length)."""
     if name not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
-    return TASKS[name]() if seq_len is None else TASKS[name](seq_len)
+    return TASKS[name](TASK_DEFAULTS[name]["seq_len"] if seq_len is None else seq_len)
+
+
+def model_for_task(task, cell="lstm", hidden_size=64, **kwargs):
+    """A ``Model`` (``gpurnn.Model``) shaped for ``task`` (inputs, outputs, head)."""
+    return Model(cell=cell, hidden_size=hidden_size, **task.model_kwargs(), **kwargs)

@@ -14,8 +14,7 @@ The communicator (``world()``):
   ``MPIWorld`` over mpi4py's ``COMM_WORLD``.  NumPy buffers (the CPU backend, and the CUDA
   simulator) go through ``MPI_Allreduce``/``MPI_Bcast``; CuPy buffers (a real GPU) through NCCL
   (``cupy.cuda.nccl``), whose communicator is bootstrapped over MPI: rank 0 creates the unique
-  id and broadcasts it.  The NCCL path is written to NCCL's and CuPy's documented API but has
-  not run here (no GPU).
+  id and broadcasts it.
 """
 import dataclasses
 import os
@@ -24,8 +23,7 @@ import time
 
 import numpy as np
 
-from .losses import _xp
-from .optim import _to_numpy
+from ..engine.arrays import array_module, to_numpy
 
 #: Environment variables an MPI launcher sets in the processes it starts: MPICH/Hydra and Intel
 #: MPI (PMI_*), Open MPI (OMPI_COMM_WORLD_*), PMIx launchers such as Open MPI 5 and Slurm.
@@ -131,7 +129,7 @@ class MPIWorld(SingleProcess):
 class NCCL:
     """An NCCL communicator over the world's ranks, one GPU each (the current CuPy device),
     bootstrapped over MPI.  Collectives run on CuPy's current stream, in order with the
-    gradient computation.  Untested here: needs GPUs."""
+    gradient computation."""
 
     def __init__(self, world):
         import cupy
@@ -205,10 +203,10 @@ def use_local_gpu(world, device):
     """Give each process on a machine its own GPU (local rank i takes GPU i) for CuPy and Numba;
     call before any model is made.  Nothing to do for ``device="cpu"``, one process, or when no
     real GPU is usable (then ``"auto"`` means the CPU, and ``"cuda"`` fails with the reason).
-    Untested here: needs GPUs.  Returns the GPU index or None."""
+    Returns the GPU index or None."""
     if device == "cpu" or world.size == 1:
         return None
-    from .backend import cuda_unavailable_reason
+    from ..engine.backend import cuda_unavailable_reason
 
     if cuda_unavailable_reason() is not None:
         return None
@@ -280,7 +278,7 @@ class DataParallel:
         flat[-2] = loss * weight
         flat[-1] = weight
         self.world.allreduce_(flat)
-        total_loss, total_weight = (float(v) for v in _to_numpy(flat[-2:]))
+        total_loss, total_weight = (float(v) for v in to_numpy(flat[-2:]))
         divisor = max(total_weight, 1.0) if reduction == "mean" else 1.0
         if divisor != 1.0:
             flat[:-2] *= flat.dtype.type(1.0 / divisor)
@@ -316,7 +314,7 @@ class DataParallel:
         """Copy ``weight * arrays`` (dict of device arrays) into the flat buffer."""
         first = next(iter(arrays.values()))
         n = sum(a.size for a in arrays.values())
-        xp = _xp(first)
+        xp = array_module(first)
         if self._flat is None or self._flat.size != n + 2 or self._flat.dtype != first.dtype \
                 or not isinstance(self._flat, xp.ndarray):
             self._flat = xp.empty(n + 2, dtype=first.dtype)

@@ -1,40 +1,39 @@
 """Checks of a ``gpurnn train`` run before anything of it is allocated.
 
-The layers check each forward's workspace against free memory (``gpurnn/memory.py``), but
-the parameters are allocated when the model is built, before any forward: a run asking for
+The layers check each forward's workspace against free memory (``gpurnn/engine/memory.py``),
+but the parameters are allocated when the model is built, before any forward: a run asking for
 ``--hidden 1000000`` or ``--layers 1000000`` would otherwise allocate (or loop over) far more
 than the machine has before failing.  ``check_run_fits`` refuses it up front with the sizes.
 """
 import numpy as np
 
-from .memory import OutOfMemory, free_bytes
-
-_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
-#: per-parameter buffers of each optimiser (gpurnn/optim.py)
-_OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adam": 2}
+from ..engine.drivers import CellSpec
+from ..engine.memory import OutOfMemory, free_bytes
+from ..nn.model import default_embed_size
+from ..nn.optim import OPTIMIZERS
 
 
 def parameter_count(cell, hidden, layers, model_kwargs):
-    """Parameters of ``model_for_task``'s model: recurrent layers, embedding and head.
-    ``model_kwargs``: the task's ``model_kwargs()`` (input_size or vocab_size, output_size)."""
-    G, H = _GATES[cell], hidden
+    """Parameters of the run's model: recurrent layers, embedding and head.  ``model_kwargs``:
+    a task's ``model_kwargs()`` or those read from the data (input_size or vocab_size,
+    output_size)."""
+    G, H = CellSpec(cell).gates, hidden
     vocab = model_kwargs.get("vocab_size")
-    embed = min(64, H) if vocab is not None else 0
+    embed = default_embed_size(H) if vocab is not None else 0
     inputs = embed if vocab is not None else model_kwargs["input_size"]
     recurrent = G * H * (inputs + H + 2) + (layers - 1) * G * H * (2 * H + 2)  # closed form:
     # a loop over a huge --layers would itself hang
     return recurrent + (vocab or 0) * embed + model_kwargs["output_size"] * (H + 1)
 
 
-def check_run_fits(config, task, backend):
+def check_run_fits(config, model_kwargs, backend):
     """Raise ``OutOfMemory`` when the model's parameters, gradients and optimiser buffers
     alone (plus the float64 draw of the largest weight at initialisation) exceed the free
     memory of ``backend``'s device."""
-    count = parameter_count(config["cell"], config["hidden"], config["layers"],
-                            task.model_kwargs())
+    count = parameter_count(config["cell"], config["hidden"], config["layers"], model_kwargs)
     item = np.dtype(config["dtype"]).itemsize
-    copies = 2 + _OPTIMIZER_SLOTS[config["optimizer"]]  # weights, gradients, buffers
-    G, H = _GATES[config["cell"]], config["hidden"]
+    copies = 2 + len(OPTIMIZERS[config["optimizer"]].slots)  # weights, gradients, buffers
+    G, H = CellSpec(config["cell"]).gates, config["hidden"]
     need = count * item * copies + 8 * G * H * H
     free = free_bytes(backend)
     if free is not None and need > free:

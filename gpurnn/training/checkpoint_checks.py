@@ -1,6 +1,6 @@
 """Checks that make a checkpoint file data, never code, and never more than it claims to be.
 
-Used by ``gpurnn/checkpoint.py``; each raises ``ValueError`` with what was expected and what
+Used by ``checkpoint.py``; each raises ``ValueError`` with what was expected and what
 came, which the checkpoint module turns into ``CheckpointError``.
 
 * ``check_archive``: before NumPy reads anything, the file must be a zip of uncompressed
@@ -123,3 +123,30 @@ def check_architecture(saved, model):
             for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
     if diff:
         raise ValueError("the checkpoint is of another model: " + ", ".join(diff))
+
+
+def check_architecture_matches(arch, weights):
+    """Raise ValueError unless a checkpoint's architecture record states the sizes its weights
+    have (``weights``: name -> array, by ``Model.params`` names): rebuilding the model from the
+    record then allocates no more than the file holds."""
+    if not isinstance(arch, dict):
+        raise ValueError(f"the architecture record must be a JSON object, got {arch!r}")
+    needed = ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "head.weight"]
+    tokens = arch.get("vocab_size") is not None
+    if tokens:
+        needed.append("embedding.weight")
+    missing = [k for k in needed if k not in weights or np.ndim(weights[k]) != 2]
+    if missing:
+        raise ValueError(f"the weights lack the 2-D arrays {missing}")
+    layers = sum(1 for k in weights if k.startswith("rnn.weight_hh_l")
+                 and k[len("rnn.weight_hh_l"):].isdigit())
+    have = {"hidden_size": weights["rnn.weight_hh_l0"].shape[1],
+            "output_size": weights["head.weight"].shape[0], "num_layers": layers}
+    if tokens:
+        have["vocab_size"], have["embed_size"] = weights["embedding.weight"].shape
+    else:
+        have["input_size"] = weights["rnn.weight_ih_l0"].shape[1]
+    diff = [f"{k} {arch.get(k)!r} (the weights: {v})" for k, v in have.items()
+            if isinstance(arch.get(k), bool) or arch.get(k) != v]
+    if diff:
+        raise ValueError("the architecture record disagrees with the weights: " + ", ".join(diff))

@@ -6,25 +6,34 @@
 * ``layer.to_onnx(path)`` / ``from_onnx(path)``: a model made of ONNX's own ``RNN``/``LSTM``/``GRU``
   operators, one per layer, that any ONNX runtime runs.  Its graph::
 
-      inputs   X [T, B, I] ([B, T, I] when batch_first), sequence_lens [B] int32,
-               initial_h [L*D, B, H], initial_c [L*D, B, H] (LSTM)
-      per layer l: Split the initial states -> <op>(X_l, W_l, R_l, B_l, sequence_lens, h0_l, c0_l)
-               -> Y_l [T, D, B, H] -> Transpose -> [T, B, D, H] -> Reshape -> X_{l+1} [T, B, D*H]
+      inputs   X [T, B, I] ([B, T, I] when batch_first);
+               with sequence_lens=True: sequence_lens [B] int32;
+               with initial_states=True: initial_h [L*D, B, H], initial_c [L*D, B, H] (LSTM)
+      per layer l: (Split the initial states ->) <op>(X_l, W_l, R_l, B_l, sequence_lens, h0_l,
+               c0_l), the inputs not asked for left out (ONNX's operators then take full
+               lengths and zero states) -> Y_l [T, D, B, H] -> Transpose -> [T, B, D, H]
+               -> Reshape -> X_{l+1} [T, B, D*H]
       outputs  Y [T, B, D*H] (like gpurnn's output), Y_h [L*D, B, H], Y_c [L*D, B, H] (LSTM)
+
+  By default ``X`` is the one input, so a consumer feeds one array; ``from_onnx`` reads every
+  form.
 
   ONNX orders the gate blocks LSTM i,o,f,c and GRU z,r,h (gpurnn, like PyTorch: i,f,g,o and
   r,z,n), and ``B`` is ``[Wb, Rb]`` concatenated.  GRU forms: PyTorch's (reset after) is
-  ``linear_before_reset=1``; the seed's (reset before) is ``linear_before_reset=0``, whose update
-  is ``h = (1-z)*h~ + z*h_prev`` where gpurnn's seed form has ``h = (1-z)*h_prev + z*h~``: the z
+  ``linear_before_reset=1``; the reset-before GRU (gpurnn's default) is ``linear_before_reset=0``,
+  whose update is ``h = (1-z)*h~ + z*h_prev`` where gpurnn's has ``h = (1-z)*h_prev + z*h~``: the z
   blocks (weights and both biases) are negated on export and import, since
   ``sigmoid(-a) = 1 - sigmoid(a)``.  Dropout, a training option, is not part of the model.
 """
 import os
-import tempfile
 
 import numpy as np
 
-from . import layers
+from ..engine.drivers import CellSpec
+from ..engine.files import write_atomically
+from ..nn import layers
+from ..nn.export import register_exporter
+from ..nn.params import param_suffix
 
 #: torch's ``module.mode`` -> (gpurnn class name, its options)
 _FROM_TORCH_MODE = {
@@ -76,8 +85,8 @@ def from_torch(module, device="cpu"):
 
 def to_torch(layer):
     """A ``torch.nn.RNN``/``LSTM``/``GRU`` (CPU, the layer's dtype) with this layer's
-    configuration and a copy of its weights.  PyTorch has only the reset-after GRU: a seed-form
-    GRU (``reset_after=False``) raises ValueError."""
+    configuration and a copy of its weights.  PyTorch has only the reset-after GRU: a
+    reset-before GRU (``reset_after=False``) raises ValueError."""
     torch = _import("torch", "torch")
     cell = layer.cell
     if cell.mode == "gru" and not cell.reset_after:
@@ -104,7 +113,7 @@ def _onnx_blocks(cell):
     """(gpurnn block of each ONNX gate block, sign of each gpurnn block).
 
     ONNX block k holds ``sign[perm[k]] * gpurnn block perm[k]``; the signs are -1 for the z
-    block of the seed-form GRU (see the module docstring), else +1.
+    block of the reset-before GRU (see the module docstring), else +1.
     """
     if cell.mode == "lstm":
         return (0, 3, 1, 2), (1, 1, 1, 1)  # ONNX i, o, f, c  <-  gpurnn i, f, g, o
@@ -133,7 +142,7 @@ def _onnx_weights(layer, state):
     H, cell = layer.hidden_size, layer.cell
     out = {}
     for l in range(layer.num_layers):
-        sfx = [layer._suffix(l, d) for d in range(layer.num_directions)]
+        sfx = [param_suffix(l, d) for d in range(layer.num_directions)]
         out[f"W_l{l}"] = np.stack([_to_onnx_order(state[f"weight_ih{s}"], cell, H) for s in sfx])
         out[f"R_l{l}"] = np.stack([_to_onnx_order(state[f"weight_hh{s}"], cell, H) for s in sfx])
         if layer.bias:
@@ -149,7 +158,7 @@ def _state_from_onnx_weights(layer, weights):
     state = {}
     for l in range(layer.num_layers):
         for d in range(layer.num_directions):
-            s = layer._suffix(l, d)
+            s = param_suffix(l, d)
             state[f"weight_ih{s}"] = _from_onnx_order(weights[f"W_l{l}"][d], cell, H)
             state[f"weight_hh{s}"] = _from_onnx_order(weights[f"R_l{l}"][d], cell, H)
             if layer.bias:
@@ -159,9 +168,17 @@ def _state_from_onnx_weights(layer, weights):
     return state
 
 
-def _onnx_graph(layer):
+def _onnx_inputs(layer, sequence_lens, initial_states):
+    """The names of the graph's inputs, in order."""
+    states = ["initial_h", "initial_c"] if layer.cell.has_cell_state else ["initial_h"]
+    return ["X"] + (["sequence_lens"] if sequence_lens else []) + \
+        (states if initial_states else [])
+
+
+def _onnx_graph(layer, sequence_lens, initial_states):
     """The graph's nodes and its constant (non-weight) initializers, named deterministically:
-    ``from_onnx`` rebuilds them to recognise a model written by ``to_onnx``."""
+    ``from_onnx`` rebuilds them to recognise a model written by ``to_onnx``.  A recurrent
+    node's optional inputs not fed are empty names, trailing ones left out."""
     from onnx import helper
 
     L, D, H = layer.num_layers, layer.num_directions, layer.hidden_size
@@ -171,8 +188,10 @@ def _onnx_graph(layer):
         attrs["linear_before_reset"] = int(layer.cell.reset_after)
     if layer.cell.mode == "rnn":
         attrs["activations"] = [layer.nonlinearity.capitalize()] * D
-    consts = {"split_states": np.full(L, D, np.int64), "merge_directions": np.array([0, 0, -1])}
-    states = ["initial_h", "initial_c"] if lstm else ["initial_h"]
+    consts = {"merge_directions": np.array([0, 0, -1])}
+    states = (["initial_h", "initial_c"] if lstm else ["initial_h"]) if initial_states else []
+    if states:
+        consts["split_states"] = np.full(L, D, np.int64)
     nodes = []
     x = "X"
     if layer.batch_first:
@@ -184,8 +203,11 @@ def _onnx_graph(layer):
                                       [f"{s}_l{l}" for l in range(L)], axis=0, name=f"split_{s}"))
     finals = ["Y_h", "Y_c"] if lstm else ["Y_h"]
     for l in range(L):
-        ins = [x, f"W_l{l}", f"R_l{l}", f"B_l{l}" if layer.bias else "", "sequence_lens"]
+        ins = [x, f"W_l{l}", f"R_l{l}", f"B_l{l}" if layer.bias else "",
+               "sequence_lens" if sequence_lens else ""]
         ins += [f"{s}_l{l}" for s in states]
+        while ins[-1] == "":
+            ins.pop()
         outs = [f"Y_l{l}"] + [f"{f}_l{l}" for f in finals]  # Y_l [T, D, B, H], finals [D, B, H]
         nodes.append(helper.make_node(_onnx_op(layer.cell), ins, outs, name=f"layer{l}", **attrs))
         nodes.append(helper.make_node("Transpose", [f"Y_l{l}"], [f"Y_l{l}_tbdh"],
@@ -212,27 +234,29 @@ def _node_signature(node):
     return (node.op_type, list(node.input), list(node.output), attrs)
 
 
-def to_onnx(layer, path):
-    """Write ``layer`` as an ONNX model (see the module docstring) to ``path``, atomically."""
+def to_onnx(layer, path, sequence_lens=False, initial_states=False):
+    """Write ``layer`` as an ONNX model (see the module docstring) to ``path``, atomically
+    (``engine.files.write_atomically``: fsynced, then renamed over ``path``).  Its inputs:
+    ``X``, and ``sequence_lens`` and the initial states when asked for."""
     onnx = _import("onnx", "onnx")
     from onnx import TensorProto, helper, numpy_helper
 
     elem = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE}[layer.dtype.name]
     L, D, H, I = layer.num_layers, layer.num_directions, layer.hidden_size, layer.input_size
-    nodes, consts = _onnx_graph(layer)
+    nodes, consts = _onnx_graph(layer, sequence_lens, initial_states)
     weights = _onnx_weights(layer, layer.state_dict())
     initializers = [numpy_helper.from_array(np.ascontiguousarray(a), name)
                     for name, a in {**weights, **consts}.items()]
     x_shape = ["batch", "time", I] if layer.batch_first else ["time", "batch", I]
     y_shape = ["batch", "time", D * H] if layer.batch_first else ["time", "batch", D * H]
     state_shape = [L * D, "batch", H]
-    inputs = [helper.make_tensor_value_info("X", elem, x_shape),
-              helper.make_tensor_value_info("sequence_lens", TensorProto.INT32, ["batch"]),
-              helper.make_tensor_value_info("initial_h", elem, state_shape)]
+    types = {"X": (elem, x_shape), "sequence_lens": (TensorProto.INT32, ["batch"]),
+             "initial_h": (elem, state_shape), "initial_c": (elem, state_shape)}
+    inputs = [helper.make_tensor_value_info(name, *types[name])
+              for name in _onnx_inputs(layer, sequence_lens, initial_states)]
     outputs = [helper.make_tensor_value_info("Y", elem, y_shape),
                helper.make_tensor_value_info("Y_h", elem, state_shape)]
     if layer.cell.has_cell_state:
-        inputs.append(helper.make_tensor_value_info("initial_c", elem, state_shape))
         outputs.append(helper.make_tensor_value_info("Y_c", elem, state_shape))
     graph = helper.make_graph(nodes, f"gpurnn_{type(layer).__name__}", inputs, outputs,
                               initializer=initializers)
@@ -242,21 +266,14 @@ def to_onnx(layer, path):
     model.doc_string = repr(layer)
     onnx.checker.check_model(model)
 
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                               prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    data = model.SerializeToString()
+    write_atomically(path, lambda f: f.write(data))
 
 
 def from_onnx(path, device="cpu"):
-    """Read back a model written by ``to_onnx`` as a gpurnn layer on ``device``.  Any other
-    graph raises ValueError (this reads gpurnn's own structure, not arbitrary ONNX models)."""
+    """Read back a model written by ``to_onnx`` (any of its forms) as a gpurnn layer on
+    ``device``.  Any other graph raises ValueError (this reads gpurnn's own structure, not
+    arbitrary ONNX models)."""
     onnx = _import("onnx", "onnx")
     from onnx import numpy_helper
 
@@ -299,7 +316,7 @@ def from_onnx(path, device="cpu"):
             raise ValueError(f"{where}: RNN activation must be Tanh or Relu, got {acts}")
     if "hidden_size" not in attrs:
         raise ValueError(f"{where}: the {op} node has no hidden_size attribute")
-    gates = {"RNN": 1, "LSTM": 4, "GRU": 3}[op]
+    gates = CellSpec(op.lower()).gates
     if not isinstance(attrs["hidden_size"], int) or attrs["hidden_size"] * gates != W.shape[1]:
         # checked before the layer allocates hidden_size-sized weights
         raise ValueError(f"{where}: hidden_size {attrs['hidden_size']!r} does not match W of "
@@ -307,8 +324,14 @@ def from_onnx(path, device="cpu"):
     cls = {"RNN": layers.RNN, "LSTM": layers.LSTM, "GRU": layers.GRU}[op]
     layer = cls(int(W.shape[2]), int(attrs["hidden_size"]), **kwargs)
 
-    # Recognise the structure: the graph must be exactly the one to_onnx writes for this layer.
-    nodes, consts = _onnx_graph(layer)
+    # Recognise the structure: the graph must be exactly the one to_onnx writes for this layer,
+    # in the form its inputs name.
+    fed = [i.name for i in graph.input]
+    sequence_lens, initial_states = "sequence_lens" in fed, "initial_h" in fed
+    if fed != _onnx_inputs(layer, sequence_lens, initial_states):
+        raise ValueError(f"{where}: its inputs are {fed}, expected "
+                         f"{_onnx_inputs(layer, sequence_lens, initial_states)}")
+    nodes, consts = _onnx_graph(layer, sequence_lens, initial_states)
     expected = [_node_signature(n) for n in nodes]
     found = [_node_signature(n) for n in graph.node]
     if expected != found:
@@ -328,3 +351,7 @@ def from_onnx(path, device="cpu"):
                              f"got {got}")
     layer.load_state_dict(_state_from_onnx_weights(layer, inits))
     return layer
+
+
+register_exporter("torch", to_torch)
+register_exporter("onnx", to_onnx)

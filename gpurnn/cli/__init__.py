@@ -1,0 +1,7 @@
+"""The ``gpurnn`` command (``gpurnn.cli:main``): its commands, plots and pre-flight checks.
+
+The top layer: imports ``gpurnn.training``, ``gpurnn.nn`` and ``gpurnn.engine``.
+"""
+from .commands import main
+
+__all__ = ["main"]
