@@ -21,6 +21,9 @@ import tarfile
 from pathlib import Path
 
 ASV_DIR = Path(__file__).resolve().parents[1] / "asv_benches"
+#: tarfile's "data" filter (no links out of the folder, no devices) where Python has it
+#: (3.10.12, 3.11.4 and later).
+_SAFE_EXTRACT = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 #: CDN address in asv's index.html -> (npm package@version, the file in that package).
 ASSETS = {
@@ -62,7 +65,7 @@ def fetch(package, cache):
         raise SystemExit(f"asv_offline: npm pack {package} failed:\n{out.stderr.strip()}")
     tarball = cache / out.stdout.strip().splitlines()[-1]
     with tarfile.open(tarball) as tar:
-        tar.extractall(folder, filter="data")
+        tar.extractall(folder, **_SAFE_EXTRACT)
     tarball.unlink()
     return folder / "package"
 
