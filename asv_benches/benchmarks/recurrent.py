@@ -62,10 +62,9 @@ class _Training:
 class _Gpurnn(_Bench):
     def setup(self, cell, shape, device, dtype):
         import gpurnn
-        from gpurnn.backend import cuda_unavailable_reason
 
-        if device == "cuda" and cuda_unavailable_reason() is not None:
-            raise NotImplementedError(f"no GPU: {cuda_unavailable_reason()}")
+        if device == "cuda" and gpurnn.cuda_unavailable_reason() is not None:
+            raise NotImplementedError(f"no GPU: {gpurnn.cuda_unavailable_reason()}")
         T, B, I, H = parse_shape(shape)
         cls, opts = GPURNN_CELLS[cell]
         self.layer = getattr(gpurnn, cls)(I, H, device=device, dtype=dtype, seed=0, **opts)
