@@ -1,9 +1,10 @@
-"""The ``gpurnn`` command: ``train``, ``gradflow``, ``info``.
+"""The ``gpurnn`` command: ``train``, ``gradflow``, ``study``, ``info``.
 
     gpurnn train                      # an LSTM on the adding problem, about a minute on a CPU
     gpurnn train --task digits --cell gru --steps 2000 --out runs/digits
     gpurnn train --resume runs/digits --steps 4000     # continue exactly where it stopped
     gpurnn gradflow --task adding --seq-len 100        # ||dL/dh_t|| of RNN vs LSTM vs GRU
+    gpurnn study adding                                # cells x lengths x seeds (gpurnn/study.py)
     gpurnn info
 """
 import argparse
@@ -26,6 +27,10 @@ TASK_DEFAULTS = {
 RUN_OPTIONS = ("task", "cell", "seq_len", "hidden", "layers", "batch", "lr", "optimizer", "clip",
                "clip_value", "seed", "dtype", "reduction", "tbptt")
 CHECKPOINT = "checkpoint.npz"
+#: --cell choices: the model's cell and its options (gru: the seed's form, reset before the
+#: recurrent product; gru-reset-after: cuDNN's and PyTorch's)
+CELL_CHOICES = {"rnn": ("rnn", {}), "lstm": ("lstm", {}), "gru": ("gru", {}),
+                "gru-reset-after": ("gru", {"reset_after": True})}
 
 
 def _positive_int(text):
@@ -67,7 +72,8 @@ def build_parser():
                         "options: an LSTM on the adding problem (length 30), about a minute on "
                         "a laptop CPU.")
     _add_model_options(tr)
-    tr.add_argument("--cell", choices=["rnn", "lstm", "gru"])
+    tr.add_argument("--cell", choices=list(CELL_CHOICES), help="gru: the seed's form (reset "
+                    "before the recurrent product); gru-reset-after: PyTorch's (default lstm)")
     tr.add_argument("--layers", type=_positive_int, help="stacked recurrent layers (default 1)")
     tr.add_argument("--steps", type=_positive_int, help="total training steps (a resumed run "
                     "continues up to this many)")
@@ -111,6 +117,9 @@ def build_parser():
     gf.add_argument("--out", default=".", help="directory for gradflow.png and gradflow.json")
 
     sub.add_parser("info", help="version, backends, GPU, and why CUDA is not used")
+    from .study import add_parser as add_study_parser  # the study drives cmd_train
+
+    add_study_parser(sub)
     return parser
 
 
@@ -142,10 +151,11 @@ def _make_run(config, device):
     from .tasks import make_task
 
     task = make_task(config["task"], config["seq_len"])
-    check_run_fits(config, task, get_backend(device))
-    model = model_for_task(task, cell=config["cell"], hidden_size=config["hidden"],
+    cell, options = CELL_CHOICES[config["cell"]]
+    check_run_fits({**config, "cell": cell}, task, get_backend(device))
+    model = model_for_task(task, cell=cell, hidden_size=config["hidden"],
                            num_layers=config["layers"], device=device, dtype=config["dtype"],
-                           seed=config["seed"])
+                           seed=config["seed"], **options)
     optimizer = OPTIMIZERS[config["optimizer"]](model.params, model.grads, lr=config["lr"])
     rng = np.random.default_rng([config["seed"], 2])  # the data stream, apart from the weights'
     return task, model, optimizer, rng
@@ -382,7 +392,10 @@ def _blas_threads(n):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "gradflow": cmd_gradflow, "info": cmd_info}
+    from .study import cmd_study
+
+    commands = {"train": cmd_train, "gradflow": cmd_gradflow, "info": cmd_info,
+                "study": cmd_study}
     limit = _blas_threads(args.blas_threads) if hasattr(args, "blas_threads") else \
         contextlib.nullcontext()
     try:
