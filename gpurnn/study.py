@@ -48,7 +48,7 @@ THRESHOLDS = {
     "copy": 0.99,
 }
 DEFAULTS = {
-    "adding": {"lengths": "50,100,200,400", "steps": 1500, "lr": 1e-2},
+    "adding": {"lengths": "50,100,200,400", "steps": 2000, "lr": 1e-2},
     "copy": {"lengths": "20,50,100", "steps": 1500, "lr": 3e-3},
 }
 #: options that define every run of a study; a study directory refuses others
