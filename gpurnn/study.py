@@ -304,7 +304,9 @@ def run_result(run_dir, task, threshold):
     """What a finished run's ``metrics.jsonl`` says: the test metric at each evaluation, its
     best, the first evaluation step at the threshold (None: not reached), the steps trained,
     the training time (the sum of the step times: evaluations and checkpoints left out), the
-    median sequences/s, the devices and whether it stopped at a non-finite loss."""
+    wall time (of the ``gpurnn train`` calls that finished: evaluations included, a call
+    killed part-way not counted), the median sequences/s, the devices and whether it stopped at
+    a non-finite loss."""
     records, _ = read_records(os.path.join(run_dir, "metrics.jsonl"))
     batch = records[0]["config"]["batch"]
     steps = [r for r in records if "loss" in r]
@@ -319,6 +321,7 @@ def run_result(run_dir, task, threshold):
             "steps_to_threshold": reached[0] if reached else None,
             "steps_trained": steps[-1]["step"],
             "train_s": float(sum(batch / r["seq_per_s"] for r in steps)),
+            "wall_s": float(sum(r["wall_s"] for r in records if r.get("summary"))),
             "seq_per_s": float(np.median([r["seq_per_s"] for r in steps])),
             "devices": devices, "halted": bool(steps[-1].get("halted"))}
 
@@ -345,6 +348,7 @@ def summarise(study, results):
                 "steps_trained_per_seed": [r["steps_trained"] for r in per_seed],
                 "halted": sum(r["halted"] for r in per_seed),
                 "train_s_median": float(np.median([r["train_s"] for r in per_seed])),
+                "wall_s_median": float(np.median([r["wall_s"] for r in per_seed])),
                 "seq_per_s_median": float(np.median([r["seq_per_s"] for r in per_seed])),
                 "devices": sorted({d for r in per_seed for d in r["devices"]}),
             })
@@ -360,8 +364,8 @@ def markdown_table(study, rows, task):
     op = ">=" if task.higher_is_better else "<"
     lines = [
         f"| cell | H | params | T | best test {metric}: median (min-max) | "
-        f"steps to {metric} {op} {study.threshold:g}, per seed | training s (median) | "
-        f"sequences/s (median) | device |",
+        f"steps to {metric} {op} {study.threshold:g}, per seed | training s, wall s "
+        f"(medians) | sequences/s (median) | device |",
         "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = r["best"]
@@ -371,7 +375,7 @@ def markdown_table(study, rows, task):
         label = r["cell"] + (" (=LSTM params)" if r["matched_to_lstm_params"] else "")
         lines.append(f"| {label} | {r['hidden']} | {r['params']} | {r['seq_len']} | "
                      f"{_fmt(b['median'])} ({_fmt(b['min'])}-{_fmt(b['max'])}) | "
-                     f"{steps}{halted} | {r['train_s_median']:.0f} | "
+                     f"{steps}{halted} | {r['train_s_median']:.0f}, {r['wall_s_median']:.0f} | "
                      f"{r['seq_per_s_median']:.0f} | {', '.join(r['devices']) or '?'} |")
     return "\n".join(lines) + "\n"
 

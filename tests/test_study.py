@@ -18,7 +18,8 @@ from gpurnn.tasks import Adding, make_task
 TINY = ["--lengths", "6", "--seeds", "1", "--hidden", "5", "--batch", "4", "--steps", "6",
         "--eval-every", "2", "--gradflow-batch", "2"]
 PNG = b"\x89PNG\r\n\x1a\n"
-TIMINGS = ("seq_per_s", "wall_s", "train_s", "train_s_median", "seq_per_s_median")
+TIMINGS = ("seq_per_s", "wall_s", "train_s", "train_s_median", "wall_s_median",
+           "seq_per_s_median")
 
 
 def _study(out, *extra, device="cpu"):
@@ -64,6 +65,7 @@ def test_tiny_study_end_to_end(tmp_path, capsys):
         assert row["params"] == parameter_count(row["cell"], 5, make_task("adding", 6))
         step_times = sum(4 / r["seq_per_s"] for r in records if "loss" in r)
         assert row["train_s_median"] == pytest.approx(step_times)
+        assert row["wall_s_median"] == next(r["wall_s"] for r in records if r.get("summary"))
         assert row["devices"] == ["cpu"]
         label = f"| {row['cell']} | 5 | {row['params']} | 6 | {best:.3g} ({best:.3g}-{best:.3g}) |"
         assert label in table
