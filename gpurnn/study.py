@@ -25,6 +25,7 @@ first seed).
 """
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -463,9 +464,13 @@ def plot_curves(study, results, task, path):
         ax.set_title(f"T = {T}", fontsize=10)
         ax.set_xlabel("training step")
     axes[0][0].set_ylabel(f"test {task.metric}")
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{study.task}: median over {len(study.seeds)} seeds, min-max shaded", fontsize=10)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
+    held = "; a run stopped at the threshold keeps its last value" \
+        if study.stop_at_threshold else ""
+    fig.suptitle(f"{study.task}: median over {len(study.seeds)} seeds, min-max shaded{held}",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.07 * math.ceil(len(labels) / 4), 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
