@@ -541,6 +541,7 @@ def add_parser(sub):
 
 def cmd_study(args):
     study = parse_study(args)
+    commit = _commit()  # of the code that trains, should the checkout change meanwhile
     _check_study_dir(study)
     task = make_task(study.task, study.lengths[0])
     print(f"gpurnn study: {len(study.runs())} runs ({len(study.variants)} models x "
@@ -570,7 +571,7 @@ def cmd_study(args):
                              f"{study.seeds[0]}, {study.gradflow_batch} sequences")
     plot_curves(study, results, task, os.path.join(study.out, "curves.png"))
     info = {"command": study.command(), "date": datetime.datetime.now().isoformat(
-        timespec="seconds"), "commit": _commit(), "cpu": _cpu_model(),
+        timespec="seconds"), "commit": commit, "cpu": _cpu_model(),
         "python": platform.python_version(), "study_wall_s_this_call":
         round(time.perf_counter() - t0, 1)}
     table = markdown_table(study, rows, task)
