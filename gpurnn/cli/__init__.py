@@ -2,6 +2,6 @@
 
 The top layer: imports ``gpurnn.training``, ``gpurnn.nn`` and ``gpurnn.engine``.
 """
-from .commands import main
+from .app import main
 
 __all__ = ["main"]

@@ -1,4 +1,5 @@
-"""The ``gpurnn`` command: ``train``, ``evaluate``, ``predict``, ``gradflow``, ``info``.
+"""The ``gpurnn`` commands ``train``, ``evaluate``, ``predict``, ``gradflow``, ``info`` (``study``
+is cli/study.py; cli/app.py puts them together).
 
     gpurnn train                      # an LSTM on the adding problem, about a minute on a CPU
     gpurnn train --task digits --cell gru --steps 2000 --out runs/digits
@@ -7,6 +8,7 @@
     gpurnn evaluate runs/mine --data test.npz
     gpurnn predict runs/mine --data new.npz --out preds.npz
     gpurnn gradflow --task adding --seq-len 100        # ||dL/dh_t|| of RNN vs LSTM vs GRU
+    gpurnn study adding                                # cells x lengths x seeds (cli/study.py)
     gpurnn info
 """
 import argparse
@@ -28,6 +30,10 @@ from ..training.model import CHECKPOINT, DEFAULT_LR, EVAL_BATCH
 from ..training.nonfinite import POLICIES
 from ..training.tasks import TASK_DEFAULTS, TASKS
 
+#: --cell choices: the model's cell and its options (gru: the source document's form, reset
+#: before the recurrent product; gru-reset-after: cuDNN's and PyTorch's)
+CELL_CHOICES = {**{name: (name, {}) for name in CELLS},
+                "gru-reset-after": ("gru", {"reset_after": True})}
 #: options that define a run; on --resume they come from the checkpoint
 RUN_OPTIONS = ("task", "data", "val_data", "val_split", "loss", "head", "cell", "seq_len",
                "hidden", "layers", "batch", "lr", "optimizer", "clip", "clip_value", "seed",
@@ -81,7 +87,9 @@ def _add_model_options(p):
     _add_device_options(p)
 
 
-def build_parser():
+def build_parser(extra=()):
+    """The parser of these commands, and of the commands ``extra`` adds: each an
+    ``add_parser(subparsers)`` of a module above this one (cli/app.py)."""
     parser = argparse.ArgumentParser(prog="gpurnn", description="Recurrent networks (RNN, LSTM, "
                                      "GRU) with BPTT on GPUs and CPUs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,7 +111,9 @@ def build_parser():
                     "or per sequence (last); default from y's shape")
     tr.add_argument("--epochs", type=_positive_int, help="with --data: passes over the data "
                     f"(default {DATA_DEFAULTS['epochs']}; --steps counts batches instead)")
-    tr.add_argument("--cell", choices=list(CELLS))
+    tr.add_argument("--cell", choices=list(CELL_CHOICES), help="gru: the source document's "
+                    "form (reset before the recurrent product); gru-reset-after: PyTorch's "
+                    "(default lstm)")
     tr.add_argument("--layers", type=_positive_int, help="stacked recurrent layers (default 1)")
     tr.add_argument("--steps", type=_positive_int, help="total training steps (a resumed run "
                     "continues up to this many)")
@@ -169,6 +179,8 @@ def build_parser():
     _add_device_options(pr)
 
     sub.add_parser("info", help="version, backends, GPU, and why CUDA is not used")
+    for add_parser in extra:
+        add_parser(sub)
     return parser
 
 
@@ -223,10 +235,11 @@ def _make_run(config, device):
     from .preflight import check_run_fits
 
     task = make_task(config["task"], config["seq_len"])
-    check_run_fits(config, task.model_kwargs(), get_backend(device))
-    model = model_for_task(task, cell=config["cell"], hidden_size=config["hidden"],
+    cell, options = CELL_CHOICES[config["cell"]]
+    check_run_fits({**config, "cell": cell}, task.model_kwargs(), get_backend(device))
+    model = model_for_task(task, cell=cell, hidden_size=config["hidden"],
                            num_layers=config["layers"], device=device, dtype=config["dtype"],
-                           seed=config["seed"])
+                           seed=config["seed"], **options)
     return task, model, _optimizer(config, model), _data_rng(config)
 
 
@@ -286,9 +299,10 @@ def _make_data_run(config, device):
     kwargs, _ = _on_data(config["data"], lambda: describe_arrays(
         *train, config["loss"], config["head"], validation))
     config["loss"], config["head"] = kwargs.pop("loss"), kwargs["head"]
-    check_run_fits(config, kwargs, get_backend(device))
-    model = Model(config["cell"], hidden_size=config["hidden"], num_layers=config["layers"],
-                  device=device, dtype=config["dtype"], seed=config["seed"], **kwargs)
+    cell, options = CELL_CHOICES[config["cell"]]
+    check_run_fits({**config, "cell": cell}, kwargs, get_backend(device))
+    model = Model(cell, hidden_size=config["hidden"], num_layers=config["layers"],
+                  device=device, dtype=config["dtype"], seed=config["seed"], **kwargs, **options)
     if config["val_split"]:
         train, validation = _on_data(config["data"], lambda: split_validation(
             model, *train, config["loss"], config["val_split"]))
@@ -621,10 +635,14 @@ def _blas_threads(n):
     return threadpool_limits(limits=min(n, os.cpu_count() or 1), user_api="blas")  # C int
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
-                "gradflow": cmd_gradflow, "info": cmd_info}
+#: the commands defined here, by name
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+            "gradflow": cmd_gradflow, "info": cmd_info}
+
+
+def run(args, commands):
+    """Run the command ``args`` names (``commands``: name -> function of ``args``): its
+    errors become one line on stderr and exit status 2, never a traceback."""
     limit = _blas_threads(args.blas_threads) if hasattr(args, "blas_threads") else \
         contextlib.nullcontext()
     try:
@@ -637,6 +655,3 @@ def main(argv=None):
         end_after_error(2)  # under MPI, the other ranks must not wait for this one for ever
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())
