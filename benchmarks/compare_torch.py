@@ -31,7 +31,7 @@ CELLS = {
     "rnn": ("RNN", {}, "RNN", {}),
     "lstm": ("LSTM", {}, "LSTM", {}),
     "gru": ("GRU", {"reset_after": True}, "GRU", {}),
-    "gru_seed": ("GRU", {"reset_after": False}, "GRU", {}),
+    "gru_reset_before": ("GRU", {"reset_after": False}, "GRU", {}),
 }
 
 

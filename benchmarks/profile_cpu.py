@@ -16,14 +16,14 @@ import numba
 import numpy as np
 
 import gpurnn
-from gpurnn import drivers
 from gpurnn.backend import CPUBackend
 from gpurnn.kernels import cpu
+from gpurnn.kernels.loops import make_loops, time_slots
 
 from compare_torch import median_ms  # this folder is on sys.path when run as a script
 
 CELLS = {"rnn": ("RNN", {}), "lstm": ("LSTM", {}), "gru": ("GRU", {"reset_after": True}),
-         "gru_seed": ("GRU", {"reset_after": False})}
+         "gru_reset_before": ("GRU", {"reset_after": False})}
 
 
 @numba.njit(cache=True)
@@ -51,7 +51,7 @@ class _Without(CPUBackend):
                 matmul = _no_matmul
             else:
                 kernels = {name: _no_step for name in kernels}
-            loops = drivers.make_loops(matmul, kernels, numba.njit(drivers._slots))
+            loops = make_loops(matmul, kernels, numba.njit(time_slots))
             self._loops[dtype] = {name: numba.njit(fn) for name, fn in loops.items()}
         return self._loops[dtype]
 

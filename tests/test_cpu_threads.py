@@ -1,5 +1,6 @@
-"""The CPU backend's compiled time loops: same results as the drivers' Python loops, BLAS called
-correctly from Numba, no Numba thread pool, and Numba's cache hit by a new process.
+"""The CPU backend's compiled time loops: same results as the loops run as Python, each step
+kernel called with its declared signature, BLAS called correctly from Numba, no Numba thread
+pool, and Numba's cache hit by a new process.
 
 Speed itself is measured by the asv suite and benchmarks/compare_torch.py, not here.
 """
@@ -14,6 +15,7 @@ import pytest
 from gpurnn import drivers
 from gpurnn.backend import CPUBackend
 from gpurnn.kernels import cpu
+from gpurnn.kernels.signatures import STEP_KERNELS, numba_signature
 
 from conftest import CELL_IDS, CELLS
 
@@ -21,14 +23,14 @@ SPECS = {
     "rnn_tanh": drivers.CellSpec("rnn"),
     "rnn_relu": drivers.CellSpec("rnn", relu=True),
     "lstm": drivers.CellSpec("lstm"),
-    "gru_seed": drivers.CellSpec("gru"),
+    "gru_reset_before": drivers.CellSpec("gru"),
     "gru_reset_after": drivers.CellSpec("gru", reset_after=True),
 }
 assert set(SPECS) == set(CELL_IDS) and len(CELLS) == len(SPECS)
 
 
 class PythonLoopsCPU(CPUBackend):
-    """The CPU backend without its compiled loops: the drivers run ``make_loops`` as Python."""
+    """The CPU backend without its compiled loops: the drivers run the loops as Python."""
 
     def compiled_loops(self, dtype):
         return None
@@ -41,16 +43,20 @@ def test_numpy_openblas_is_found_here():
     assert CPUBackend().compiled_loops(np.float64) is not None
 
 
-def _run(be, cell, T, B, I, H, reverse, rng, lengths):
+def _run(be, cell, T, B, I, H, reverse, rng, lengths, dtype=np.float64):
     G = cell.gates
-    w = drivers.Weights(*(rng.standard_normal(s) * 0.4 for s in
+
+    def normal(*shape, scale=1.0):
+        return (rng.standard_normal(shape) * scale).astype(dtype)
+
+    w = drivers.Weights(*(normal(*s, scale=0.4) for s in
                           ((G * H, I), (G * H, H), (G * H,), (G * H,))))
-    x = rng.standard_normal((T, B, I))
-    h0 = rng.standard_normal((B, H)) * 0.5
-    c0 = rng.standard_normal((B, H)) * 0.5 if cell.has_cell_state else None
-    dy = rng.standard_normal((T, B, H))
-    dh = rng.standard_normal((B, H))
-    dc = rng.standard_normal((B, H)) if cell.has_cell_state else None
+    x = normal(T, B, I)
+    h0 = normal(B, H, scale=0.5)
+    c0 = normal(B, H, scale=0.5) if cell.has_cell_state else None
+    dy = normal(T, B, H)
+    dh = normal(B, H)
+    dc = normal(B, H) if cell.has_cell_state else None
     grads = drivers.Weights(*(np.empty_like(a) for a in (w.w_ih, w.w_hh, w.b_ih, w.b_hh)))
     ws = drivers.Workspace(be)
     y, tape = drivers.forward(be, cell, w, x, h0, c0, lengths, reverse, True, ws)
@@ -74,6 +80,19 @@ def test_compiled_loops_match_python_loops(name, reverse):
     got = _run(CPUBackend(), cell, T, B, I, H, reverse, np.random.default_rng(5), lengths)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_loops_call_each_kernel_with_its_declared_signature(dtype):
+    """The signature the vectorisation test inspects is the one that runs."""
+    be = CPUBackend()
+    lengths = np.array([6, 0, 4], dtype=np.int32)
+    for cell in SPECS.values():
+        for reverse in (False, True):
+            _run(be, cell, 6, 3, 5, 7, reverse, np.random.default_rng(1), lengths, dtype)
+    for name, kernel in be.kernels(dtype).items():
+        want = numba_signature(STEP_KERNELS[name], dtype)
+        assert kernel.signatures == [want], name
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -102,7 +121,7 @@ def test_blas_matmul_refuses_bad_shapes():
 
 
 def test_no_cpu_kernel_or_loop_is_parallel():
-    # A Numba thread pool spinning against OpenBLAS's cost 60x here (DESIGN.md): the cores
+    # A Numba thread pool spinning against OpenBLAS's cost 60x on these machines: the cores
     # belong to BLAS, so nothing gpurnn compiles for the CPU may use parallel=True / prange.
     be = CPUBackend()
     for dtype in (np.float32, np.float64):
@@ -128,8 +147,9 @@ _FIRST_STEP = """
     loops = m.backend.compiled_loops(np.float64)
     kernels = m.backend.kernels(np.float64)
     # The step kernels are compiled into the loops, and loaded with them.
-    used = [loops["gru_seed_forward"], loops["gru_seed_backward"]]
-    called = used + [kernels["gru_seed_reset_step"], kernels["gru_seed_candidate_step"]]
+    used = [loops["gru_reset_before_forward"], loops["gru_reset_before_backward"]]
+    called = used + [kernels["gru_reset_before_gates_step"],
+                     kernels["gru_reset_before_candidate_step"]]
     print(sum(len(f.stats.cache_hits) for f in used),
           sum(len(f.stats.cache_misses) for f in called), numba_parallel._is_initialized)
 """
