@@ -127,8 +127,10 @@ def forward(be, cell, w, x, h0, c0, lengths, reverse, training, ws):
     hg = ws.get("hg", (B, G * H), dtype)  # [B, G*H] recurrent product of one step
 
     if not be.forward_sequence(cell, w, xg, y, hs, cs, gates, hg, lengths, reverse, training):
+        w_hh_t = ws.get("w_hh_t", (H, G * H), dtype)  # [H, G*H] W_hh^T (kernels/loops.py)
+        w_hh_t[...] = w.w_hh.T
         loop = _loops(be, dtype)[_loop_name(cell, "forward")]
-        loop(y, hs, cs, gates, xg, hg, w.w_hh, w.b_ih, w.b_hh, lengths, reverse, training,
+        loop(y, hs, cs, gates, xg, hg, w_hh_t, w.b_ih, w.b_hh, lengths, reverse, training,
              int(cell.relu))
 
     last = time_slots(T, T - 1, reverse, training)[2]
@@ -186,7 +188,11 @@ def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
     else:
         be.matmul(Dh.T, h_prev, out=grads.w_hh)
     D.sum(axis=0, out=grads.b_ih)
-    Dh.sum(axis=0, out=grads.b_hh)
+    # The two paths' gradients differ only in the reset-after GRU's n block: sum that alone.
+    same = 2 * H if dgh is not dg else G * H
+    grads.b_hh[:same] = grads.b_ih[:same]
+    if same < G * H:
+        Dh[:, same:].sum(axis=0, out=grads.b_hh[same:])
     dx = be.empty((T, B, I), dtype)
     be.matmul(D, w.w_ih, out=dx.reshape(T * B, I))
     return dx, dh0, dc0

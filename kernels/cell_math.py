@@ -15,8 +15,8 @@ post-activation values (``s*(1-s)``, ``1-t*t``) and the saved ``tanh(c)`` of the
 Numerics:
 
 * float32 ``tanh``: a rational minimax form (Eigen's ``generic_fast_tanh_float`` coefficients),
-  odd polynomial of degree 13 over even of degree 6, argument clamped to +-7.905 where float32
-  tanh is +-1 to the last bit; at most 6 ulp from the exact value over the whole float32 range
+  odd polynomial of degree 13 over even of degree 6, argument clamped to +-9 where float32 tanh
+  is +-1; at most 6 ulp from the exact value over the whole float32 range
   (``tests/test_cell_math.py``).
 * float32 ``sigmoid``: ``1 / (1 + e)`` for ``x >= 0`` and ``e / (1 + e)`` below, both computed,
   with ``e = exp(-|x|)``, so ``exp`` never overflows and the result keeps its relative accuracy
@@ -154,7 +154,10 @@ def _make_tanh(dtype):
 
         return tanh64
     f = np.float32
-    clamp = f(7.90531110763549805)
+    one = f(1)
+    # Beyond 9, float32 tanh is 1 (1 - tanh(9) < 2^-25); the form gives exactly 1 there, with
+    # or without fused multiply-adds (Eigen's clamp at 7.905 leaves 1 - 4 ulp with them).
+    clamp = f(9.0)
     a1, a3, a5, a7 = f(4.89352455891786e-03), f(6.37261928875436e-04), f(1.48572235717979e-05), \
         f(5.12229709037114e-08)
     a9, a11, a13 = f(-8.60467152213735e-11), f(2.00018790482477e-13), f(-2.76076847742355e-16)
@@ -168,8 +171,9 @@ def _make_tanh(dtype):
         p = (((((a13 * x2 + a11) * x2 + a9) * x2 + a7) * x2 + a5) * x2 + a3) * x2 + a1
         q = ((b6 * x2 + b4) * x2 + b2) * x2 + b0
         # c * (p/q), not (c*p)/q: c*p underflows into the subnormals for |x| < 2.4e-36 and
-        # lost up to 100 ulp there; p/q is near 1.
-        return c * (p / q)
+        # lost up to 100 ulp there; p/q is near 1.  Clamped: between 7.9 and 9 the form
+        # overshoots 1 by an ulp or two.
+        return min(max(c * (p / q), -one), one)
 
     return tanh32
 

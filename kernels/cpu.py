@@ -19,6 +19,10 @@ code).  What it took, each found in the LLVM IR:
   negative-index wraparound stays in the loop and the loads become gathers.
 * ``error_model="numpy"``.  Numba's default checks every float division for zero (to raise
   ``ZeroDivisionError``), a branch that keeps the loop scalar.
+* ``fastmath={"contract"}``, and no other fast-math flag: LLVM fuses ``a*b + c`` into one FMA
+  (one rounding instead of two, as the CUDA compiler does by default), but keeps IEEE semantics
+  otherwise (the exp's rounding trick and the NaN handling depend on them).  LSTM step at
+  B=32, H=256 (callgrind): forward 377k -> 344k instructions, backward 129k -> 57k.
 * No NRT: a step kernel allocates nothing, and with NRT every array it touches is increfed and
   decrefed (atomic operations).
 
@@ -55,8 +59,13 @@ from .loops import make_loops, time_slots
 # CBLAS enums (plain C ints in every CBLAS).
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
-#: Units per tile of a step kernel's row loop.
-TILE = 64
+#: Numba options of every CPU step kernel (see above).
+KERNEL_OPTIONS = {"_nrt": False, "error_model": "numpy", "fastmath": {"contract"}}
+
+#: Units per tile of a step kernel's row loop.  Instructions per call at B=32, H=256, float32
+#: AVX2 (callgrind), tiles of 64 / 128 / 256: LSTM forward 344k / 334k / 317k, backward
+#: 57k / 47k / 89k.
+TILE = 128
 
 
 @intrinsic
@@ -379,7 +388,7 @@ def make_cpu_kernels(dtype):
     """``{kernel name: jitted step kernel}`` for ``dtype``, compiled on first call."""
     kernels = {}
     for name, fn in _step_kernels(make_cell_math(dtype)).items():
-        kernels[name] = numba.njit(cache=True, _nrt=False, error_model="numpy")(fn)
+        kernels[name] = numba.njit(cache=True, **KERNEL_OPTIONS)(fn)
         _stable_cache_keys(kernels[name], f"{np.dtype(dtype).name}.{name}")
     return kernels
 

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from gpurnn.kernels.cell_math import make_cell_math
+from gpurnn.kernels.cpu import KERNEL_OPTIONS
 
 
 def _apply(fn, x):
-    @numba.njit(error_model="numpy")  # as the CPU kernels compile it
+    @numba.njit(**KERNEL_OPTIONS)  # as the CPU kernels compile it
     def run(out, x):
         for i in range(x.shape[0]):
             out[i] = fn(x[i])
