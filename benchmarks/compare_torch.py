@@ -111,10 +111,14 @@ def _child(args):
     if args.threads:
         from threadpoolctl import threadpool_limits
 
-        threadpool_limits(args.threads)  # BLAS and OpenMP pools of this process
+        # threadpoolctl limits the libraries loaded so far: load this side's first (gpurnn's
+        # kernels import Numba, which loads SciPy and its OpenBLAS too).
         if args.child == "torch":
             import torch
-
+        else:
+            import gpurnn.kernels.cpu  # noqa: F401
+        threadpool_limits(args.threads)  # BLAS and OpenMP pools of this process
+        if args.child == "torch":
             torch.set_num_threads(args.threads)
     result = measure(args.cell, shape, args.dtype, args.repeat, args.warmup)
     result["blas"] = _blas_info()
