@@ -12,8 +12,8 @@ code).  What it took, each found in the LLVM IR:
 * The buffer, on the stack (``_stack_tile``).  LLVM vectorises a loop that stores to arrays it
   cannot prove distinct only behind runtime overlap checks of each stored array against every
   other accessed one, and gives up past 8 checks ("too many memory checks needed"): the LSTM
-  forward writes 8 gate blocks and rows and reads 17.  Nothing can overlap a stack buffer, so the math loop
-  needs no check, and each copy-out loop reads only the buffer.
+  forward writes 8 gate blocks and rows and reads 17.  Nothing can overlap a stack buffer, so
+  the math loop needs no check, and each copy-out loop reads only the buffer.
 * Gate blocks as views (``row[k*H + j0:]``) indexed by a counter from 0.  With ``xg[b, k*H +
   j]`` LLVM cannot prove the index non-negative (``H`` is a runtime value), so Numba's
   negative-index wraparound stays in the loop and the loads become gathers.

@@ -36,8 +36,8 @@ def _float(name, rank):
 
 
 _GRID = (_int("B"), _int("H"))
-_MASK = (Param("lengths", LENGTHS, 1), _int("t"))  # lengths [B]; step t is padding for b when
-#                                                    t >= lengths[b]
+# lengths [B] int32 and the step t: step t of sequence b is padding when t >= lengths[b]
+_MASK = (Param("lengths", LENGTHS, 1), _int("t"))
 
 # ------------------------------------------------------------------------------------ RNN
 RNN_FORWARD_STEP = _GRID + (
