@@ -9,12 +9,14 @@ import subprocess
 import sys
 import textwrap
 
+import numba
 import numpy as np
 import pytest
 
 from gpurnn import drivers
 from gpurnn.backend import CPUBackend
 from gpurnn.kernels import cpu
+from gpurnn.kernels.loops import make_loops, time_slots
 from gpurnn.kernels.signatures import STEP_KERNELS, numba_signature
 
 from conftest import CELL_IDS, CELLS
@@ -82,10 +84,33 @@ def test_compiled_loops_match_python_loops(name, reverse):
         np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
 
 
+class FreshLoopsCPU(CPUBackend):
+    """The CPU backend with its step kernels and loops compiled in this process, not loaded
+    from Numba's cache as whole loops, so that each kernel records what it was called with."""
+
+    def __init__(self):
+        super().__init__()
+        self._kernels = {}
+
+    def kernels(self, dtype):
+        dtype = np.dtype(dtype)
+        if dtype not in self._kernels:
+            self._kernels[dtype] = cpu.make_cpu_kernels(dtype)
+        return self._kernels[dtype]
+
+    def compiled_loops(self, dtype):
+        dtype = np.dtype(dtype)
+        if dtype not in self._loops:
+            loops = make_loops(cpu._make_matmul(dtype), self.kernels(dtype),
+                               numba.njit(time_slots))
+            self._loops[dtype] = {name: numba.njit(fn) for name, fn in loops.items()}
+        return self._loops[dtype]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_loops_call_each_kernel_with_its_declared_signature(dtype):
     """The signature the vectorisation test inspects is the one that runs."""
-    be = CPUBackend()
+    be = FreshLoopsCPU()
     lengths = np.array([6, 0, 4], dtype=np.int32)
     for cell in SPECS.values():
         for reverse in (False, True):
