@@ -3,13 +3,18 @@
 Each measurement (one side, one cell, one shape) runs in its own fresh Python process, so
 torch's OpenMP threads (which spin after each parallel region) and either side's allocator
 state cannot slow the other.  In each process: build the layer, warm up, then time ``--repeat``
-calls with ``time.perf_counter`` and report the median.  ``--rounds`` processes per side run
+calls and report the median.  ``--rounds`` processes per side run
 alternately (gpurnn, torch, gpurnn, ...), and the median of their medians is reported, so on a
 shared machine both sides see the same load.
 
 * training step: forward in training mode, then the backward of ``sum(out * dout)`` down to the
   weights and the input (torch: ``x.requires_grad_()``, since gpurnn always returns ``dx``);
 * inference: ``eval()`` forward (torch: also under ``torch.inference_mode()``).
+
+Clocks (``--clock``): ``wall`` (``time.perf_counter``, the default) or ``cpu``
+(``time.process_time``: CPU seconds of all the process's threads).  On a shared, loaded machine
+a process waits for a core at random; with ``--threads 1`` the CPU clock leaves that wait out
+(and counts any spinning thread), so its ratios hold under load where wall-clock ones do not.
 
 Run it with the OpenBLAS settings a user has (see BENCHMARKS.md):
 
@@ -31,23 +36,26 @@ CELLS = {
     "rnn": ("RNN", {}, "RNN", {}),
     "lstm": ("LSTM", {}, "LSTM", {}),
     "gru": ("GRU", {"reset_after": True}, "GRU", {}),
-    "gru_seed": ("GRU", {"reset_after": False}, "GRU", {}),
+    "gru_reset_before": ("GRU", {"reset_after": False}, "GRU", {}),
 }
 
 
-def median_ms(fn, repeat, warmup):
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def median_ms(fn, repeat, warmup, clock=time.perf_counter):
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     times.sort()
     return 1e3 * times[len(times) // 2]
 
 
-def _measure_gpurnn(cell, shape, dtype, repeat, warmup):
+def _measure_gpurnn(cell, shape, dtype, repeat, warmup, clock):
     import numpy as np
 
     import gpurnn
@@ -66,12 +74,12 @@ def _measure_gpurnn(cell, shape, dtype, repeat, warmup):
     def infer():
         m(x)
 
-    train = median_ms(train_step, repeat, warmup)
+    train = median_ms(train_step, repeat, warmup, clock)
     m.eval()
-    return {"train_ms": train, "infer_ms": median_ms(infer, repeat, warmup)}
+    return {"train_ms": train, "infer_ms": median_ms(infer, repeat, warmup, clock)}
 
 
-def _measure_torch(cell, shape, dtype, repeat, warmup):
+def _measure_torch(cell, shape, dtype, repeat, warmup, clock):
     import torch
 
     T, B, I, H = shape
@@ -92,9 +100,9 @@ def _measure_torch(cell, shape, dtype, repeat, warmup):
         with torch.inference_mode():
             m(x)
 
-    train = median_ms(train_step, repeat, warmup)
+    train = median_ms(train_step, repeat, warmup, clock)
     m.eval()
-    return {"train_ms": train, "infer_ms": median_ms(infer, repeat, warmup)}
+    return {"train_ms": train, "infer_ms": median_ms(infer, repeat, warmup, clock)}
 
 
 def _blas_info():
@@ -111,20 +119,25 @@ def _child(args):
     if args.threads:
         from threadpoolctl import threadpool_limits
 
-        threadpool_limits(args.threads)  # BLAS and OpenMP pools of this process
+        # threadpoolctl limits the libraries loaded so far: load this side's first (gpurnn's
+        # kernels import Numba, which loads SciPy and its OpenBLAS too).
         if args.child == "torch":
             import torch
-
+        else:
+            import gpurnn.kernels.cpu  # noqa: F401
+        threadpool_limits(args.threads)  # BLAS and OpenMP pools of this process
+        if args.child == "torch":
             torch.set_num_threads(args.threads)
-    result = measure(args.cell, shape, args.dtype, args.repeat, args.warmup)
+    result = measure(args.cell, shape, args.dtype, args.repeat, args.warmup, CLOCKS[args.clock])
     result["blas"] = _blas_info()
     print(json.dumps(result))
 
 
-def _run_child(side, cell, shape, dtype, repeat, warmup, threads):
+def _run_child(side, cell, shape, dtype, repeat, warmup, threads, clock):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--cell", cell,
            "--shape", ",".join(map(str, shape)), "--dtype", dtype,
-           "--repeat", str(repeat), "--warmup", str(warmup), "--threads", str(threads)]
+           "--repeat", str(repeat), "--warmup", str(warmup), "--threads", str(threads),
+           "--clock", clock]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{side} {cell} {shape} failed:\n{proc.stderr}")
@@ -134,19 +147,21 @@ def _run_child(side, cell, shape, dtype, repeat, warmup, threads):
 def _repeat_for(shape, requested):
     """Fewer repeats for the long shapes, so one table takes minutes, not tens of minutes."""
     T, B, I, H = shape
-    return requested if T * B * H * (I + H) <= 100 * 64 * 512 * 1024 // 4 else max(5, requested // 2)
+    small = T * B * H * (I + H) <= 100 * 64 * 512 * 1024 // 4
+    return requested if small else max(5, requested // 2)
 
 
 def _table(rows):
     head = ("| cell | T, B, I, H | gpurnn train ms | torch train ms | train ratio "
-            "| gpurnn infer ms | torch infer ms | infer ratio |")
-    lines = [head, "|" + "---|" * 8]
+            "| gpurnn infer ms | torch infer ms | infer ratio | load |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         g, t = r["gpurnn"], r["torch"]
         lines.append(
             f"| {r['cell']} | {', '.join(map(str, r['shape']))} | {g['train_ms']:.2f} "
             f"| {t['train_ms']:.2f} | {g['train_ms'] / t['train_ms']:.2f} "
-            f"| {g['infer_ms']:.2f} | {t['infer_ms']:.2f} | {g['infer_ms'] / t['infer_ms']:.2f} |")
+            f"| {g['infer_ms']:.2f} | {t['infer_ms']:.2f} | {g['infer_ms'] / t['infer_ms']:.2f} "
+            f"| {r['load']:.1f} |")
     return "\n".join(lines)
 
 
@@ -164,6 +179,8 @@ def main(argv=None):
                              "same load on a shared machine; the median of their medians counts")
     parser.add_argument("--threads", type=int, default=0,
                         help="limit BLAS/OpenMP threads of both sides (0: their defaults)")
+    parser.add_argument("--clock", default="wall", choices=list(CLOCKS),
+                        help="wall: elapsed time; cpu: CPU time of the process (see above)")
     parser.add_argument("--json", help="write the results here as well")
     parser.add_argument("--child", choices=["gpurnn", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--cell", help=argparse.SUPPRESS)
@@ -179,6 +196,7 @@ def main(argv=None):
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
     if any(len(s) != 4 for s in shapes):
         parser.error(f"each shape must be T,B,I,H, got {args.shapes!r}")
+    print(f"load average at the start {os.getloadavg()}", flush=True)
     rows, blas = [], None
     for cell in cells:
         for shape in shapes:
@@ -187,7 +205,8 @@ def main(argv=None):
             for _ in range(args.rounds):
                 for side in rounds:
                     res = _run_child(side, cell, shape, args.dtype,
-                                     _repeat_for(shape, args.repeat), args.warmup, args.threads)
+                                     _repeat_for(shape, args.repeat), args.warmup, args.threads,
+                                     args.clock)
                     side_blas = res.pop("blas")
                     if side == "gpurnn":
                         blas = side_blas
@@ -196,18 +215,19 @@ def main(argv=None):
                 row[side] = {key: sorted(r[key] for r in results)[len(results) // 2]
                              for key in ("train_ms", "infer_ms")}
                 row[side]["rounds"] = results
+            row["load"] = os.getloadavg()[0]  # one-minute load average as the row ended
             rows.append(row)
             print(_table([row]).splitlines()[-1], flush=True)
     env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
                                           "OMP_NUM_THREADS", "GLIBC_TUNABLES")}
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"dtype {args.dtype}, threads {args.threads or 'default'}, env {env}, "
-          f"load average {os.getloadavg()}\nBLAS of the gpurnn process: {blas}\n")
+          f"dtype {args.dtype}, threads {args.threads or 'default'}, clock {args.clock}, "
+          f"env {env}, load average {os.getloadavg()}\nBLAS of the gpurnn process: {blas}\n")
     print(_table(rows))
     if args.json:
         with open(args.json + ".tmp", "w") as f:
             json.dump({"env": env, "blas": blas, "dtype": args.dtype, "threads": args.threads,
-                       "rows": rows}, f, indent=1)
+                       "clock": args.clock, "rows": rows}, f, indent=1)
         os.replace(args.json + ".tmp", args.json)
 
 

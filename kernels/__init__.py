@@ -1,7 +1,12 @@
-"""Numba kernels of gpurnn (installed as ``gpurnn.kernels``).
+"""Numba kernels of gpurnn (installed as ``gpurnn.kernels``); they import nothing from the rest
+of gpurnn.
 
-``cell_math``: the gate math of each cell, written once; ``cpu``: compiled CPU loops over it;
-``cuda``: CUDA kernels over it.  Each backend's kernels are built per dtype, on first use.
+``cell_math``: the gate math of each cell, as scalar functions written once; ``signatures``:
+the parameters of every step kernel; ``cpu``: the CPU step kernels (vectorised row loops) and
+the compiled time loops; ``cuda``: the CUDA step kernels (one thread per element);
+``persistent``: CUDA kernels that run a whole sequence in one launch; ``loops``: the time loops
+over the step kernels; ``ptx``: every CUDA kernel compiled to PTX.  Each backend's kernels are
+built per dtype, on first use.
 """
 import functools
 

@@ -1,274 +1,152 @@
-"""The gate math of every cell, written once, for one dtype at a time.
+"""The gate math of every cell, written once per dtype, as functions of scalars.
 
-Each ``*_elem`` function is the whole work of one time step for one element ``(b, j)``
-(batch row ``b``, hidden unit ``j``): load, gate math, store, and the length mask.  The CPU
-backend loops over ``(b, j)`` and calls them compiled (``kernels/cpu.py``); the CUDA backend
-runs one thread per ``(b, j)`` and calls the same functions compiled for the GPU, or their
-pure-Python source under Numba's CUDA simulator (``kernels/cuda.py``).  So the two backends
-cannot drift apart.
+Every function here takes and returns scalars (no arrays) and is jitted with
+``numba.njit(inline="always")``.  The CPU step kernels (``kernels/cpu.py``) call them inside
+loops over a row of hidden units, which LLVM vectorises because the math is straight-line and
+branch-free; the CUDA kernels (``kernels/cuda.py``, ``kernels/persistent.py``) call them once per
+thread; under Numba's CUDA simulator the simulated threads call the same compiled functions.
+So the CPU and CUDA paths cannot drift apart.
 
-Conventions shared by every element function:
+Names: ``a*`` are pre-activations (``x W_ih^T + b_ih + h W_hh^T + b_hh`` of one gate), ``d*``
+gradients of the loss; the forward functions return the post-activation gates the backward
+needs, the backward functions the pre-activation gradients.  Derivatives use the saved
+post-activation values (``s*(1-s)``, ``1-t*t``) and the saved ``tanh(c)`` of the LSTM.
 
-* ``H`` is the hidden size; gate ``k`` of unit ``j`` lives at column ``k*H + j`` of a gate row.
-* ``lengths[b]`` is the number of valid steps of sequence ``b``; a step ``t >= lengths[b]`` is
-  padding: the state is carried unchanged, the output is zero, and no gradient is produced.
-* Pre-activations are ``xg_t + hg + b_hh``: ``xg_t`` already holds ``x W_ih^T + b_ih`` (one big
-  GEMM over all steps), ``hg`` holds the recurrent product ``h W_hh^T`` of this step.
-* Backward: ``dh_carry`` holds the part of ``dL/dh`` that does not go through ``W_hh`` (the
-  direct paths, and everything on padded steps); ``dh_rec`` holds the part that came through
-  ``W_hh`` (``dgates_{t+1} @ W_hh``, a GEMM).  Each backward element reads both, and writes the
-  new ``dh_carry`` in place: ``dL/dh_prev = dh_carry + dgates_t @ W_hh``.
-* Derivatives use the saved post-activation values: ``s*(1-s)``, ``1-t*t``.
+Numerics:
 
-Every float constant is bound to the dtype (``one = dtype(1)``) so a float32 kernel has no
-float64 instruction in it (a bare ``1.0`` is float64 in Numba); a CI test greps the PTX for that.
+* float32 ``tanh``: a rational minimax form (Eigen's ``generic_fast_tanh_float`` coefficients),
+  odd polynomial of degree 13 over even of degree 6, argument clamped to +-9 where float32 tanh
+  is +-1; at most 6 ulp from the exact value over the whole float32 range
+  (``tests/test_cell_math.py``).
+* float32 ``sigmoid``: ``1 / (1 + e)`` for ``x >= 0`` and ``e / (1 + e)`` below, both computed,
+  with ``e = exp(-|x|)``, so ``exp`` never overflows and the result keeps its relative accuracy
+  in both tails (``0.5 + 0.5 tanh(x/2)`` loses it below about -3: ``1 + tanh`` cancels).
+  ``exp`` is Cephes' ``expf`` polynomial on a range-reduced argument, scaled by ``2^n`` built
+  from its bits in two halves, so subnormal results are right too: at most 3 ulp over the whole
+  float32 range (tested).
+* Both are branch-free: clamps are ``min``/``max``, the sigmoid's two tails a select, and no
+  libm call, so a row of them compiles to packed SIMD instructions.  A NaN stays NaN.
+* float64 keeps libm's ``tanh`` and ``exp`` (at most 1 ulp): a rational or polynomial form
+  accurate to float64 needs far higher degrees, and the float64 kernels are the reference of the
+  gradient checks, not the fast path.  Its sigmoid is the same select form, so it never
+  overflows either.
+* Every float constant is bound to the dtype (``one = dtype(1)``): a bare ``1.0`` is float64 in
+  Numba and would put float64 instructions into float32 code (``tests/test_ptx.py`` greps the
+  float32 PTX for them).
 """
+import functools
 import math
+from types import SimpleNamespace
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 
+@functools.lru_cache(maxsize=None)
 def make_cell_math(dtype):
-    """Return a namespace of the jitted element functions for ``dtype`` (float32 or float64)."""
+    """The jitted scalar functions of every cell for ``dtype`` (float32 or float64)."""
     dtype = np.dtype(dtype).type
-    one = dtype(1.0)
-    zero = dtype(0.0)
-
+    one, zero = dtype(1), dtype(0)
     tanh = _make_tanh(dtype)
+    sigmoid = _make_sigmoid(dtype)
 
     @numba.njit(inline="always")
-    def sigmoid(x):
-        # Never calls exp on a positive argument, so it cannot overflow.
-        if x >= zero:
-            return one / (one + math.exp(-x))
-        e = math.exp(x)
-        return e / (one + e)
-
-    @numba.njit(inline="always")
-    def activation(x, relu):
-        if relu:
-            return max(x, zero)
-        return tanh(x)
-
-    @numba.njit(inline="always")
-    def activation_grad(y, relu):
-        """Derivative of the activation, from its output ``y``."""
-        if relu:
-            return one if y > zero else zero
-        return one - y * y
+    def relu_or_tanh(a, relu):
+        return max(a, zero) if relu else tanh(a)
 
     # ---------------------------------------------------------------- RNN (tanh or ReLU)
-    @numba.njit
-    def rnn_forward_elem(b, j, H, y_t, h_new, xg_t, hg, b_hh, h_prev, lengths, t, relu):
-        # y_t, h_new [B, H]; xg_t, hg [B, H]; b_hh [H]; h_prev [B, H]; lengths [B]
-        if t < lengths[b]:
-            h = activation(xg_t[b, j] + hg[b, j] + b_hh[j], relu)
-            h_new[b, j] = h
-            y_t[b, j] = h
-        else:
-            h_new[b, j] = h_prev[b, j]
-            y_t[b, j] = zero
+    @numba.njit(inline="always")
+    def rnn_forward(a, relu):
+        """h = act(a)."""
+        return relu_or_tanh(a, relu)
 
-    @numba.njit
-    def rnn_backward_elem(b, j, H, dg_t, dh_carry, dy_t, dh_rec, h_new, lengths, t, relu):
-        # dg_t [B, H]; dh_carry [B, H] (in place); dy_t, dh_rec, h_new [B, H]; lengths [B]
-        dh = dh_carry[b, j] + dh_rec[b, j]
-        if t < lengths[b]:
-            dg_t[b, j] = (dh + dy_t[b, j]) * activation_grad(h_new[b, j], relu)
-            dh_carry[b, j] = zero
-        else:
-            dg_t[b, j] = zero
-            dh_carry[b, j] = dh
+    @numba.njit(inline="always")
+    def rnn_backward(dh, h, relu):
+        """da from dL/dh and the saved output h."""
+        if relu:
+            return dh if h > zero else zero
+        return dh * (one - h * h)
 
     # ---------------------------------------------------------------- LSTM (gates i, f, g, o)
-    @numba.njit
-    def lstm_forward_elem(b, j, H, y_t, h_new, c_new, gates_t, xg_t, hg, b_hh, h_prev, c_prev,
-                          lengths, t):
-        # y_t, h_new, c_new [B, H]; gates_t [B, 4H] (saved i, f, g, o); xg_t, hg [B, 4H];
-        # b_hh [4H]; h_prev, c_prev [B, H]; lengths [B]
-        if t < lengths[b]:
-            i = sigmoid(xg_t[b, j] + hg[b, j] + b_hh[j])
-            f = sigmoid(xg_t[b, H + j] + hg[b, H + j] + b_hh[H + j])
-            g = tanh(xg_t[b, 2 * H + j] + hg[b, 2 * H + j] + b_hh[2 * H + j])
-            o = sigmoid(xg_t[b, 3 * H + j] + hg[b, 3 * H + j] + b_hh[3 * H + j])
-            c = f * c_prev[b, j] + i * g
-            h = o * tanh(c)
-            gates_t[b, j] = i
-            gates_t[b, H + j] = f
-            gates_t[b, 2 * H + j] = g
-            gates_t[b, 3 * H + j] = o
-            c_new[b, j] = c
-            h_new[b, j] = h
-            y_t[b, j] = h
-        else:
-            c_new[b, j] = c_prev[b, j]
-            h_new[b, j] = h_prev[b, j]
-            y_t[b, j] = zero
+    @numba.njit(inline="always")
+    def lstm_forward(ai, af, ag, ao, c_prev):
+        """(i, f, g, o, tanh(c), c, h): c = f*c_prev + i*g, h = o*tanh(c)."""
+        i = sigmoid(ai)
+        f = sigmoid(af)
+        g = tanh(ag)
+        o = sigmoid(ao)
+        c = f * c_prev + i * g
+        tanh_c = tanh(c)
+        return i, f, g, o, tanh_c, c, o * tanh_c
 
-    @numba.njit
-    def lstm_backward_elem(b, j, H, dg_t, dh_carry, dc, dy_t, dh_rec, gates_t, c_new, c_prev,
-                           lengths, t):
-        # dg_t [B, 4H]; dh_carry, dc [B, H] (in place: dL/dc_t in, dL/dc_{t-1} out);
-        # dy_t, dh_rec [B, H]; gates_t [B, 4H]; c_new, c_prev [B, H]; lengths [B]
-        dh = dh_carry[b, j] + dh_rec[b, j]
-        if t < lengths[b]:
-            dh += dy_t[b, j]
-            i = gates_t[b, j]
-            f = gates_t[b, H + j]
-            g = gates_t[b, 2 * H + j]
-            o = gates_t[b, 3 * H + j]
-            tc = tanh(c_new[b, j])
-            dct = dc[b, j] + dh * o * (one - tc * tc)
-            dg_t[b, j] = dct * g * i * (one - i)
-            dg_t[b, H + j] = dct * c_prev[b, j] * f * (one - f)
-            dg_t[b, 2 * H + j] = dct * i * (one - g * g)
-            dg_t[b, 3 * H + j] = dh * tc * o * (one - o)
-            dc[b, j] = dct * f
-            dh_carry[b, j] = zero
-        else:
-            for k in range(4):
-                dg_t[b, k * H + j] = zero
-            dh_carry[b, j] = dh
+    @numba.njit(inline="always")
+    def lstm_backward(dh, dc, i, f, g, o, tanh_c, c_prev):
+        """(dai, daf, dag, dao, dc_prev) from dL/dh, dL/dc of this step and the saved values."""
+        dct = dc + dh * o * (one - tanh_c * tanh_c)
+        return (dct * g * i * (one - i), dct * c_prev * f * (one - f),
+                dct * i * (one - g * g), dh * tanh_c * o * (one - o), dct * f)
 
     # ------------------------------------------ GRU, reset after the product (cuDNN/PyTorch)
-    # r = s(xr + hr), z = s(xz + hz), n = tanh(xn + r*hn), h = (1-z)*n + z*h_prev,
-    # with hn = W_hn h_prev + b_hn saved as the fourth gate block for the backward.
-    @numba.njit
-    def gru_forward_elem(b, j, H, y_t, h_new, gates_t, xg_t, hg, b_hh, h_prev, lengths, t):
-        # y_t, h_new [B, H]; gates_t [B, 4H] (saved r, z, n, hn); xg_t, hg [B, 3H]; b_hh [3H];
-        # h_prev [B, H]; lengths [B]
-        if t < lengths[b]:
-            r = sigmoid(xg_t[b, j] + hg[b, j] + b_hh[j])
-            z = sigmoid(xg_t[b, H + j] + hg[b, H + j] + b_hh[H + j])
-            hn = hg[b, 2 * H + j] + b_hh[2 * H + j]
-            n = tanh(xg_t[b, 2 * H + j] + r * hn)
-            h = (one - z) * n + z * h_prev[b, j]
-            gates_t[b, j] = r
-            gates_t[b, H + j] = z
-            gates_t[b, 2 * H + j] = n
-            gates_t[b, 3 * H + j] = hn
-            h_new[b, j] = h
-            y_t[b, j] = h
-        else:
-            h_new[b, j] = h_prev[b, j]
-            y_t[b, j] = zero
+    @numba.njit(inline="always")
+    def gru_reset_after_forward(ar, az, xn, hn, h_prev):
+        """(r, z, n, h): r = s(ar), z = s(az), n = tanh(xn + r*hn), h = (1-z)*n + z*h_prev,
+        where xn = W_in x + b_in and hn = W_hn h_prev + b_hn."""
+        r = sigmoid(ar)
+        z = sigmoid(az)
+        n = tanh(xn + r * hn)
+        return r, z, n, (one - z) * n + z * h_prev
 
-    @numba.njit
-    def gru_backward_elem(b, j, H, dgx_t, dgh_t, dh_carry, dy_t, dh_rec, gates_t, h_prev,
-                          lengths, t):
-        # dgx_t, dgh_t [B, 3H] (input-path and recurrent-path pre-activation gradients, which
-        # differ in the n block: dgh_n = r * dgx_n); dh_carry [B, H] (in place);
-        # dy_t, dh_rec [B, H]; gates_t [B, 4H]; h_prev [B, H]; lengths [B]
-        dh = dh_carry[b, j] + dh_rec[b, j]
-        if t < lengths[b]:
-            dh += dy_t[b, j]
-            r = gates_t[b, j]
-            z = gates_t[b, H + j]
-            n = gates_t[b, 2 * H + j]
-            hn = gates_t[b, 3 * H + j]
-            dan = dh * (one - z) * (one - n * n)
-            dar = dan * hn * r * (one - r)
-            daz = dh * (h_prev[b, j] - n) * z * (one - z)
-            dgx_t[b, j] = dar
-            dgx_t[b, H + j] = daz
-            dgx_t[b, 2 * H + j] = dan
-            dgh_t[b, j] = dar
-            dgh_t[b, H + j] = daz
-            dgh_t[b, 2 * H + j] = dan * r
-            dh_carry[b, j] = dh * z
-        else:
-            for k in range(3):
-                dgx_t[b, k * H + j] = zero
-                dgh_t[b, k * H + j] = zero
-            dh_carry[b, j] = dh
+    @numba.njit(inline="always")
+    def gru_reset_after_backward(dh, r, z, n, hn, h_prev):
+        """(dar, daz, dxn, dhn, dh_prev): dxn = dL/dxn; dhn = r*dxn, the n block's gradient on
+        the recurrent path; dh_prev the part of dL/dh_prev that does not go through W_hh."""
+        dxn = dh * (one - z) * (one - n * n)
+        return (dxn * hn * r * (one - r), dh * (h_prev - n) * z * (one - z), dxn, dxn * r,
+                dh * z)
 
-    # ------------------------------------------- GRU, the seed's form (reset before the product)
-    # r = s(ar), z = s(az), n = tanh(xn + W_hn (r*h_prev) + b_hn), h = (1-z)*h_prev + z*n.
-    # Two recurrent GEMMs per step: [r, z] from h_prev, then the candidate from r*h_prev, so the
-    # step is two kernels: reset (r, z, r*h) and candidate (n, h).  Saved gate blocks: r, z, n, r*h.
-    @numba.njit
-    def gru_seed_reset_elem(b, j, H, rh, gates_t, xg_t, hg_rz, b_hh, h_prev, lengths, t):
-        # rh [B, H] (r * h_prev, input of the candidate GEMM); gates_t [B, 4H]; xg_t [B, 3H];
-        # hg_rz [B, 2H]; b_hh [3H]; h_prev [B, H]; lengths [B]
-        r = sigmoid(xg_t[b, j] + hg_rz[b, j] + b_hh[j])
-        z = sigmoid(xg_t[b, H + j] + hg_rz[b, H + j] + b_hh[H + j])
-        gates_t[b, j] = r
-        gates_t[b, H + j] = z
-        x = r * h_prev[b, j]
-        gates_t[b, 3 * H + j] = x
-        rh[b, j] = x
+    # -------------------------------- GRU, reset before the product (gpurnn's reset_after=False)
+    # r = s(ar), z = s(az), n = tanh(an) with an = W_in x + b_in + W_hn (r*h_prev) + b_hn,
+    # h = (1-z)*h_prev + z*n: two recurrent products per step, so two functions each way.
+    @numba.njit(inline="always")
+    def gru_reset_before_gates(ar, az, h_prev):
+        """(r, z, r*h_prev); r*h_prev is the input of the candidate's product."""
+        r = sigmoid(ar)
+        return r, sigmoid(az), r * h_prev
 
-    @numba.njit
-    def gru_seed_candidate_elem(b, j, H, y_t, h_new, gates_t, xg_t, hg_n, b_hh, h_prev,
-                                lengths, t):
-        # y_t, h_new [B, H]; gates_t [B, 4H]; xg_t [B, 3H]; hg_n [B, H] (W_hn (r*h_prev));
-        # b_hh [3H]; h_prev [B, H]; lengths [B]
-        if t < lengths[b]:
-            z = gates_t[b, H + j]
-            n = tanh(xg_t[b, 2 * H + j] + hg_n[b, j] + b_hh[2 * H + j])
-            h = (one - z) * h_prev[b, j] + z * n
-            gates_t[b, 2 * H + j] = n
-            h_new[b, j] = h
-            y_t[b, j] = h
-        else:
-            h_new[b, j] = h_prev[b, j]
-            y_t[b, j] = zero
+    @numba.njit(inline="always")
+    def gru_reset_before_candidate(an, z, h_prev):
+        """(n, h)."""
+        n = tanh(an)
+        return n, (one - z) * h_prev + z * n
 
-    @numba.njit
-    def gru_seed_candidate_backward_elem(b, j, H, dg_t, dh_carry, dy_t, dh_rec, gates_t, h_prev,
-                                         lengths, t):
-        # dg_t [B, 3H] (writes the z and n blocks); dh_carry [B, H] (in place);
-        # dy_t, dh_rec [B, H]; gates_t [B, 4H]; h_prev [B, H]; lengths [B]
-        dh = dh_carry[b, j] + dh_rec[b, j]
-        if t < lengths[b]:
-            dh += dy_t[b, j]
-            z = gates_t[b, H + j]
-            n = gates_t[b, 2 * H + j]
-            dg_t[b, H + j] = dh * (n - h_prev[b, j]) * z * (one - z)
-            dg_t[b, 2 * H + j] = dh * z * (one - n * n)
-            dh_carry[b, j] = dh * (one - z)
-        else:
-            dg_t[b, H + j] = zero
-            dg_t[b, 2 * H + j] = zero
-            dh_carry[b, j] = dh
+    @numba.njit(inline="always")
+    def gru_reset_before_candidate_backward(dh, z, n, h_prev):
+        """(daz, dan, dh_prev): dh_prev the direct part of dL/dh_prev, (1-z)*dh."""
+        return dh * (n - h_prev) * z * (one - z), dh * z * (one - n * n), dh * (one - z)
 
-    @numba.njit
-    def gru_seed_reset_backward_elem(b, j, H, dg_t, dh_carry, drh, gates_t, h_prev, lengths, t):
-        # dg_t [B, 3H] (writes the r block); dh_carry [B, H] (in place);
-        # drh [B, H] (dL/d(r*h_prev) = dg_n @ W_hn); gates_t [B, 4H]; h_prev [B, H]; lengths [B]
-        if t < lengths[b]:
-            r = gates_t[b, j]
-            dg_t[b, j] = drh[b, j] * h_prev[b, j] * r * (one - r)
-            dh_carry[b, j] += drh[b, j] * r
-        else:
-            dg_t[b, j] = zero
+    @numba.njit(inline="always")
+    def gru_reset_before_gates_backward(drh, r, h_prev):
+        """(dar, dh_prev) from drh = dL/d(r*h_prev); dh_prev the part through r*h_prev."""
+        return drh * h_prev * r * (one - r), drh * r
 
-    return _Namespace(
-        rnn_forward_elem=rnn_forward_elem,
-        rnn_backward_elem=rnn_backward_elem,
-        lstm_forward_elem=lstm_forward_elem,
-        lstm_backward_elem=lstm_backward_elem,
-        gru_forward_elem=gru_forward_elem,
-        gru_backward_elem=gru_backward_elem,
-        gru_seed_reset_elem=gru_seed_reset_elem,
-        gru_seed_candidate_elem=gru_seed_candidate_elem,
-        gru_seed_candidate_backward_elem=gru_seed_candidate_backward_elem,
-        gru_seed_reset_backward_elem=gru_seed_reset_backward_elem,
+    return SimpleNamespace(
+        dtype=dtype, zero=zero, tanh=tanh, sigmoid=sigmoid,
+        rnn_forward=rnn_forward, rnn_backward=rnn_backward,
+        lstm_forward=lstm_forward, lstm_backward=lstm_backward,
+        gru_reset_after_forward=gru_reset_after_forward,
+        gru_reset_after_backward=gru_reset_after_backward,
+        gru_reset_before_gates=gru_reset_before_gates,
+        gru_reset_before_candidate=gru_reset_before_candidate,
+        gru_reset_before_candidate_backward=gru_reset_before_candidate_backward,
+        gru_reset_before_gates_backward=gru_reset_before_gates_backward,
     )
 
 
 def _make_tanh(dtype):
-    """``tanh`` for ``dtype``.
-
-    float64: libm's.  float32: a rational minimax form (Eigen's ``generic_fast_tanh_float``
-    coefficients), odd polynomial of degree 13 over even of degree 6, with the argument clamped
-    to +-7.905 where float32 tanh is +-1 to the last bit.  Measured on 2.2 million points over
-    [-12, 12] and log-spaced down to 1e-8: at most 5.7 ulp (3.4e-7 relative) from the exact
-    value, against 2.1 ulp for libm's ``tanhf``, and 4.8 against 19 ns an element on these
-    machines' CPUs, where the scalar ``tanhf`` call was most of an LSTM step's pointwise time.
-    Branch-free but for the clamp, and a NaN stays NaN.
-    """
+    """``tanh`` for ``dtype``: libm's for float64, the rational form for float32."""
     if dtype == np.float64:
         @numba.njit(inline="always")
         def tanh64(x):
@@ -276,7 +154,10 @@ def _make_tanh(dtype):
 
         return tanh64
     f = np.float32
-    clamp = f(7.90531110763549805)
+    one = f(1)
+    # Beyond 9, float32 tanh is 1 (1 - tanh(9) < 2^-25); the form gives exactly 1 there, with
+    # or without fused multiply-adds (Eigen's clamp at 7.905 leaves 1 - 4 ulp with them).
+    clamp = f(9.0)
     a1, a3, a5, a7 = f(4.89352455891786e-03), f(6.37261928875436e-04), f(1.48572235717979e-05), \
         f(5.12229709037114e-08)
     a9, a11, a13 = f(-8.60467152213735e-11), f(2.00018790482477e-13), f(-2.76076847742355e-16)
@@ -285,54 +166,77 @@ def _make_tanh(dtype):
 
     @numba.njit(inline="always")
     def tanh32(x):
-        c = x
-        if x > clamp:
-            c = clamp
-        elif x < -clamp:
-            c = -clamp
+        c = min(max(x, -clamp), clamp)  # x first: a NaN stays NaN (min/max return their first)
         x2 = c * c
-        p = ((((((a13 * x2 + a11) * x2 + a9) * x2 + a7) * x2 + a5) * x2 + a3) * x2 + a1) * c
+        p = (((((a13 * x2 + a11) * x2 + a9) * x2 + a7) * x2 + a5) * x2 + a3) * x2 + a1
         q = ((b6 * x2 + b4) * x2 + b2) * x2 + b0
-        return p / q
+        # c * (p/q), not (c*p)/q: c*p underflows into the subnormals for |x| < 2.4e-36 and
+        # lost up to 100 ulp there; p/q is near 1.  Clamped: between 7.9 and 9 the form
+        # overshoots 1 by an ulp or two.
+        return min(max(c * (p / q), -one), one)
 
     return tanh32
 
 
-class _Namespace(dict):
-    __getattr__ = dict.__getitem__
+def _make_sigmoid(dtype):
+    """``sigmoid`` for ``dtype``: ``1/(1+e)`` or ``e/(1+e)`` by the sign of ``x``, with
+    ``e = exp(-|x|)`` (libm's for float64, ``_exp_nonpositive32`` for float32)."""
+    one = dtype(1)
+    zero = dtype(0)
+    exp_nonpositive = _exp_nonpositive32 if dtype == np.float32 else _exp64
+
+    @numba.njit(inline="always")
+    def sigmoid(x):
+        e = exp_nonpositive(-abs(x))
+        s = one / (one + e)
+        return s if x >= zero else e * s
+
+    return sigmoid
 
 
-#: Name of every step kernel, and the element function it runs.
-STEP_KERNELS = {
-    "rnn_forward_step": "rnn_forward_elem",
-    "rnn_backward_step": "rnn_backward_elem",
-    "lstm_forward_step": "lstm_forward_elem",
-    "lstm_backward_step": "lstm_backward_elem",
-    "gru_forward_step": "gru_forward_elem",
-    "gru_backward_step": "gru_backward_elem",
-    "gru_seed_reset_step": "gru_seed_reset_elem",
-    "gru_seed_candidate_step": "gru_seed_candidate_elem",
-    "gru_seed_candidate_backward_step": "gru_seed_candidate_backward_elem",
-    "gru_seed_reset_backward_step": "gru_seed_reset_backward_elem",
-}
+@numba.njit(inline="always")
+def _exp64(a):
+    return math.exp(a)
 
 
-def kernel_params(elem):
-    """Array and scalar parameters of an element function, after ``(b, j, H)``."""
-    code = elem.py_func.__code__
-    return list(code.co_varnames[3:code.co_argcount])
+@intrinsic
+def _pow2_32(typingctx, n):
+    """2**n as float32 for an integer-valued float32 ``n`` in [-126, 127], from its bits:
+    exponent field ``n + 127``, mantissa zero."""
+    if n != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        exponent = builder.add(builder.fptosi(args[0], i32), i32(127))
+        return builder.bitcast(builder.shl(exponent, i32(23)), ir.FloatType())
+
+    return types.float32(types.float32), codegen
 
 
-def param_type(name, dtype):
-    """The Numba type of a step-kernel parameter, by the naming convention above.
+_F = np.float32
+_EXP_LOW = _F(-110.0)  # exp of anything lower is 0 in float32 (below half the least subnormal)
+_LOG2E = _F(1.44269504088896341)
+_ROUND = _F(12582912.0)  # 1.5 * 2**23: (t + _ROUND) - _ROUND is t rounded to an integer
+_LN2_HIGH, _LN2_LOW = _F(0.693359375), _F(-2.12194440e-4)  # ln 2 in two parts (Cephes)
+_EXP_P = (_F(1.9875691500e-4), _F(1.3981999507e-3), _F(8.3334519073e-3), _F(4.1665795894e-2),
+          _F(1.6666665459e-1), _F(5.0000001201e-1))
+_N_LOW = _F(-160.0)  # below any n of an argument >= _EXP_LOW
+_ONE32, _HALF32 = _F(1.0), _F(0.5)
 
-    Used for eager (fixed-signature) compilation and for compiling every kernel to PTX.
-    """
-    if name == "lengths":
-        return numba.int32[::1]
-    if name in ("t", "relu"):
-        return numba.int64
-    scalar = numba.from_dtype(np.dtype(dtype))
-    if name == "b_hh":
-        return scalar[::1]
-    return scalar[:, ::1]
+
+@numba.njit(inline="always")
+def _exp_nonpositive32(a):
+    """exp(a) in float32 for a <= 0 (or NaN), branch-free (Cephes ``expf``).
+
+    ``a = n ln2 + r`` with integer ``n`` and ``|r| <= ln2/2``; ``exp(r)`` by a degree-6
+    polynomial; ``2^n`` applied as ``2^n1 * 2^(n - n1)`` (n1 about n/2), so that each factor is
+    a normal float32 and only the last product rounds into the subnormals."""
+    p0, p1, p2, p3, p4, p5 = _EXP_P
+    a = max(a, _EXP_LOW)  # a first: a NaN stays NaN
+    n = (a * _LOG2E + _ROUND) - _ROUND
+    r = a - n * _LN2_HIGH - n * _LN2_LOW
+    e = (((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5) * r * r + r + _ONE32
+    n = max(_N_LOW, n)  # the bound first: a NaN becomes a number, so its conversion is defined
+    n_half = (n * _HALF32 + _ROUND) - _ROUND
+    return e * _pow2_32(n_half) * _pow2_32(n - n_half)

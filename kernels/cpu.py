@@ -1,16 +1,37 @@
-"""CPU kernels: compiled loops over every ``(b, j)`` element of one time step, and whole-sequence
-time loops compiled around NumPy's own BLAS.
+"""CPU kernels: each step kernel as a loop over batch rows whose inner loop LLVM vectorises, and
+the time loops (``kernels/loops.py``) compiled around the very OpenBLAS NumPy uses.
 
-The gate math is in ``cell_math`` and the time loops in ``gpurnn/drivers.make_loops``; here is
-only how they are compiled for the CPU:
+Step kernels.  The length mask is per row, so it is tested once per row: a padding row is
+copied or zeroed as a whole.  A valid row is cut into tiles of ``TILE`` units; per tile, one
+loop sums the pre-activations of each gate block into a buffer, one loop calls the cell's
+scalar math (``kernels/cell_math.py``) and writes every result into the buffer, and one short
+loop per output array copies the tile out.  All three are straight-line, branch-free code that
+LLVM turns into packed SIMD instructions (``tests/test_cpu_vectorised.py`` checks the compiled
+code).  What it took, each found in the LLVM IR:
 
-* step kernels: a loop over ``(b, j)`` calling the element function.  Single-threaded on
-  purpose: the per-step pointwise work is small, and a Numba thread pool spinning against
-  OpenBLAS's threads cost 60x on these machines (DESIGN.md).  The cores belong to BLAS.
-* sequence loops: ``drivers.make_loops`` compiled with Numba, the per-step recurrent GEMM a
-  direct call of ``cblas_?gemm`` in the very OpenBLAS NumPy uses (so one BLAS thread pool, the
-  one threadpoolctl limits for NumPy).  No Python runs between steps: at T=1000, B=1 that
-  overhead (two dispatches, slicing, a NumPy matmul per step) was most of the time.
+* The buffer, on the stack (``_stack_tile``).  LLVM vectorises a loop that stores to arrays it
+  cannot prove distinct only behind runtime overlap checks of each stored array against every
+  other accessed one, and gives up past 8 checks ("too many memory checks needed"): the LSTM
+  forward writes 8 gate blocks and rows and reads 17.  Nothing can overlap a stack buffer, so
+  the math loop needs no check, and each copy-out loop reads only the buffer.
+* Gate blocks as views (``row[k*H + j0:]``) indexed by a counter from 0.  With ``xg[b, k*H +
+  j]`` LLVM cannot prove the index non-negative (``H`` is a runtime value), so Numba's
+  negative-index wraparound stays in the loop and the loads become gathers.
+* ``error_model="numpy"``.  Numba's default checks every float division for zero (to raise
+  ``ZeroDivisionError``), a branch that keeps the loop scalar.
+* ``fastmath={"contract"}``, and no other fast-math flag: LLVM fuses ``a*b + c`` into one FMA
+  (one rounding instead of two, as the CUDA compiler does by default), but keeps IEEE semantics
+  otherwise (the exp's rounding trick and the NaN handling depend on them).  LSTM step at
+  B=32, H=256 (callgrind): forward 377k -> 344k instructions, backward 129k -> 57k.
+* No NRT: a step kernel allocates nothing, and with NRT every array it touches is increfed and
+  decrefed (atomic operations).
+
+Single-threaded on purpose: the per-step pointwise work is small, and a Numba thread pool
+spinning against OpenBLAS's threads cost 60x on these machines.  The cores belong to BLAS.
+
+Sequence loops: ``kernels/loops.py`` compiled with Numba, the per-step recurrent GEMM a direct
+call of ``cblas_?gemm`` in the OpenBLAS NumPy uses (so one BLAS thread pool, the one
+threadpoolctl limits for NumPy).  No Python runs between steps.
 
 Numba's on-disk cache (``cache=True``) keys a closure by the pickled contents of its cells.  A
 Numba dispatcher pickles with a random per-process UUID, so every closure over a dispatcher
@@ -19,53 +40,356 @@ gives each dispatcher a UUID derived from what it is, so a warm cache is hit; th
 holds the functions' code and constants, so a change of the math still misses.
 """
 import ctypes
+import inspect
 import os
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import types
 from numba.core.datamodel import models
+from numba.core.errors import RequireLiteralValue
+from numba.extending import intrinsic
+from numba.np.arrayobj import make_array, populate_array
 
-from .cell_math import STEP_KERNELS, kernel_params, make_cell_math
+from . import signatures as sig
+from .cell_math import make_cell_math
+from .loops import make_loops, time_slots
 
 # CBLAS enums (plain C ints in every CBLAS).
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
+#: Numba options of every CPU step kernel (see above).
+KERNEL_OPTIONS = {"_nrt": False, "error_model": "numpy", "fastmath": {"contract"}}
 
-# Each step kernel is generated with its element function's explicit parameter list, so that
-# the element function can be inlined (Numba cannot inline a call with ``*args``).  Not inlined,
-# each (b, j) element paid a real call passing a dozen arrays: about 2/3 of an LSTM step's
-# pointwise time (172 ns an element at B=32, H=256, measured).  The factory keeps the element
-# function a closure cell, which Numba's cache key includes (a change of the math recompiles);
-# compiled with this file's name, so Numba can cache it.
-_STEP_TEMPLATE = """
-def factory(elem):
-    def {name}(B, H, {params}):
+#: Units per tile of a step kernel's row loop.  Instructions per call at B=32, H=256, float32
+#: AVX2 (callgrind), tiles of 64 / 128 / 256: LSTM forward 344k / 334k / 317k, backward
+#: 57k / 47k / 89k.
+TILE = 128
+
+
+@intrinsic
+def _stack_tile(typingctx, rows, like):
+    """A C-contiguous ``[rows, TILE]`` array of ``like``'s dtype in the calling function's stack
+    frame (allocated once, at its entry), uninitialised; ``rows`` a literal int."""
+    if not isinstance(rows, types.IntegerLiteral):
+        raise RequireLiteralValue(rows)
+    if not isinstance(like, types.Array):
+        return None
+    count = rows.literal_value
+    tile_type = types.Array(like.dtype, 2, "C")
+
+    def codegen(context, builder, signature, args):
+        item = context.get_value_type(like.dtype)
+        with builder.goto_entry_block():
+            data = builder.alloca(item, size=ir.Constant(ir.IntType(64), count * TILE))
+        itemsize = context.get_abi_sizeof(item)
+        intp = context.get_value_type(types.intp)
+        tile = make_array(tile_type)(context, builder)
+        populate_array(tile, data=data, shape=[intp(count), intp(TILE)],
+                       strides=[intp(TILE * itemsize), intp(itemsize)], itemsize=intp(itemsize),
+                       meminfo=None)
+        return tile._getvalue()
+
+    return tile_type(rows, like), codegen
+
+
+@numba.njit(inline="always")
+def _tiles(H):
+    return (H + TILE - 1) // TILE
+
+
+@numba.njit(inline="always")
+def _at(row, k, H, j0):
+    """Gate block ``k`` of a row of gate blocks, from unit ``j0`` on: ``row[k*H + j0:]``."""
+    return row[k * H + j0:]
+
+
+@numba.njit(inline="always")
+def _copy(dst, src, n):
+    for u in range(n):
+        dst[u] = src[u]
+
+
+@numba.njit(inline="always")
+def _fill(dst, value, n):
+    for u in range(n):
+        dst[u] = value
+
+
+@numba.njit(inline="always")
+def _add(dst, src, n):
+    for u in range(n):
+        dst[u] += src[u]
+
+
+@numba.njit(inline="always")
+def _sum4(out, a, b, c, d, n):
+    """out[:n] = a + b + (c + d): a gate's pre-activation x W_ih^T + h W_hh^T + (b_ih + b_hh)."""
+    for u in range(n):
+        out[u] = a[u] + b[u] + (c[u] + d[u])
+
+
+@numba.njit(inline="always")
+def _sum2(out, a, b, n):
+    for u in range(n):
+        out[u] = a[u] + b[u]
+
+
+def _step_kernels(m):
+    """Every CPU step kernel over the scalar math ``m`` (``make_cell_math``), as plain Python
+    functions (``make_cpu_kernels`` jits them).  Shapes as in ``kernels/signatures.py``."""
+    zero = m.zero
+    rnn_forward, rnn_backward = m.rnn_forward, m.rnn_backward
+    lstm_forward, lstm_backward = m.lstm_forward, m.lstm_backward
+    gru_reset_after_forward = m.gru_reset_after_forward
+    gru_reset_after_backward = m.gru_reset_after_backward
+    gru_reset_before_gates = m.gru_reset_before_gates
+    gru_reset_before_candidate = m.gru_reset_before_candidate
+    gru_reset_before_candidate_backward = m.gru_reset_before_candidate_backward
+    gru_reset_before_gates_backward = m.gru_reset_before_gates_backward
+
+    # ------------------------------------------------------------------------------- RNN
+    @sig.step_kernel(sig.RNN_FORWARD_STEP)
+    def rnn_forward_step(B, H, y, h_new, xg, hg, b_ih, b_hh, h_prev, lengths, t, relu):
+        buf = _stack_tile(2, y)  # pre-activation, h
         for b in range(B):
-            for j in range(H):
-                elem(b, j, H, {params})
+            if t >= lengths[b]:
+                _copy(h_new[b], h_prev[b], H)
+                _fill(y[b], zero, H)
+                continue
+            for tile in range(_tiles(H)):
+                j0 = tile * TILE
+                n = min(TILE, H - j0)
+                _sum4(buf[0], xg[b, j0:], hg[b, j0:], b_ih[j0:], b_hh[j0:], n)
+                for u in range(n):
+                    buf[1, u] = rnn_forward(buf[0, u], relu)
+                _copy(h_new[b, j0:], buf[1], n)
+                _copy(y[b, j0:], buf[1], n)
 
-    return {name}
-"""
+    @sig.step_kernel(sig.RNN_BACKWARD_STEP)
+    def rnn_backward_step(B, H, dg, dh_carry, dy, dh_rec, h, lengths, t, relu):
+        buf = _stack_tile(1, dg)  # da
+        for b in range(B):
+            if t >= lengths[b]:  # padding: no gradient; dL/dh passes on to the step before
+                _fill(dg[b], zero, H)
+                _add(dh_carry[b], dh_rec[b], H)
+                continue
+            for tile in range(_tiles(H)):
+                j0 = tile * TILE
+                n = min(TILE, H - j0)
+                carry, rec, dy_, h_ = dh_carry[b, j0:], dh_rec[b, j0:], dy[b, j0:], h[b, j0:]
+                for u in range(n):
+                    buf[0, u] = rnn_backward(carry[u] + rec[u] + dy_[u], h_[u], relu)
+                _copy(dg[b, j0:], buf[0], n)
+            _fill(dh_carry[b], zero, H)
 
+    # ------------------------------------------------------------------------------ LSTM
+    @sig.step_kernel(sig.LSTM_FORWARD_STEP)
+    def lstm_forward_step(B, H, y, h_new, c_new, gates, xg, hg, b_ih, b_hh, h_prev, c_prev,
+                          lengths, t):
+        pre = _stack_tile(4, y)  # pre-activations of i, f, g, o
+        out = _stack_tile(7, y)  # i, f, g, o, tanh(c) (the saved gate blocks), c, h
+        for b in range(B):
+            if t >= lengths[b]:
+                _copy(h_new[b], h_prev[b], H)
+                _copy(c_new[b], c_prev[b], H)
+                _fill(y[b], zero, H)
+                continue
+            for tile in range(_tiles(H)):
+                j0 = tile * TILE
+                n = min(TILE, H - j0)
+                for k in range(4):
+                    _sum4(pre[k], _at(xg[b], k, H, j0), _at(hg[b], k, H, j0),
+                          _at(b_ih, k, H, j0), _at(b_hh, k, H, j0), n)
+                c_prev_ = c_prev[b, j0:]
+                for u in range(n):
+                    (out[0, u], out[1, u], out[2, u], out[3, u], out[4, u], out[5, u],
+                     out[6, u]) = lstm_forward(pre[0, u], pre[1, u], pre[2, u], pre[3, u],
+                                               c_prev_[u])
+                for k in range(5):
+                    _copy(_at(gates[b], k, H, j0), out[k], n)
+                _copy(c_new[b, j0:], out[5], n)
+                _copy(h_new[b, j0:], out[6], n)
+                _copy(y[b, j0:], out[6], n)
 
-def _cpu_step_kernel(name, elem):
-    namespace = {"__name__": __name__}  # the module Numba records for cached code
-    source = _STEP_TEMPLATE.format(name=name, params=", ".join(kernel_params(elem)))
-    exec(compile(source, __file__, "exec"), namespace)
-    inlined = numba.njit(inline="always")(elem.py_func)
-    # No NRT: a step kernel allocates nothing, and with NRT each inlined element call
-    # increfs/decrefs its dozen arrays (atomic operations) for every (b, j): 806 against 483 us
-    # for an LSTM step at B=32, H=256, measured.
-    return numba.njit(cache=True, _nrt=False)(namespace["factory"](inlined))
+    @sig.step_kernel(sig.LSTM_BACKWARD_STEP)
+    def lstm_backward_step(B, H, dg, dh_carry, dc, dy, dh_rec, gates, c_prev, lengths, t):
+        out = _stack_tile(5, dg)  # dai, daf, dag, dao, dc_prev
+        for b in range(B):
+            if t >= lengths[b]:  # padding: dL/dh and dL/dc pass on unchanged
+                _fill(dg[b], zero, 4 * H)
+                _add(dh_carry[b], dh_rec[b], H)
+                continue
+            for tile in range(_tiles(H)):
+                j0 = tile * TILE
+                n = min(TILE, H - j0)
+                carry, rec, dy_, dc_ = dh_carry[b, j0:], dh_rec[b, j0:], dy[b, j0:], dc[b, j0:]
+                i, f, g = _at(gates[b], 0, H, j0), _at(gates[b], 1, H, j0), _at(gates[b], 2, H, j0)
+                o, tanh_c = _at(gates[b], 3, H, j0), _at(gates[b], 4, H, j0)
+                c_prev_ = c_prev[b, j0:]
+                for u in range(n):
+                    out[0, u], out[1, u], out[2, u], out[3, u], out[4, u] = lstm_backward(
+                        carry[u] + rec[u] + dy_[u], dc_[u], i[u], f[u], g[u], o[u], tanh_c[u],
+                        c_prev_[u])
+                for k in range(4):
+                    _copy(_at(dg[b], k, H, j0), out[k], n)
+                _copy(dc_, out[4], n)
+            _fill(dh_carry[b], zero, H)
+
+    # ------------------------------------------------------ GRU, reset after the product
+    @sig.step_kernel(sig.GRU_RESET_AFTER_FORWARD_STEP)
+    def gru_reset_after_forward_step(B, H, y, h_new, gates, xg, hg, b_ih, b_hh, h_prev,
+                                     lengths, t):
+        pre = _stack_tile(4, y)  # ar, az, W_in x + b_in, W_hn h_prev + b_hn (saved block 3)
+        out = _stack_tile(4, y)  # r, z, n, h
+        for b in range(B):
+            if t >= lengths[b]:
+                _copy(h_new[b], h_prev[b], H)
+                _fill(y[b], zero, H)
+                continue
+            for tile in range(_tiles(H)):
+                j0 = tile * TILE
+                n = min(TILE, H - j0)
+                for k in range(2):
+                    _sum4(pre[k], _at(xg[b], k, H, j0), _at(hg[b], k, H, j0),
+                          _at(b_ih, k, H, j0), _at(b_hh, k, H, j0), n)
+                _sum2(pre[2], _at(xg[b], 2, H, j0), _at(b_ih, 2, H, j0), n)
+                _sum2(pre[3], _at(hg[b], 2, H, j0), _at(b_hh, 2, H, j0), n)
+                h_prev_ = h_prev[b, j0:]
+                for u in range(n):
+                    out[0, u], out[1, u], out[2, u], out[3, u] = gru_reset_after_forward(
+                        pre[0, u], pre[1, u], pre[2, u], pre[3, u], h_prev_[u])
+                for k in range(3):
+                    _copy(_at(gates[b], k, H, j0), out[k], n)
+                _copy(_at(gates[b], 3, H, j0), pre[3], n)
+                _copy(h_new[b, j0:], out[3], n)
+                _copy(y[b, j0:], out[3], n)
+
+    @sig.step_kernel(sig.GRU_RESET_AFTER_BACKWARD_STEP)
+    def gru_reset_after_backward_step(B, H, dgx, dgh, dh_carry, dy, dh_rec, gates, h_prev,
+                                      lengths, t):
+        out = _stack_tile(5, dgx)  # dar, daz, dxn, dhn, dh_prev (direct part)
+        for b in range(B):
+            if t >= lengths[b]:
+                _fill(dgx[b], zero, 3 * H)
+                _fill(dgh[b], zero, 3 * H)
+                _add(dh_carry[b], dh_rec[b], H)
+                continue
+            for tile in range(_tiles(H)):
+                j0 = tile * TILE
+                n = min(TILE, H - j0)
+                carry, rec, dy_ = dh_carry[b, j0:], dh_rec[b, j0:], dy[b, j0:]
+                r, z = _at(gates[b], 0, H, j0), _at(gates[b], 1, H, j0)
+                n_, hn = _at(gates[b], 2, H, j0), _at(gates[b], 3, H, j0)
+                h_prev_ = h_prev[b, j0:]
+                for u in range(n):
+                    out[0, u], out[1, u], out[2, u], out[3, u], out[4, u] = \
+                        gru_reset_after_backward(carry[u] + rec[u] + dy_[u], r[u], z[u], n_[u],
+                                                 hn[u], h_prev_[u])
+                for k in range(3):
+                    _copy(_at(dgx[b], k, H, j0), out[k], n)
+                for k in range(2):
+                    _copy(_at(dgh[b], k, H, j0), out[k], n)
+                _copy(_at(dgh[b], 2, H, j0), out[3], n)
+                _copy(carry, out[4], n)
+
+    # ----------------------------------------------------- GRU, reset before the product
+    @sig.step_kernel(sig.GRU_RESET_BEFORE_GATES_STEP)
+    def gru_reset_before_gates_step(B, H, gates, xg, hg_rz, b_ih, b_hh, h_prev):
+        pre = _stack_tile(2, gates)  # ar, az
+        out = _stack_tile(3, gates)  # r, z, r*h_prev
+        for b in range(B):
+            for tile in range(_tiles(H)):
+                j0 = tile * TILE
+                n = min(TILE, H - j0)
+                for k in range(2):
+                    _sum4(pre[k], _at(xg[b], k, H, j0), _at(hg_rz[b], k, H, j0),
+                          _at(b_ih, k, H, j0), _at(b_hh, k, H, j0), n)
+                h_prev_ = h_prev[b, j0:]
+                for u in range(n):
+                    out[0, u], out[1, u], out[2, u] = gru_reset_before_gates(
+                        pre[0, u], pre[1, u], h_prev_[u])
+                _copy(_at(gates[b], 0, H, j0), out[0], n)
+                _copy(_at(gates[b], 1, H, j0), out[1], n)
+                _copy(_at(gates[b], 3, H, j0), out[2], n)
+
+    @sig.step_kernel(sig.GRU_RESET_BEFORE_CANDIDATE_STEP)
+    def gru_reset_before_candidate_step(B, H, y, h_new, gates, xg, hg_n, b_ih, b_hh, h_prev,
+                                        lengths, t):
+        pre = _stack_tile(1, y)  # an
+        out = _stack_tile(2, y)  # n, h
+        for b in range(B):
+            if t >= lengths[b]:
+                _copy(h_new[b], h_prev[b], H)
+                _fill(y[b], zero, H)
+                continue
+            for tile in range(_tiles(H)):
+                j0 = tile * TILE
+                n = min(TILE, H - j0)
+                _sum4(pre[0], _at(xg[b], 2, H, j0), hg_n[b, j0:], _at(b_ih, 2, H, j0),
+                      _at(b_hh, 2, H, j0), n)
+                z, h_prev_ = _at(gates[b], 1, H, j0), h_prev[b, j0:]
+                for u in range(n):
+                    out[0, u], out[1, u] = gru_reset_before_candidate(pre[0, u], z[u],
+                                                                      h_prev_[u])
+                _copy(_at(gates[b], 2, H, j0), out[0], n)
+                _copy(h_new[b, j0:], out[1], n)
+                _copy(y[b, j0:], out[1], n)
+
+    @sig.step_kernel(sig.GRU_RESET_BEFORE_CANDIDATE_BACKWARD_STEP)
+    def gru_reset_before_candidate_backward_step(B, H, dg, dh_carry, dy, dh_rec, gates, h_prev,
+                                                 lengths, t):
+        out = _stack_tile(3, dg)  # daz, dan, dh_prev (direct part)
+        for b in range(B):
+            if t >= lengths[b]:
+                _fill(_at(dg[b], 1, H, 0), zero, 2 * H)
+                _add(dh_carry[b], dh_rec[b], H)
+                continue
+            for tile in range(_tiles(H)):
+                j0 = tile * TILE
+                n = min(TILE, H - j0)
+                carry, rec, dy_ = dh_carry[b, j0:], dh_rec[b, j0:], dy[b, j0:]
+                z, n_ = _at(gates[b], 1, H, j0), _at(gates[b], 2, H, j0)
+                h_prev_ = h_prev[b, j0:]
+                for u in range(n):
+                    out[0, u], out[1, u], out[2, u] = gru_reset_before_candidate_backward(
+                        carry[u] + rec[u] + dy_[u], z[u], n_[u], h_prev_[u])
+                _copy(_at(dg[b], 1, H, j0), out[0], n)
+                _copy(_at(dg[b], 2, H, j0), out[1], n)
+                _copy(carry, out[2], n)
+
+    @sig.step_kernel(sig.GRU_RESET_BEFORE_GATES_BACKWARD_STEP)
+    def gru_reset_before_gates_backward_step(B, H, dg, dh_carry, drh, gates, h_prev, lengths,
+                                             t):
+        out = _stack_tile(2, dg)  # dar, dh_prev (the part through r*h_prev)
+        for b in range(B):
+            if t >= lengths[b]:
+                _fill(dg[b], zero, H)
+                continue
+            for tile in range(_tiles(H)):
+                j0 = tile * TILE
+                n = min(TILE, H - j0)
+                drh_, r, h_prev_ = drh[b, j0:], _at(gates[b], 0, H, j0), h_prev[b, j0:]
+                for u in range(n):
+                    out[0, u], out[1, u] = gru_reset_before_gates_backward(drh_[u], r[u],
+                                                                           h_prev_[u])
+                _copy(dg[b, j0:], out[0], n)
+                _add(dh_carry[b, j0:], out[1], n)
+
+    return {fn.__name__: fn for fn in (
+        rnn_forward_step, rnn_backward_step, lstm_forward_step, lstm_backward_step,
+        gru_reset_after_forward_step, gru_reset_after_backward_step,
+        gru_reset_before_gates_step, gru_reset_before_candidate_step,
+        gru_reset_before_candidate_backward_step, gru_reset_before_gates_backward_step)}
 
 
 def make_cpu_kernels(dtype):
-    """``{kernel_name: fn(B, H, *args)}`` for one dtype; args as the element functions take."""
-    math_ = make_cell_math(dtype)
-    kernels = {name: _cpu_step_kernel(name, math_[elem]) for name, elem in STEP_KERNELS.items()}
-    for name, kernel in kernels.items():
-        _stable_cache_keys(kernel, f"{np.dtype(dtype).name}.{name}")
+    """``{kernel name: jitted step kernel}`` for ``dtype``, compiled on first call."""
+    kernels = {}
+    for name, fn in _step_kernels(make_cell_math(dtype)).items():
+        kernels[name] = numba.njit(cache=True, **KERNEL_OPTIONS)(fn)
+        _stable_cache_keys(kernels[name], f"{np.dtype(dtype).name}.{name}")
     return kernels
 
 
@@ -80,11 +404,13 @@ def numpy_blas():
         from threadpoolctl import threadpool_info
     except ImportError:
         return None
-    numpy_dir = os.path.dirname(os.path.dirname(np.__file__))
+    numpy_dir = os.path.dirname(np.__file__)  # .../site-packages/numpy
+    numpy_dirs = (numpy_dir + os.sep, numpy_dir + ".libs" + os.sep)  # wheels: numpy.libs/
     candidates = [d for d in threadpool_info()
                   if d.get("user_api") == "blas" and d.get("internal_api") == "openblas"]
-    # NumPy's own library first (a SciPy in the process may bring a second OpenBLAS).
-    candidates.sort(key=lambda d: not d["filepath"].startswith(numpy_dir))
+    # NumPy's own library first: a SciPy in the process brings a second OpenBLAS (in
+    # scipy.libs/), and calling it made training steps 5-30x slower here.
+    candidates.sort(key=lambda d: not d["filepath"].startswith(numpy_dirs))
     for d in candidates:
         lib = ctypes.CDLL(d["filepath"])
         for prefix, suffix, int_t in (("scipy_cblas_", "64_", types.int64),
@@ -176,41 +502,41 @@ def _make_matmul(dtype):
 
 
 def make_cpu_loops(dtype, kernels):
-    """``drivers.make_loops`` compiled for the CPU: ``{loop_name: jitted loop}``, or None where
-    NumPy's BLAS was not found (the drivers then loop in Python)."""
-    from gpurnn import drivers
-
+    """``kernels/loops.py``'s loops compiled for the CPU: ``{loop name: jitted loop}``, or None
+    where NumPy's BLAS was not found (the drivers then run the loops as Python)."""
     if _BLAS is None:
         return None
     name = np.dtype(dtype).name
     matmul = _make_matmul(dtype)
     _stable_cache_keys(matmul, f"{name}.matmul")
-    slots = numba.njit(cache=True)(drivers._slots)
-    _stable_cache_keys(slots, "slots")
+    slots = numba.njit(cache=True)(time_slots)
+    _stable_cache_keys(slots, "time_slots")
     loops = {}
-    for loop_name, fn in drivers.make_loops(matmul, kernels, slots).items():
+    for loop_name, fn in make_loops(matmul, kernels, slots).items():
         loops[loop_name] = numba.njit(cache=True)(fn)
         _stable_cache_keys(loops[loop_name], f"{name}.{loop_name}")
     return loops
 
 
-def _stable_cache_keys(dispatcher, tag):
-    """Give ``dispatcher`` and every dispatcher in its closures a UUID derived from ``tag``.
+def _stable_cache_keys(obj, tag):
+    """Give dispatcher ``obj`` a UUID derived from ``tag``, and every dispatcher and intrinsic
+    its code refers to (closure cells and globals) one derived from where it is.
 
     The pickled closure (Numba's cache key) then no longer changes from process to process.
-    Uses Numba's private ``_set_uuid``; where it is missing the cache only misses, as before.
+    Uses Numba's private ``_set_uuid``; where it is missing the cache only misses.
     """
-    set_uuid = getattr(dispatcher, "_set_uuid", None)
+    set_uuid = getattr(obj, "_set_uuid", None)
     if set_uuid is None:
         return
     try:
         set_uuid(f"gpurnn.{tag}")
     except AssertionError:  # already has one (it was pickled before): nothing to change
         return
-    for cell in dispatcher.py_func.__closure__ or ():
-        inner = cell.cell_contents
-        if isinstance(inner, numba.core.dispatcher.Dispatcher):
-            _stable_cache_keys(inner, f"{tag}.{inner.py_func.__name__}")
-
-
-_stable_cache_keys(_operand, "operand")  # named by the matmul closures' code
+    fn = getattr(obj, "py_func", None)
+    if fn is None:  # an intrinsic: its code is Numba's typing, nothing to follow
+        return
+    refs = inspect.getclosurevars(fn)
+    for name, inner in refs.nonlocals.items():
+        _stable_cache_keys(inner, f"{tag}.{name}")
+    for name, inner in refs.globals.items():
+        _stable_cache_keys(inner, f"{fn.__module__}.{name}")

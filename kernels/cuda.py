@@ -1,10 +1,12 @@
 """CUDA step kernels: one thread per ``(b, j)`` element of one time step.
 
-The math is in ``cell_math``; here is only the thread indexing.  Numba CUDA kernels cannot
-take ``*args``, so each kernel is generated with the explicit parameter list of its element
-function.  Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) arrays inside a kernel
-are Python objects that compiled functions cannot take, so the kernel calls the element
-function's pure-Python source instead: the same code, interpreted.
+Each step kernel is a named function with the parameters of its table in
+``kernels/signatures.py``; its body is an element function (``*_elem``, one ``(b, j)``: loads,
+the cell's scalar math from ``kernels/cell_math.py``, stores, the length mask), which the
+persistent kernels (``kernels/persistent.py``) call too.  The element functions are CUDA device
+functions; under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) they and the kernels run as
+Python in simulated threads, and the scalar math they call is the same compiled function the
+CPU kernels use.
 
 Launch: a 2-D grid, x over hidden units (``THREADS`` per block, coalesced along a row),
 y over batch rows.
@@ -14,54 +16,316 @@ tested where):
 
 * ``"lazy"``: ``cuda.jit(fn)``; every launch types its arguments and looks the compiled
   kernel up by type (Numba's dispatch).  The only mode under the simulator.
-* ``"eager"`` (default on a GPU): compiled once at build time with the fixed signature of
-  ``kernel_signature``; the dispatcher is specialised, so a launch skips type dispatch.
-  Numba still converts every CuPy argument through ``__cuda_array_interface__``, and because
-  CuPy exports its current stream there, Numba synchronises the host with that stream once
-  per array argument when ``NUMBA_CUDA_ARRAY_INTERFACE_SYNC=1`` (its default).  That sync is
-  redundant here (the kernels run on the very stream CuPy uses), but it is Numba's process-wide
-  setting, so it is left to the user; ``"fast"`` avoids it.
+* ``"eager"`` (default on a GPU): compiled once at build time with the signature of its table;
+  the dispatcher is specialised, so a launch skips type dispatch.  Numba still converts every
+  CuPy argument through ``__cuda_array_interface__``, and because CuPy exports its current
+  stream there, Numba synchronises the host with that stream once per array argument when
+  ``NUMBA_CUDA_ARRAY_INTERFACE_SYNC=1`` (its default).  That sync is redundant here (the
+  kernels run on the very stream CuPy uses), but it is Numba's process-wide setting, so it is
+  left to the user; ``"fast"`` avoids it.
 * ``"fast"``: the eagerly compiled kernel launched by ``cuda.core.launch`` with arguments
   packed here (``pack_args``) straight from the CuPy arrays: no dispatch, no
-  ``__cuda_array_interface__`` conversion, so no stream sync.  Untested on hardware so far.
+  ``__cuda_array_interface__`` conversion, so no stream sync.
 """
 import ctypes
+import functools
 
 import numba
 import numpy as np
 from numba import cuda
 
-from .cell_math import STEP_KERNELS, kernel_params, make_cell_math, param_type
+from . import signatures as sig
+from .cell_math import make_cell_math
 
 THREADS = 128
 LAUNCH_MODES = ("lazy", "eager", "fast")
 
-_TEMPLATE = """
-def {name}(B, H, {params}):
-    j, b = cuda.grid(2)
-    if j < H and b < B:
-        elem(b, j, H, {params})
-"""
+
+def _device(fn):
+    return cuda.jit(device=True, inline="always")(fn)
 
 
-def _cuda_step_kernel(name, elem):
-    params = ", ".join(kernel_params(elem))
-    device_elem = elem.py_func if cuda.config.ENABLE_CUDASIM else elem
-    namespace = {"cuda": cuda, "elem": device_elem}
-    exec(_TEMPLATE.format(name=name, params=params), namespace)
-    return namespace[name]
+@functools.lru_cache(maxsize=None)
+def element_functions(dtype):
+    """The element function of every step kernel for ``dtype``, as CUDA device functions:
+    ``{kernel name: elem(b, j, *kernel parameters after (B, H))}``.  Shapes as in
+    ``kernels/signatures.py``."""
+    m = make_cell_math(dtype)
+    zero = m.zero
+    rnn_forward, rnn_backward = m.rnn_forward, m.rnn_backward
+    lstm_forward, lstm_backward = m.lstm_forward, m.lstm_backward
+    gru_reset_after_forward = m.gru_reset_after_forward
+    gru_reset_after_backward = m.gru_reset_after_backward
+    gru_reset_before_gates = m.gru_reset_before_gates
+    gru_reset_before_candidate = m.gru_reset_before_candidate
+    gru_reset_before_candidate_backward = m.gru_reset_before_candidate_backward
+    gru_reset_before_gates_backward = m.gru_reset_before_gates_backward
 
+    @_device
+    def preactivation(xg, hg, b_ih, b_hh, b, k, H, j):
+        """x W_ih^T + h W_hh^T + b_ih + b_hh of gate block ``k``, unit ``j``, row ``b``."""
+        col = k * H + j
+        return xg[b, col] + hg[b, col] + (b_ih[col] + b_hh[col])
 
-def kernel_signature(name, dtype):
-    """Fixed signature of a step kernel, for eager compilation and PTX."""
-    elem = make_cell_math(dtype)[STEP_KERNELS[name]]
-    return (numba.int64, numba.int64) + tuple(param_type(p, dtype) for p in kernel_params(elem))
+    # ------------------------------------------------------------------------------- RNN
+    @_device
+    def rnn_forward_elem(b, j, H, y, h_new, xg, hg, b_ih, b_hh, h_prev, lengths, t, relu):
+        if t < lengths[b]:
+            h = rnn_forward(preactivation(xg, hg, b_ih, b_hh, b, 0, H, j), relu)
+            h_new[b, j] = h
+            y[b, j] = h
+        else:
+            h_new[b, j] = h_prev[b, j]
+            y[b, j] = zero
+
+    @_device
+    def rnn_backward_elem(b, j, H, dg, dh_carry, dy, dh_rec, h, lengths, t, relu):
+        dh = dh_carry[b, j] + dh_rec[b, j]
+        if t < lengths[b]:
+            dg[b, j] = rnn_backward(dh + dy[b, j], h[b, j], relu)
+            dh_carry[b, j] = zero
+        else:
+            dg[b, j] = zero
+            dh_carry[b, j] = dh
+
+    # ------------------------------------------------------------------------------ LSTM
+    @_device
+    def lstm_forward_elem(b, j, H, y, h_new, c_new, gates, xg, hg, b_ih, b_hh, h_prev, c_prev,
+                          lengths, t):
+        if t < lengths[b]:
+            i, f, g, o, tanh_c, c, h = lstm_forward(
+                preactivation(xg, hg, b_ih, b_hh, b, 0, H, j),
+                preactivation(xg, hg, b_ih, b_hh, b, 1, H, j),
+                preactivation(xg, hg, b_ih, b_hh, b, 2, H, j),
+                preactivation(xg, hg, b_ih, b_hh, b, 3, H, j), c_prev[b, j])
+            gates[b, j] = i
+            gates[b, H + j] = f
+            gates[b, 2 * H + j] = g
+            gates[b, 3 * H + j] = o
+            gates[b, 4 * H + j] = tanh_c
+            c_new[b, j] = c
+            h_new[b, j] = h
+            y[b, j] = h
+        else:
+            c_new[b, j] = c_prev[b, j]
+            h_new[b, j] = h_prev[b, j]
+            y[b, j] = zero
+
+    @_device
+    def lstm_backward_elem(b, j, H, dg, dh_carry, dc, dy, dh_rec, gates, c_prev, lengths, t):
+        dh = dh_carry[b, j] + dh_rec[b, j]
+        if t < lengths[b]:
+            dai, daf, dag, dao, dc_prev = lstm_backward(
+                dh + dy[b, j], dc[b, j], gates[b, j], gates[b, H + j], gates[b, 2 * H + j],
+                gates[b, 3 * H + j], gates[b, 4 * H + j], c_prev[b, j])
+            dg[b, j] = dai
+            dg[b, H + j] = daf
+            dg[b, 2 * H + j] = dag
+            dg[b, 3 * H + j] = dao
+            dc[b, j] = dc_prev
+            dh_carry[b, j] = zero
+        else:
+            for k in range(4):
+                dg[b, k * H + j] = zero
+            dh_carry[b, j] = dh
+
+    # ------------------------------------------------------ GRU, reset after the product
+    @_device
+    def gru_reset_after_forward_elem(b, j, H, y, h_new, gates, xg, hg, b_ih, b_hh, h_prev,
+                                     lengths, t):
+        if t < lengths[b]:
+            hn = hg[b, 2 * H + j] + b_hh[2 * H + j]
+            r, z, n, h = gru_reset_after_forward(
+                preactivation(xg, hg, b_ih, b_hh, b, 0, H, j),
+                preactivation(xg, hg, b_ih, b_hh, b, 1, H, j),
+                xg[b, 2 * H + j] + b_ih[2 * H + j], hn, h_prev[b, j])
+            gates[b, j] = r
+            gates[b, H + j] = z
+            gates[b, 2 * H + j] = n
+            gates[b, 3 * H + j] = hn
+            h_new[b, j] = h
+            y[b, j] = h
+        else:
+            h_new[b, j] = h_prev[b, j]
+            y[b, j] = zero
+
+    @_device
+    def gru_reset_after_backward_elem(b, j, H, dgx, dgh, dh_carry, dy, dh_rec, gates, h_prev,
+                                      lengths, t):
+        dh = dh_carry[b, j] + dh_rec[b, j]
+        if t < lengths[b]:
+            dar, daz, dxn, dhn, dh_prev = gru_reset_after_backward(
+                dh + dy[b, j], gates[b, j], gates[b, H + j], gates[b, 2 * H + j],
+                gates[b, 3 * H + j], h_prev[b, j])
+            dgx[b, j] = dar
+            dgx[b, H + j] = daz
+            dgx[b, 2 * H + j] = dxn
+            dgh[b, j] = dar
+            dgh[b, H + j] = daz
+            dgh[b, 2 * H + j] = dhn
+            dh_carry[b, j] = dh_prev
+        else:
+            for k in range(3):
+                dgx[b, k * H + j] = zero
+                dgh[b, k * H + j] = zero
+            dh_carry[b, j] = dh
+
+    # ----------------------------------------------------- GRU, reset before the product
+    @_device
+    def gru_reset_before_gates_elem(b, j, H, gates, xg, hg_rz, b_ih, b_hh, h_prev):
+        r, z, rh = gru_reset_before_gates(preactivation(xg, hg_rz, b_ih, b_hh, b, 0, H, j),
+                                          preactivation(xg, hg_rz, b_ih, b_hh, b, 1, H, j),
+                                          h_prev[b, j])
+        gates[b, j] = r
+        gates[b, H + j] = z
+        gates[b, 3 * H + j] = rh
+
+    @_device
+    def gru_reset_before_candidate_elem(b, j, H, y, h_new, gates, xg, hg_n, b_ih, b_hh, h_prev,
+                                        lengths, t):
+        if t < lengths[b]:
+            col = 2 * H + j
+            n, h = gru_reset_before_candidate(xg[b, col] + hg_n[b, j] + (b_ih[col] + b_hh[col]),
+                                              gates[b, H + j], h_prev[b, j])
+            gates[b, col] = n
+            h_new[b, j] = h
+            y[b, j] = h
+        else:
+            h_new[b, j] = h_prev[b, j]
+            y[b, j] = zero
+
+    @_device
+    def gru_reset_before_candidate_backward_elem(b, j, H, dg, dh_carry, dy, dh_rec, gates,
+                                                 h_prev, lengths, t):
+        dh = dh_carry[b, j] + dh_rec[b, j]
+        if t < lengths[b]:
+            daz, dan, dh_prev = gru_reset_before_candidate_backward(
+                dh + dy[b, j], gates[b, H + j], gates[b, 2 * H + j], h_prev[b, j])
+            dg[b, H + j] = daz
+            dg[b, 2 * H + j] = dan
+            dh_carry[b, j] = dh_prev
+        else:
+            dg[b, H + j] = zero
+            dg[b, 2 * H + j] = zero
+            dh_carry[b, j] = dh
+
+    @_device
+    def gru_reset_before_gates_backward_elem(b, j, H, dg, dh_carry, drh, gates, h_prev, lengths,
+                                             t):
+        if t < lengths[b]:
+            dar, dh_prev = gru_reset_before_gates_backward(drh[b, j], gates[b, j], h_prev[b, j])
+            dg[b, j] = dar
+            dh_carry[b, j] += dh_prev
+        else:
+            dg[b, j] = zero
+
+    return {"rnn_forward_step": rnn_forward_elem, "rnn_backward_step": rnn_backward_elem,
+            "lstm_forward_step": lstm_forward_elem, "lstm_backward_step": lstm_backward_elem,
+            "gru_reset_after_forward_step": gru_reset_after_forward_elem,
+            "gru_reset_after_backward_step": gru_reset_after_backward_elem,
+            "gru_reset_before_gates_step": gru_reset_before_gates_elem,
+            "gru_reset_before_candidate_step": gru_reset_before_candidate_elem,
+            "gru_reset_before_candidate_backward_step": gru_reset_before_candidate_backward_elem,
+            "gru_reset_before_gates_backward_step": gru_reset_before_gates_backward_elem}
 
 
 def make_cuda_python_kernels(dtype):
-    """``{kernel_name: python function}``, not yet jitted (``compile_ptx`` takes these)."""
-    math_ = make_cell_math(dtype)
-    return {name: _cuda_step_kernel(name, math_[elem]) for name, elem in STEP_KERNELS.items()}
+    """``{kernel name: kernel}`` as plain Python functions, not yet jitted (``cuda.jit`` and
+    ``compile_ptx`` take these); each one thread per ``(b, j)`` calling its element function."""
+    e = element_functions(np.dtype(dtype))
+    rnn_forward_elem = e["rnn_forward_step"]
+    rnn_backward_elem = e["rnn_backward_step"]
+    lstm_forward_elem = e["lstm_forward_step"]
+    lstm_backward_elem = e["lstm_backward_step"]
+    gru_reset_after_forward_elem = e["gru_reset_after_forward_step"]
+    gru_reset_after_backward_elem = e["gru_reset_after_backward_step"]
+    gru_reset_before_gates_elem = e["gru_reset_before_gates_step"]
+    gru_reset_before_candidate_elem = e["gru_reset_before_candidate_step"]
+    gru_reset_before_candidate_backward_elem = e["gru_reset_before_candidate_backward_step"]
+    gru_reset_before_gates_backward_elem = e["gru_reset_before_gates_backward_step"]
+
+    @sig.step_kernel(sig.RNN_FORWARD_STEP)
+    def rnn_forward_step(B, H, y, h_new, xg, hg, b_ih, b_hh, h_prev, lengths, t, relu):
+        j, b = cuda.grid(2)
+        if j < H and b < B:
+            rnn_forward_elem(b, j, H, y, h_new, xg, hg, b_ih, b_hh, h_prev, lengths, t, relu)
+
+    @sig.step_kernel(sig.RNN_BACKWARD_STEP)
+    def rnn_backward_step(B, H, dg, dh_carry, dy, dh_rec, h, lengths, t, relu):
+        j, b = cuda.grid(2)
+        if j < H and b < B:
+            rnn_backward_elem(b, j, H, dg, dh_carry, dy, dh_rec, h, lengths, t, relu)
+
+    @sig.step_kernel(sig.LSTM_FORWARD_STEP)
+    def lstm_forward_step(B, H, y, h_new, c_new, gates, xg, hg, b_ih, b_hh, h_prev, c_prev,
+                          lengths, t):
+        j, b = cuda.grid(2)
+        if j < H and b < B:
+            lstm_forward_elem(b, j, H, y, h_new, c_new, gates, xg, hg, b_ih, b_hh, h_prev,
+                              c_prev, lengths, t)
+
+    @sig.step_kernel(sig.LSTM_BACKWARD_STEP)
+    def lstm_backward_step(B, H, dg, dh_carry, dc, dy, dh_rec, gates, c_prev, lengths, t):
+        j, b = cuda.grid(2)
+        if j < H and b < B:
+            lstm_backward_elem(b, j, H, dg, dh_carry, dc, dy, dh_rec, gates, c_prev, lengths, t)
+
+    @sig.step_kernel(sig.GRU_RESET_AFTER_FORWARD_STEP)
+    def gru_reset_after_forward_step(B, H, y, h_new, gates, xg, hg, b_ih, b_hh, h_prev,
+                                     lengths, t):
+        j, b = cuda.grid(2)
+        if j < H and b < B:
+            gru_reset_after_forward_elem(b, j, H, y, h_new, gates, xg, hg, b_ih, b_hh, h_prev,
+                                         lengths, t)
+
+    @sig.step_kernel(sig.GRU_RESET_AFTER_BACKWARD_STEP)
+    def gru_reset_after_backward_step(B, H, dgx, dgh, dh_carry, dy, dh_rec, gates, h_prev,
+                                      lengths, t):
+        j, b = cuda.grid(2)
+        if j < H and b < B:
+            gru_reset_after_backward_elem(b, j, H, dgx, dgh, dh_carry, dy, dh_rec, gates, h_prev,
+                                          lengths, t)
+
+    @sig.step_kernel(sig.GRU_RESET_BEFORE_GATES_STEP)
+    def gru_reset_before_gates_step(B, H, gates, xg, hg_rz, b_ih, b_hh, h_prev):
+        j, b = cuda.grid(2)
+        if j < H and b < B:
+            gru_reset_before_gates_elem(b, j, H, gates, xg, hg_rz, b_ih, b_hh, h_prev)
+
+    @sig.step_kernel(sig.GRU_RESET_BEFORE_CANDIDATE_STEP)
+    def gru_reset_before_candidate_step(B, H, y, h_new, gates, xg, hg_n, b_ih, b_hh, h_prev,
+                                        lengths, t):
+        j, b = cuda.grid(2)
+        if j < H and b < B:
+            gru_reset_before_candidate_elem(b, j, H, y, h_new, gates, xg, hg_n, b_ih, b_hh,
+                                            h_prev, lengths, t)
+
+    @sig.step_kernel(sig.GRU_RESET_BEFORE_CANDIDATE_BACKWARD_STEP)
+    def gru_reset_before_candidate_backward_step(B, H, dg, dh_carry, dy, dh_rec, gates, h_prev,
+                                                 lengths, t):
+        j, b = cuda.grid(2)
+        if j < H and b < B:
+            gru_reset_before_candidate_backward_elem(b, j, H, dg, dh_carry, dy, dh_rec, gates,
+                                                     h_prev, lengths, t)
+
+    @sig.step_kernel(sig.GRU_RESET_BEFORE_GATES_BACKWARD_STEP)
+    def gru_reset_before_gates_backward_step(B, H, dg, dh_carry, drh, gates, h_prev, lengths,
+                                             t):
+        j, b = cuda.grid(2)
+        if j < H and b < B:
+            gru_reset_before_gates_backward_elem(b, j, H, dg, dh_carry, drh, gates, h_prev,
+                                                 lengths, t)
+
+    return {fn.__name__: fn for fn in (
+        rnn_forward_step, rnn_backward_step, lstm_forward_step, lstm_backward_step,
+        gru_reset_after_forward_step, gru_reset_after_backward_step,
+        gru_reset_before_gates_step, gru_reset_before_candidate_step,
+        gru_reset_before_candidate_backward_step, gru_reset_before_gates_backward_step)}
+
+
+def kernel_signature(name, dtype):
+    """Numba signature of step kernel ``name`` for ``dtype`` (eager compilation, PTX)."""
+    return sig.numba_signature(sig.STEP_KERNELS[name], dtype)
 
 
 def make_cuda_kernels(dtype, launch="eager"):
@@ -80,9 +344,10 @@ def make_cuda_kernels(dtype, launch="eager"):
         if launch == "lazy":
             launchers[name] = _launcher(cuda.jit(fn))
         else:
-            sig = kernel_signature(name, dtype)
-            kernel = cuda.jit(sig)(fn)  # compiles now, for the current device
-            launchers[name] = _launcher(kernel) if launch == "eager" else _FastLauncher(kernel, sig)
+            signature = sig.numba_signature(fn.params, dtype)
+            kernel = cuda.jit(signature)(fn)  # compiles now, for the current device
+            launchers[name] = (_launcher(kernel) if launch == "eager"
+                               else _FastLauncher(kernel, signature))
     return launchers
 
 

@@ -13,20 +13,20 @@ the grid owns slices ``k, k + gridDim, ...``.  Per step, every block:
 1. copies ``h_prev`` [B, H] into shared memory;
 2. computes its units' recurrent products ``hg[b, g*H + j] = W_hh[g*H + j, :] . h_prev[b, :]``,
    ``lanes`` threads per dot product (strided partial sums, then summed from shared memory);
-3. after a block barrier, runs the cell's element function (``cell_math``, the same code as
+3. after a block barrier, runs the cell's element function (``kernels/cuda.py``, the body of
    the step kernels) for its units: it reads only its own columns of ``hg``;
 4. waits at a grid-wide barrier (``cuda.cg.this_grid().sync()``, so the kernel is launched
    cooperatively and every block must be resident), since the next step needs every unit of
    ``h``.
 
-The states, saved gates and outputs land in exactly the slots the per-step driver uses (the
-kernels compute them with the driver's own ``_slots``), so either kernel combines with the
-per-step path for the other direction of time.
+The states, saved gates and outputs land in exactly the slots the time loops use (the kernels
+compute them with the loops' own ``time_slots``), so either kernel combines with the per-step
+path for the other direction of time.
 
-Cells: RNN (tanh/ReLU), LSTM, and GRU with the reset after the product.  The seed-form GRU
+Cells: RNN (tanh/ReLU), LSTM, and GRU with the reset after the product.  The reset-before GRU
 needs ``r * h_prev`` of every unit before its second product: one more grid barrier per step,
-not done.  Under Numba's CUDA simulator a cooperative grid has one block; the kernel still
-takes any ``n_slices``, so the simulator tests the slicing too.
+which these kernels do not have.  Under Numba's CUDA simulator a cooperative grid has one
+block; the kernel still takes any ``n_slices``, so the simulator tests the slicing too.
 """
 import functools
 
@@ -34,8 +34,9 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ..drivers import _slots
-from .cell_math import make_cell_math
+from .cuda import element_functions
+from .loops import time_slots
+from .signatures import FLOAT, INT, LENGTHS, Param, numba_signature
 
 #: Cells with persistent kernels; GRU only with ``reset_after``.
 PERSISTENT_MODES = ("rnn", "lstm", "gru")
@@ -66,55 +67,69 @@ def slice_unit(r, block, n_blocks, U, H, n_slices):
     return -1
 
 
-def _cell_steps(math_, simulator):
+def _device(fn):
+    return cuda.jit(device=True, inline="always")(fn)
+
+
+def _cell_steps(dtype):
     """Each cell's element functions called on the slots of one step, one signature per
     direction of time: ``{mode: (forward_step, backward_step, recurrent_grad)}``.
 
     ``recurrent_grad(dg, dgh)`` is the gradient whose product with ``W_hh`` flows back to
     ``h_prev``: ``dgh`` for the reset-after GRU (its n block is ``r * dgx_n``), else ``dg``."""
-    def elem(name):
-        return math_[name].py_func if simulator else math_[name]
+    e = element_functions(dtype)
+    rnn, rnn_back = e["rnn_forward_step"], e["rnn_backward_step"]
+    lstm, lstm_back = e["lstm_forward_step"], e["lstm_backward_step"]
+    gru, gru_back = e["gru_reset_after_forward_step"], e["gru_reset_after_backward_step"]
 
-    rnn, lstm, gru = elem("rnn_forward_elem"), elem("lstm_forward_elem"), elem("gru_forward_elem")
-    rnn_b, lstm_b, gru_b = (elem("rnn_backward_elem"), elem("lstm_backward_elem"),
-                            elem("gru_backward_elem"))
+    # y [T, B, H]; hs, cs [S, B, H]; gates [T or 1, B, S*H]; xg [T, B, G*H]; hg [B, G*H]
+    @_device
+    def rnn_step(b, j, H, t, before, after, saved, y, hs, cs, gates, xg, hg, b_ih, b_hh,
+                 lengths, relu):
+        rnn(b, j, H, y[t], hs[after], xg[t], hg, b_ih, b_hh, hs[before], lengths, t, relu)
 
-    # y [T, B, H]; hs, cs [S, B, H]; gates [T or 1, B, 4H]; xg [T, B, G*H]; hg [B, G*H]
-    def rnn_step(b, j, H, t, p, n, s, y, hs, cs, gates, xg, hg, b_hh, lengths, relu):
-        rnn(b, j, H, y[t], hs[n], xg[t], hg, b_hh, hs[p], lengths, t, relu)
+    @_device
+    def lstm_step(b, j, H, t, before, after, saved, y, hs, cs, gates, xg, hg, b_ih, b_hh,
+                  lengths, relu):
+        lstm(b, j, H, y[t], hs[after], cs[after], gates[saved], xg[t], hg, b_ih, b_hh,
+             hs[before], cs[before], lengths, t)
 
-    def lstm_step(b, j, H, t, p, n, s, y, hs, cs, gates, xg, hg, b_hh, lengths, relu):
-        lstm(b, j, H, y[t], hs[n], cs[n], gates[s], xg[t], hg, b_hh, hs[p], cs[p], lengths, t)
-
-    def gru_step(b, j, H, t, p, n, s, y, hs, cs, gates, xg, hg, b_hh, lengths, relu):
-        gru(b, j, H, y[t], hs[n], gates[s], xg[t], hg, b_hh, hs[p], lengths, t)
+    @_device
+    def gru_step(b, j, H, t, before, after, saved, y, hs, cs, gates, xg, hg, b_ih, b_hh,
+                 lengths, relu):
+        gru(b, j, H, y[t], hs[after], gates[saved], xg[t], hg, b_ih, b_hh, hs[before], lengths,
+            t)
 
     # dg, dgh [T, B, G*H]; dh_carry, dc, dh_rec [B, H]; dy [T, B, H]; hs, cs [T+1, B, H];
-    # gates [T, B, 4H]
-    def rnn_back(b, j, H, t, p, n, dg, dgh, dh_carry, dc, dy, dh_rec, hs, cs, gates, lengths,
-                 relu):
-        rnn_b(b, j, H, dg[t], dh_carry, dy[t], dh_rec, hs[n], lengths, t, relu)
+    # gates [T, B, S*H]
+    @_device
+    def rnn_backward(b, j, H, t, before, after, dg, dgh, dh_carry, dc, dy, dh_rec, hs, cs,
+                     gates, lengths, relu):
+        rnn_back(b, j, H, dg[t], dh_carry, dy[t], dh_rec, hs[after], lengths, t, relu)
 
-    def lstm_back(b, j, H, t, p, n, dg, dgh, dh_carry, dc, dy, dh_rec, hs, cs, gates, lengths,
-                  relu):
-        lstm_b(b, j, H, dg[t], dh_carry, dc, dy[t], dh_rec, gates[t], cs[n], cs[p], lengths, t)
+    @_device
+    def lstm_backward(b, j, H, t, before, after, dg, dgh, dh_carry, dc, dy, dh_rec, hs, cs,
+                      gates, lengths, relu):
+        lstm_back(b, j, H, dg[t], dh_carry, dc, dy[t], dh_rec, gates[t], cs[before], lengths,
+                  t)
 
-    def gru_back(b, j, H, t, p, n, dg, dgh, dh_carry, dc, dy, dh_rec, hs, cs, gates, lengths,
-                 relu):
-        gru_b(b, j, H, dg[t], dgh[t], dh_carry, dy[t], dh_rec, gates[t], hs[p], lengths, t)
+    @_device
+    def gru_backward(b, j, H, t, before, after, dg, dgh, dh_carry, dc, dy, dh_rec, hs, cs,
+                     gates, lengths, relu):
+        gru_back(b, j, H, dg[t], dgh[t], dh_carry, dy[t], dh_rec, gates[t], hs[before],
+                 lengths, t)
 
+    @_device
     def input_path(dg, dgh):
         return dg
 
+    @_device
     def recurrent_path(dg, dgh):
         return dgh
 
-    steps = {"rnn": (rnn_step, rnn_back, input_path), "lstm": (lstm_step, lstm_back, input_path),
-             "gru": (gru_step, gru_back, recurrent_path)}
-    if simulator:
-        return steps
-    return {mode: tuple(numba.njit(inline="always")(fn) for fn in fns)
-            for mode, fns in steps.items()}
+    return {"rnn": (rnn_step, rnn_backward, input_path),
+            "lstm": (lstm_step, lstm_backward, input_path),
+            "gru": (gru_step, gru_backward, recurrent_path)}
 
 
 def _make_block_products(row_of, unit_of):
@@ -166,26 +181,21 @@ def make_persistent_python_kernels(dtype):
     """``{mode: (forward kernel, backward kernel)}`` as Python functions, not yet jitted
     (``compile_ptx`` takes these)."""
     dtype = np.dtype(dtype)
-    simulator = bool(cuda.config.ENABLE_CUDASIM)
     zero = dtype.type(0)
     shared_type = numba.from_dtype(dtype)
-    if simulator:
-        helpers = (_slots, slice_row, slice_unit)
-        helpers += (_make_block_products(slice_row, slice_unit),)
-    else:
-        helpers = tuple(numba.njit(inline="always")(f) for f in (_slots, slice_row, slice_unit))
-        helpers += (cuda.jit(device=True, inline="always")(_make_block_products(*helpers[1:])),)
+    helpers = tuple(_device(f) for f in (time_slots, slice_row, slice_unit))
+    helpers += (_device(_make_block_products(*helpers[1:])),)
     return {mode: (_forward_kernel(fwd, zero, shared_type, *helpers),
                    _backward_kernel(back, rec, zero, shared_type, *helpers))
-            for mode, (fwd, back, rec) in _cell_steps(make_cell_math(dtype), simulator).items()}
+            for mode, (fwd, back, rec) in _cell_steps(dtype).items()}
 
 
 def _forward_kernel(cell_step, zero, shared_type, slots_of, row_of, unit_of, products):
-    def persistent_forward(T, B, H, n_slices, U, lanes, y, hs, cs, gates, xg, hg, w_hh, b_hh,
-                           lengths, reverse, training, relu):
+    def persistent_forward(T, B, H, n_slices, U, lanes, y, hs, cs, gates, xg, hg, w_hh, b_ih,
+                           b_hh, lengths, reverse, training, relu):
         # y [T, B, H]; hs, cs [T+1 or 2, B, H] (cs: any such array unless LSTM);
-        # gates [T or 1, B, 4H] (any 3-D array for RNN); xg [T, B, G*H]; hg [B, G*H] scratch;
-        # w_hh [G*H, H]; b_hh [G*H]; lengths [B]
+        # gates [T or 1, B, S*H] (any 3-D array for RNN); xg [T, B, G*H] (no bias); hg [B, G*H]
+        # scratch; w_hh [G*H, H]; b_ih, b_hh [G*H]; lengths [B]
         G = w_hh.shape[0] // H
         tid = cuda.threadIdx.x
         n_threads = cuda.blockDim.x
@@ -203,9 +213,9 @@ def _forward_kernel(cell_step, zero, shared_type, slots_of, row_of, unit_of, pro
         cuda.syncthreads()
         grid = cuda.cg.this_grid()
         for step in range(T):
-            t, p, n, s = slots_of(T, step, reverse, training)
-            products(smem, rows, H, B, hs[p], h_at, part_at, hg, 0, block, n_blocks, G, U, H,
-                     n_slices, lanes, zero)
+            t, before, after, saved = slots_of(T, step, reverse, training)
+            products(smem, rows, H, B, hs[before], h_at, part_at, hg, 0, block, n_blocks, G, U,
+                     H, n_slices, lanes, zero)
             # The gate math of this block's units: reads only hg columns this block wrote.
             per_slice = U * B
             for idx in range(tid, rows // G * B, n_threads):
@@ -215,7 +225,8 @@ def _forward_kernel(cell_step, zero, shared_type, slots_of, row_of, unit_of, pro
                 b = rem - u * B
                 j = unit_of(local_slice * U + u, block, n_blocks, U, H, n_slices)
                 if j >= 0:
-                    cell_step(b, j, H, t, p, n, s, y, hs, cs, gates, xg, hg, b_hh, lengths, relu)
+                    cell_step(b, j, H, t, before, after, saved, y, hs, cs, gates, xg, hg, b_ih,
+                              b_hh, lengths, relu)
             grid.sync()
 
     return persistent_forward
@@ -227,8 +238,9 @@ def _backward_kernel(cell_back, recurrent_grad, zero, shared_type, slots_of, row
                             cs, gates, w_hh, lengths, reverse, relu):
         # dg, dgh [T, B, G*H] (dgh: GRU's recurrent-path gradient, any such array otherwise);
         # dh_carry, dc, dh_rec [B, H] (in place; dc any such array unless LSTM; dh_rec zero on
-        # entry, dg_first @ W_hh on exit); dy [T, B, H]; hs, cs [T+1, B, H]; gates [T, B, 4H];
-        # w_hh [G*H, H]; lengths [B].  The same work, in the same order, as the driver's loop.
+        # entry, dg_first @ W_hh on exit); dy [T, B, H]; hs, cs [T+1, B, H]; gates
+        # [T, B, S*H]; w_hh [G*H, H]; lengths [B].  The same work, in the same order, as the
+        # time loop.
         G = w_hh.shape[0] // H
         K = G * H
         tid = cuda.threadIdx.x
@@ -254,28 +266,42 @@ def _backward_kernel(cell_back, recurrent_grad, zero, shared_type, slots_of, row
                 products(smem, rows, K, B, rec[t_done], v_at, part_at, dh_rec, 1, block,
                          n_blocks, G, U, H, n_slices, lanes, zero)
             if it < T:
-                t, p, n, s = slots_of(T, T - 1 - it, reverse, 1)
+                t, before, after, _ = slots_of(T, T - 1 - it, reverse, 1)
                 for idx in range(tid, rows * B, n_threads):
                     r = idx // B
                     j = unit_of(r, block, n_blocks, U, H, n_slices)
                     if j >= 0:
-                        cell_back(idx - r * B, j, H, t, p, n, dg, dgh, dh_carry, dc, dy, dh_rec,
-                                  hs, cs, gates, lengths, relu)
+                        cell_back(idx - r * B, j, H, t, before, after, dg, dgh, dh_carry, dc, dy,
+                                  dh_rec, hs, cs, gates, lengths, relu)
             grid.sync()
 
     return persistent_backward
 
 
+def _float(name, rank):
+    return Param(name, FLOAT, rank)
+
+
+_LAUNCH_SHAPE = tuple(Param(name, INT) for name in ("T", "B", "H", "n_slices", "U", "lanes"))
+
+#: Parameters of ``persistent_forward`` (shapes there).
+PERSISTENT_FORWARD = _LAUNCH_SHAPE + (
+    _float("y", 3), _float("hs", 3), _float("cs", 3), _float("gates", 3), _float("xg", 3),
+    _float("hg", 2), _float("w_hh", 2), _float("b_ih", 1), _float("b_hh", 1),
+    Param("lengths", LENGTHS, 1), Param("reverse", INT), Param("training", INT),
+    Param("relu", INT))
+
+#: Parameters of ``persistent_backward`` (shapes there).
+PERSISTENT_BACKWARD = _LAUNCH_SHAPE + (
+    _float("dg", 3), _float("dgh", 3), _float("dh_carry", 2), _float("dc", 2), _float("dy", 3),
+    _float("dh_rec", 2), _float("hs", 3), _float("cs", 3), _float("gates", 3),
+    _float("w_hh", 2), Param("lengths", LENGTHS, 1), Param("reverse", INT), Param("relu", INT))
+
+
 def persistent_signature(dtype, backward=False):
-    """Fixed signature of the persistent forward (or backward) kernels, for eager compilation
+    """Numba signature of the persistent forward (or backward) kernels, for eager compilation
     and PTX."""
-    scalar = numba.from_dtype(np.dtype(dtype))
-    i64 = numba.int64
-    a3, a2, a1, lengths = scalar[:, :, ::1], scalar[:, ::1], scalar[::1], numba.int32[::1]
-    if backward:  # dg, dgh, dh_carry, dc, dy, dh_rec, hs, cs, gates, w_hh, lengths, reverse, relu
-        return (i64,) * 6 + (a3, a3, a2, a2, a3, a2, a3, a3, a3, a2, lengths, i64, i64)
-    # y, hs, cs, gates, xg, hg, w_hh, b_hh, lengths, reverse, training, relu
-    return (i64,) * 6 + (a3, a3, a3, a3, a3, a2, a2, a1, lengths, i64, i64, i64)
+    return numba_signature(PERSISTENT_BACKWARD if backward else PERSISTENT_FORWARD, dtype)
 
 
 def shared_bytes(G, U, n_slices, n_blocks, B, H, threads, itemsize, backward=False):
@@ -319,8 +345,8 @@ def persistent_kernels(dtype):
             for mode, (fwd, back) in fns.items()}
 
 
-def launch_persistent(kernel, shape, T, B, H, y, hs, cs, gates, xg, hg, w_hh, b_hh, lengths,
-                      reverse, training, relu, stream=0):
+def launch_persistent(kernel, shape, T, B, H, y, hs, cs, gates, xg, hg, w_hh, b_ih, b_hh,
+                      lengths, reverse, training, relu, stream=0):
     """Run all ``T`` forward steps in one cooperative launch of ``kernel`` with ``shape`` from
     ``plan`` (array shapes as ``persistent_forward``'s; ``cs`` and ``gates`` None where the cell
     has none)."""
@@ -330,7 +356,7 @@ def launch_persistent(kernel, shape, T, B, H, y, hs, cs, gates, xg, hg, w_hh, b_
     cs = y[:0] if cs is None else cs
     gates = y[:0] if gates is None else gates
     kernel[n_blocks, threads, stream, nbytes](
-        T, B, H, n_slices, U, lanes, y, hs, cs, gates, xg, hg, w_hh, b_hh, lengths,
+        T, B, H, n_slices, U, lanes, y, hs, cs, gates, xg, hg, w_hh, b_ih, b_hh, lengths,
         int(reverse), int(training), int(relu))
 
 

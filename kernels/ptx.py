@@ -37,11 +37,12 @@ def compile_ptx(fn, sig, cc):
 
 def all_kernels(dtype):
     """``{kernel name: (python function, signature)}`` of every CUDA kernel for ``dtype``."""
-    from .cuda import kernel_signature, make_cuda_python_kernels
+    from .cuda import make_cuda_python_kernels
     from .persistent import make_persistent_python_kernels, persistent_signature
+    from .signatures import numba_signature
 
     dtype = np.dtype(dtype)
-    out = {name: (fn, kernel_signature(name, dtype))
+    out = {name: (fn, numba_signature(fn.params, dtype))
            for name, fn in make_cuda_python_kernels(dtype).items()}
     fwd_sig, back_sig = persistent_signature(dtype), persistent_signature(dtype, backward=True)
     for mode, (fwd, back) in make_persistent_python_kernels(dtype).items():

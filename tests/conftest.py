@@ -35,7 +35,7 @@ CELLS = [
     ("GRU", {}),
     ("GRU", {"reset_after": True}),
 ]
-CELL_IDS = ["rnn_tanh", "rnn_relu", "lstm", "gru_seed", "gru_reset_after"]
+CELL_IDS = ["rnn_tanh", "rnn_relu", "lstm", "gru_reset_before", "gru_reset_after"]
 
 
 def cell_params():

@@ -1,14 +1,15 @@
-"""The scalar math under every kernel: the float32 tanh is accurate to a few ulp, keeps NaN,
-and saturates cleanly; the sigmoid never overflows."""
+"""The scalar math under every kernel: the float32 tanh and sigmoid are accurate to a few ulp
+over the whole float32 range, keep NaN and saturate cleanly; the gates never overflow."""
 import numba
 import numpy as np
 import pytest
 
-from gpurnn.kernels.cell_math import _make_tanh, make_cell_math
+from gpurnn.kernels.cell_math import make_cell_math
+from gpurnn.kernels.cpu import KERNEL_OPTIONS
 
 
 def _apply(fn, x):
-    @numba.njit
+    @numba.njit(**KERNEL_OPTIONS)  # as the CPU kernels compile it
     def run(out, x):
         for i in range(x.shape[0]):
             out[i] = fn(x[i])
@@ -18,35 +19,67 @@ def _apply(fn, x):
     return out
 
 
-def test_float32_tanh_within_six_ulp():
-    x = np.concatenate([np.linspace(-12, 12, 400_001), np.geomspace(1e-8, 1, 20_000),
-                        -np.geomspace(1e-8, 1, 20_000)]).astype(np.float32)
-    got = _apply(_make_tanh(np.float32), x).astype(np.float64)
-    exact = np.tanh(x.astype(np.float64))
+def _float32_sweep():
+    """Every 257th float32 bit pattern (all signs, exponents, subnormals; no NaN or inf),
+    plus a dense grid where the functions bend."""
+    bits = np.arange(0, 2**32, 257, dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32)
+    x = x[np.isfinite(x)]
+    return np.concatenate([x, np.linspace(-20, 20, 400_001, dtype=np.float32)])
+
+
+def _ulp_error(got, exact):
+    """|got - exact| in units of the float32 spacing at |exact| (subnormal spacing below the
+    least normal)."""
     ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
-    assert np.max(np.abs(got - exact) / ulp) <= 6.0
+    return np.abs(got.astype(np.float64) - exact) / ulp
+
+
+def test_float32_tanh_within_six_ulp():
+    x = np.concatenate([_float32_sweep(), np.geomspace(1e-8, 1, 20_000, dtype=np.float32),
+                        -np.geomspace(1e-8, 1, 20_000, dtype=np.float32)])
+    got = _apply(make_cell_math(np.float32).tanh, x)
+    assert np.max(_ulp_error(got, np.tanh(x.astype(np.float64)))) <= 6.0
     assert np.all(np.abs(got) <= 1.0)
 
 
+def _sigmoid64(x):
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def test_float32_sigmoid_within_three_ulp_over_the_whole_range():
+    x = _float32_sweep()
+    got = _apply(make_cell_math(np.float32).sigmoid, x)
+    err = _ulp_error(got, _sigmoid64(x.astype(np.float64)))
+    assert np.max(err) <= 3.0, f"{np.max(err):.2f} ulp at x={x[np.argmax(err)]!r}"
+    assert np.all((got >= 0) & (got <= 1))
+    # The lower tail keeps its relative accuracy down to the least normal float32 (no
+    # cancellation as in 0.5 + 0.5 tanh(x/2), which is 0 there).
+    tails = np.array([-20, -50, -87, 20], np.float32)
+    np.testing.assert_allclose(_apply(make_cell_math(np.float32).sigmoid, tails),
+                               _sigmoid64(tails.astype(np.float64)), rtol=3e-7, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_tanh_special_values(dtype):
-    got = _apply(_make_tanh(dtype), np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 30.0], dtype))
-    assert np.isnan(got[0])
-    np.testing.assert_array_equal(got[1:], np.array([1, -1, 0, 0, 1], dtype))
+def test_special_values(dtype):
+    m = make_cell_math(dtype)
+    x = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 100.0, -800.0], dtype)
+    tanh, sigmoid = _apply(m.tanh, x), _apply(m.sigmoid, x)
+    assert np.isnan(tanh[0]) and np.isnan(sigmoid[0])
+    np.testing.assert_array_equal(tanh[1:], np.array([1, -1, 0, 0, 1, -1], dtype))
+    np.testing.assert_array_equal(sigmoid[1:], np.array([1, 0, 0.5, 0.5, 1, 0], dtype))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_gates_stay_finite_for_huge_pre_activations(dtype):
-    """The LSTM element with pre-activations up to 1e30: the sigmoids never overflow exp."""
-    math_ = make_cell_math(dtype)
-    x = np.array([-1e30, -100, 0, 100, 1e30], dtype)
-    H = x.size
-    xg = np.tile(x, 4)[None, :]  # [1, 4H]: every gate sees every value
-    y, h, c = (np.zeros((1, H), dtype) for _ in range(3))
-    gates = np.zeros((1, 4 * H), dtype)
+    """The LSTM and GRU math with pre-activations up to 1e30: nothing overflows."""
+    m = make_cell_math(dtype)
+    values = np.array([-1e30, -100, 0, 100, 1e30], dtype)
+    one = dtype(1)
     with np.errstate(all="raise"):
-        for j in range(H):
-            math_.lstm_forward_elem(0, j, H, y, h, c, gates, xg, np.zeros((1, 4 * H), dtype),
-                                    np.zeros(4 * H, dtype), np.zeros((1, H), dtype),
-                                    np.zeros((1, H), dtype), np.array([1], np.int32), 0)
-    assert np.isfinite(gates).all() and np.isfinite(h).all() and np.isfinite(c).all()
+        for a in values:
+            for b in values:
+                assert np.isfinite(m.lstm_forward(a, b, a, b, one)).all()
+                assert np.isfinite(m.gru_reset_after_forward(a, b, a, b, one)).all()
+                assert np.isfinite(m.gru_reset_before_gates(a, b, one)).all()

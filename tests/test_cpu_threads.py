@@ -1,5 +1,6 @@
-"""The CPU backend's compiled time loops: same results as the drivers' Python loops, BLAS called
-correctly from Numba, no Numba thread pool, and Numba's cache hit by a new process.
+"""The CPU backend's compiled time loops: same results as the loops run as Python, each step
+kernel called with its declared signature, BLAS called correctly from Numba, no Numba thread
+pool, and Numba's cache hit by a new process.
 
 Speed itself is measured by the asv suite and benchmarks/compare_torch.py, not here.
 """
@@ -8,12 +9,15 @@ import subprocess
 import sys
 import textwrap
 
+import numba
 import numpy as np
 import pytest
 
 from gpurnn.engine import drivers
 from gpurnn.engine.backend import CPUBackend
 from gpurnn.kernels import cpu
+from gpurnn.kernels.loops import make_loops, time_slots
+from gpurnn.kernels.signatures import STEP_KERNELS, numba_signature
 
 from conftest import CELL_IDS, CELLS
 
@@ -21,14 +25,14 @@ SPECS = {
     "rnn_tanh": drivers.CellSpec("rnn"),
     "rnn_relu": drivers.CellSpec("rnn", relu=True),
     "lstm": drivers.CellSpec("lstm"),
-    "gru_seed": drivers.CellSpec("gru"),
+    "gru_reset_before": drivers.CellSpec("gru"),
     "gru_reset_after": drivers.CellSpec("gru", reset_after=True),
 }
 assert set(SPECS) == set(CELL_IDS) and len(CELLS) == len(SPECS)
 
 
 class PythonLoopsCPU(CPUBackend):
-    """The CPU backend without its compiled loops: the drivers run ``make_loops`` as Python."""
+    """The CPU backend without its compiled loops: the drivers run the loops as Python."""
 
     def compiled_loops(self, dtype):
         return None
@@ -41,16 +45,37 @@ def test_numpy_openblas_is_found_here():
     assert CPUBackend().compiled_loops(np.float64) is not None
 
 
-def _run(be, cell, T, B, I, H, reverse, rng, lengths):
+def test_numpy_openblas_is_preferred_over_scipys(monkeypatch):
+    # SciPy brings its own OpenBLAS; the loops must call the one NumPy's matmul uses, which
+    # threadpoolctl limits with it (calling SciPy's made training steps 5-30x slower here).
+    pytest.importorskip("scipy.linalg")  # loads scipy.libs' OpenBLAS into the process
+    import threadpoolctl
+
+    found = threadpoolctl.threadpool_info()
+    blas = [d for d in found if d.get("internal_api") == "openblas"]
+    if len(blas) < 2:
+        pytest.skip("this SciPy shares NumPy's OpenBLAS")
+    # the order the libraries are listed in must not matter
+    monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda: found[::-1])
+    numpy_dir = os.path.dirname(np.__file__)
+    path = cpu.numpy_blas()[0]
+    assert path.startswith((numpy_dir + os.sep, numpy_dir + ".libs" + os.sep)), path
+
+
+def _run(be, cell, T, B, I, H, reverse, rng, lengths, dtype=np.float64):
     G = cell.gates
-    w = drivers.Weights(*(rng.standard_normal(s) * 0.4 for s in
+
+    def normal(*shape, scale=1.0):
+        return (rng.standard_normal(shape) * scale).astype(dtype)
+
+    w = drivers.Weights(*(normal(*s, scale=0.4) for s in
                           ((G * H, I), (G * H, H), (G * H,), (G * H,))))
-    x = rng.standard_normal((T, B, I))
-    h0 = rng.standard_normal((B, H)) * 0.5
-    c0 = rng.standard_normal((B, H)) * 0.5 if cell.has_cell_state else None
-    dy = rng.standard_normal((T, B, H))
-    dh = rng.standard_normal((B, H))
-    dc = rng.standard_normal((B, H)) if cell.has_cell_state else None
+    x = normal(T, B, I)
+    h0 = normal(B, H, scale=0.5)
+    c0 = normal(B, H, scale=0.5) if cell.has_cell_state else None
+    dy = normal(T, B, H)
+    dh = normal(B, H)
+    dc = normal(B, H) if cell.has_cell_state else None
     grads = drivers.Weights(*(np.empty_like(a) for a in (w.w_ih, w.w_hh, w.b_ih, w.b_hh)))
     ws = drivers.Workspace(be)
     y, tape = drivers.forward(be, cell, w, x, h0, c0, lengths, reverse, True, ws)
@@ -74,6 +99,42 @@ def test_compiled_loops_match_python_loops(name, reverse):
     got = _run(CPUBackend(), cell, T, B, I, H, reverse, np.random.default_rng(5), lengths)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+
+
+class FreshLoopsCPU(CPUBackend):
+    """The CPU backend with its step kernels and loops compiled in this process, not loaded
+    from Numba's cache as whole loops, so that each kernel records what it was called with."""
+
+    def __init__(self):
+        super().__init__()
+        self._kernels = {}
+
+    def kernels(self, dtype):
+        dtype = np.dtype(dtype)
+        if dtype not in self._kernels:
+            self._kernels[dtype] = cpu.make_cpu_kernels(dtype)
+        return self._kernels[dtype]
+
+    def compiled_loops(self, dtype):
+        dtype = np.dtype(dtype)
+        if dtype not in self._loops:
+            loops = make_loops(cpu._make_matmul(dtype), self.kernels(dtype),
+                               numba.njit(time_slots))
+            self._loops[dtype] = {name: numba.njit(fn) for name, fn in loops.items()}
+        return self._loops[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_loops_call_each_kernel_with_its_declared_signature(dtype):
+    """The signature the vectorisation test inspects is the one that runs."""
+    be = FreshLoopsCPU()
+    lengths = np.array([6, 0, 4], dtype=np.int32)
+    for cell in SPECS.values():
+        for reverse in (False, True):
+            _run(be, cell, 6, 3, 5, 7, reverse, np.random.default_rng(1), lengths, dtype)
+    for name, kernel in be.kernels(dtype).items():
+        want = numba_signature(STEP_KERNELS[name], dtype)
+        assert kernel.signatures == [want], name
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -129,8 +190,9 @@ _FIRST_STEP = """
     loops = m.backend.compiled_loops(np.float64)
     kernels = m.backend.kernels(np.float64)
     # The step kernels are compiled into the loops, and loaded with them.
-    used = [loops["gru_seed_forward"], loops["gru_seed_backward"]]
-    called = used + [kernels["gru_seed_reset_step"], kernels["gru_seed_candidate_step"]]
+    used = [loops["gru_reset_before_forward"], loops["gru_reset_before_backward"]]
+    called = used + [kernels["gru_reset_before_gates_step"],
+                     kernels["gru_reset_before_candidate_step"]]
     print(sum(len(f.stats.cache_hits) for f in used),
           sum(len(f.stats.cache_misses) for f in called), numba_parallel._is_initialized)
 """

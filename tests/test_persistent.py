@@ -9,6 +9,7 @@ import pytest
 from gpurnn.engine import drivers
 from gpurnn.engine.backend import CPUBackend, CUDABackend
 from gpurnn.kernels import persistent
+from gpurnn.kernels.loops import time_slots
 
 TOL = {"float64": dict(rtol=1e-12, atol=1e-13), "float32": dict(rtol=1e-5, atol=1e-6)}
 CELLS = {"rnn_tanh": drivers.CellSpec("rnn"), "rnn_relu": drivers.CellSpec("rnn", relu=True),
@@ -67,13 +68,13 @@ def _buffers(cell, w, x, h0, c0, training, reverse):
     H, G = w.w_hh.shape[1], cell.gates
     S = T + 1 if training else 2
     poison = np.nan
-    xg = (x.reshape(T * B, I) @ w.w_ih.T + w.b_ih).reshape(T, B, G * H)
+    xg = (x.reshape(T * B, I) @ w.w_ih.T).reshape(T, B, G * H)
     y = np.full((T, B, H), poison, x.dtype)
     hs = np.full((S, B, H), poison, x.dtype)
     cs = np.full((S, B, H), poison, x.dtype) if cell.has_cell_state else None
-    gates = (np.full((T if training else 1, B, 4 * H), poison, x.dtype)
+    gates = (np.full((T if training else 1, B, cell.saved_gates * H), poison, x.dtype)
              if cell.saved_gates else None)
-    first = drivers._slots(T, 0, reverse, training)[1]
+    first = time_slots(T, 0, reverse, training)[1]
     hs[first] = h0
     if cs is not None:
         cs[first] = c0
@@ -91,7 +92,7 @@ def _check(cell, dtype, training, reverse, got, want_y, tape, lengths):
         if gates is not None:  # gates of padded steps are never written, by either path
             valid = np.arange(y.shape[0])[:, None] < lengths[None, :]
             np.testing.assert_allclose(gates[valid], tape.gates[valid], **TOL[dtype])
-    last = drivers._slots(y.shape[0], y.shape[0] - 1, reverse, training)[2]
+    last = time_slots(y.shape[0], y.shape[0] - 1, reverse, training)[2]
     np.testing.assert_allclose(hs[last], tape.h_last, **TOL[dtype])
 
 
@@ -112,7 +113,7 @@ def test_persistent_kernel_matches_cpu(name, dtype, training, reverse, n_slices,
              persistent.shared_bytes(cell.gates, U, n_slices, 1, B, H, threads, x.itemsize))
     kernel = persistent.persistent_kernels(dtype)[cell.mode][0]
     persistent.launch_persistent(kernel, shape, T, B, H, y, hs, cs, gates, xg, hg, w.w_hh,
-                                 w.b_hh, lengths, reverse, training, cell.relu)
+                                 w.b_ih, w.b_hh, lengths, reverse, training, cell.relu)
     _check(cell, dtype, training, reverse, (y, hs, cs, gates), want_y, tape, lengths)
 
 
@@ -134,7 +135,7 @@ def test_backend_forward_sequence(name, rng):
     _check(cell, "float64", True, False, (y, hs, cs, gates), want_y, tape, lengths)
 
 
-def test_seed_form_gru_is_left_to_the_step_path(rng):
+def test_reset_before_gru_is_left_to_the_step_path(rng):
     cell = drivers.CellSpec("gru", reset_after=False)
     w, x, h0, c0, lengths = _problem(cell, "float64", 2, 1, 2, 3, rng)
     bufs = _buffers(cell, w, x, h0, c0, True, False)

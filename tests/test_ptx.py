@@ -88,5 +88,5 @@ def test_fast_launch_refuses_mismatched_arrays():
     args[2] = _device_like(np.zeros((5, 3), np.float32).T)
     with pytest.raises(TypeError, match="C-contiguous: False"):
         pack_args(sig, args)
-    with pytest.raises(TypeError, match="takes 11 arguments, got 10"):
+    with pytest.raises(TypeError, match="takes 12 arguments, got 11"):
         pack_args(sig, args[:-1])

@@ -3,9 +3,3 @@ drivers of one direction of one layer, memory checks and array helpers.
 
 Imports ``gpurnn.kernels`` only; ``gpurnn.nn`` and everything above build on it.
 """
-import sys
-
-from . import drivers
-
-# kernels/cpu.py and kernels/persistent.py import the drivers as ``gpurnn.drivers``.
-sys.modules.setdefault("gpurnn.drivers", drivers)

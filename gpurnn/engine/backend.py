@@ -188,7 +188,8 @@ class CUDABackend(Backend):
             return False
         kernel, shape, stream = launch
         persistent.launch_persistent(kernel, shape, T, B, H, y, hs, cs, gates, xg, hg, w.w_hh,
-                                     w.b_hh, lengths, reverse, training, cell.relu, stream)
+                                     w.b_ih, w.b_hh, lengths, reverse, training, cell.relu,
+                                     stream)
         return True
 
     def backward_sequence(self, cell, w, tape, dg, dgh, dh_carry, dc, dy, dh_rec):
