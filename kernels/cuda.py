@@ -379,6 +379,28 @@ def fast_launch_unavailable():
     return None
 
 
+def add_one(a):
+    """CUDA kernel ``a[i] += 1`` for every ``i``; ``a``: a contiguous float array.  Compiled and
+    launched by ``kernels_run_here`` to prove that this numba-cuda can compile for and launch
+    on the GPU."""
+    i = cuda.grid(1)
+    if i < a.size:
+        a[i] += np.float32(1)  # float32 + float32 stays float32, float64 + float32 float64
+
+
+def kernels_run_here():
+    """Compile ``add_one``, launch it on 64 elements and check the result: raises whatever
+    numba-cuda raises when it cannot (a numba-cuda that imports but fails at its first compile,
+    such as numba-cuda 0.30 under NumPy 2.5, which lacks ``np.row_stack``; PTX newer than the
+    driver); ``RuntimeError`` when the kernel ran but computed something else."""
+    kernel = cuda.jit("void(float32[::1])")(add_one)
+    a = cuda.to_device(np.zeros(64, np.float32))  # [64]
+    kernel[1, 64](a)
+    got = a.copy_to_host()
+    if not np.array_equal(got, np.ones(64, np.float32)):
+        raise RuntimeError(f"a test kernel ran but returned {got[:4]}... instead of ones")
+
+
 def pack_args(sig, args):
     """The flat kernel parameters Numba's ABI expects for ``args`` typed by ``sig``.
 

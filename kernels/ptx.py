@@ -37,9 +37,9 @@ def compile_ptx(fn, sig, cc):
 
 def all_kernels(dtype):
     """``{kernel name: (python function, signature)}`` of every CUDA kernel for ``dtype``."""
-    from .cuda import make_cuda_python_kernels
+    from .cuda import add_one, make_cuda_python_kernels
     from .persistent import make_persistent_python_kernels, persistent_signature
-    from .signatures import numba_signature
+    from .signatures import FLOAT, Param, numba_signature
 
     dtype = np.dtype(dtype)
     out = {name: (fn, numba_signature(fn.params, dtype))
@@ -48,6 +48,7 @@ def all_kernels(dtype):
     for mode, (fwd, back) in make_persistent_python_kernels(dtype).items():
         out[f"persistent_{mode}_forward"] = (fwd, fwd_sig)
         out[f"persistent_{mode}_backward"] = (back, back_sig)
+    out["add_one"] = (add_one, numba_signature((Param("a", FLOAT, 1),), dtype))
     return out
 
 

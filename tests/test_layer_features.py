@@ -5,22 +5,26 @@ import pytest
 
 import gpurnn
 from conftest import cell_params
-from helpers import central_difference, make, random_state, state_tuple
+from helpers import central_difference, host, make, random_state, state_tuple, to_device
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_dropout_between_layers_only_and_reproducible(device, rng):
-    x = rng.standard_normal((4, 3, 2))
+    x_host = rng.standard_normal((4, 3, 2))
+
+    def out(layer):  # the layer's output for x_host, on the host
+        return host(layer, layer(to_device(layer, x_host))[0])
+
     a = make("LSTM", {}, 2, 5, device=device, num_layers=2, dropout=0.5, seed=3)
     b = make("LSTM", {}, 2, 5, device=device, num_layers=2, dropout=0.5, seed=3)
     plain = make("LSTM", {}, 2, 5, device=device, num_layers=2, seed=3)
-    out_a, out_b, out_plain = a(x)[0], b(x)[0], plain(x)[0]
+    out_a, out_b, out_plain = out(a), out(b), out(plain)
     np.testing.assert_array_equal(out_a, out_b)            # same seed, same masks
     assert not np.allclose(out_a, out_plain)               # dropout acted between the layers
     single = make("LSTM", {}, 2, 5, device=device, dropout=0.5, seed=3)
-    np.testing.assert_array_equal(single(x)[0], make("LSTM", {}, 2, 5, device=device, seed=3)(x)[0])
+    np.testing.assert_array_equal(out(single), out(make("LSTM", {}, 2, 5, device=device, seed=3)))
     a.eval()                                               # off in inference
-    np.testing.assert_array_equal(a(x)[0], out_plain)
+    np.testing.assert_array_equal(out(a), out_plain)
 
 
 @cell_params()
@@ -49,15 +53,16 @@ def test_dropout_backward_matches_finite_differences(cell, opts, rng):
 def test_inference_equals_training_forward_and_keeps_no_activations(cell, opts, device, rng):
     T, B, I, H = 6, 2, 3, 4
     layer = make(cell, opts, I, H, device=device, num_layers=2, bidirectional=True, seed=1)
-    x = rng.standard_normal((T, B, I))
+    x = to_device(layer, rng.standard_normal((T, B, I)))
     state = random_state(layer, B, rng)
     lengths = np.array([6, 3])
     out_train, final_train = layer(x, state, lengths=lengths)
     layer.eval()
     out_eval, final_eval = layer(x, state, lengths=lengths)
-    np.testing.assert_allclose(out_eval, out_train, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(host(layer, out_eval), host(layer, out_train),
+                               rtol=1e-13, atol=1e-14)
     for a, b in zip(state_tuple(final_eval), state_tuple(final_train)):
-        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
+        np.testing.assert_allclose(host(layer, a), host(layer, b), rtol=1e-13, atol=1e-14)
     # The tape buffers of inference hold two state slots and one gate slot, whatever T is.
     for ws in layer._workspaces.values():
         assert ws._buffers["hs"].shape[0] == 2
@@ -124,3 +129,49 @@ def test_auto_device_says_which():
     layer = gpurnn.LSTM(2, 3, device="auto")
     assert layer.device in ("cpu", "cuda")
     assert (layer.device == "cuda") == (gpurnn.cuda_unavailable_reason() is None)
+
+
+def test_the_probe_kernel_runs_under_the_simulator():
+    from gpurnn.kernels.cuda import kernels_run_here
+
+    kernels_run_here()  # raises if the kernel did not add one everywhere
+
+
+@pytest.fixture
+def fresh_cuda_reason():
+    """``cuda_unavailable_reason`` recomputed in the test, and again after it."""
+    gpurnn.cuda_unavailable_reason.cache_clear()
+    yield
+    gpurnn.cuda_unavailable_reason.cache_clear()
+
+
+def test_a_gpu_whose_numba_cuda_cannot_compile_falls_back_to_the_cpu(
+        monkeypatch, caplog, fresh_cuda_reason):
+    # A GPU, CuPy and a driver that Numba accepts, but a numba-cuda that breaks at its first
+    # compile (numba-cuda 0.30 under NumPy 2.5 calls the removed np.row_stack).
+    import sys
+    import types
+
+    from numba import cuda
+
+    from gpurnn.engine import backend
+    from gpurnn.kernels import cuda as cuda_kernels
+
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1)
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
+        cuda=types.SimpleNamespace(runtime=runtime)))
+    monkeypatch.setattr(backend, "_simulator_on", lambda: False)
+    monkeypatch.setattr(backend, "_BACKENDS", {})
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+
+    def first_compile_fails():
+        raise AttributeError("module 'numpy' has no attribute 'row_stack'")
+
+    monkeypatch.setattr(cuda_kernels, "kernels_run_here", first_compile_fails)
+    reason = gpurnn.cuda_unavailable_reason()
+    assert reason is not None and "row_stack" in reason
+    with caplog.at_level("INFO", logger="gpurnn"):
+        assert gpurnn.get_backend("auto").name == "cpu"
+    assert "chose cpu" in caplog.text and "row_stack" in caplog.text
+    with pytest.raises(RuntimeError, match="row_stack"):
+        gpurnn.get_backend("cuda")

@@ -307,8 +307,13 @@ def _simulator_on():
     return os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 
+@functools.lru_cache(maxsize=None)
 def cuda_unavailable_reason():
-    """``None`` when a real GPU can run the CUDA backend here, else a short reason why not."""
+    """``None`` when a real GPU can run the CUDA backend here, else a short reason why not.
+
+    Beyond CuPy, a GPU and a driver, Numba must compile and run a kernel: a test kernel is
+    compiled and launched once per process (about a second; the answer is cached).
+    """
     try:
         import cupy
     except ImportError:
@@ -330,6 +335,14 @@ def cuda_unavailable_reason():
             return "Numba cannot use the GPU (numba-cuda missing or CUDA driver too old)"
     except Exception as exc:
         return f"numba-cuda failed: {exc}"
+    try:
+        from ..kernels.cuda import kernels_run_here
+
+        kernels_run_here()
+    except Exception as exc:
+        return (f"numba-cuda cannot compile or run a kernel here ({type(exc).__name__}: {exc}); "
+                f"check that numba-cuda, NumPy and the CUDA driver are versions that work "
+                f"together")
     return None
 
 
