@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 6's GPU checks in one device call (docs/gpu.md, "On the first GPU session"): install
-# gpurnn in place, run the test suite on the real GPU with each launch mode and with the
-# persistent kernels, then the gpurnn-vs-cuDNN benchmark.  Logs and JSON go under $OUT (the
-# device tool's folder that comes back), else ./gpu_out.
+# The GPU checks in one device call (docs/gpu.md, "On a GPU session"): install gpurnn in place,
+# check that numba-cuda can compile and run a kernel here, run the test suite on the real GPU
+# with the default launch mode, with "eager" and with the persistent kernels forced on, then the
+# gpurnn-vs-cuDNN benchmark.  Logs and JSON go under $OUT (the device tool's folder that comes
+# back), else ./gpu_out.
 #
 #   bash benchmarks/gpu_session.sh [all|tests|bench]
 set -u
@@ -18,15 +19,21 @@ if ! $py -m pip install --no-deps --no-build-isolation -q -e . > "$out/install.t
 fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 git rev-parse --short HEAD 2>/dev/null | tee "$out/commit.txt"
+reason=$(NUMBA_ENABLE_CUDASIM=0 $py -c "import gpurnn; print(gpurnn.cuda_unavailable_reason() or '')" 2>&1)
+if [ -n "$reason" ]; then
+    echo "gpurnn cannot use this GPU, nothing run: $reason" | tee "$out/unavailable.txt"; exit 3
+fi
+# pytest-xdist where installed: the suite in parallel over the machine's cores
+parallel=$($py -c "import xdist; print('-n 8')" 2>/dev/null)
 
 run_tests() {  # $1: log name; the environment of the call picks the mode
-    $py -m pytest -q -p no:cacheprovider tests/ > "$out/pytest_$1.txt" 2>&1
+    $py -m pytest -q -p no:cacheprovider $parallel tests/ > "$out/pytest_$1.txt" 2>&1
     echo "pytest $1: rc=$? $(tail -n 1 "$out/pytest_$1.txt")"
 }
 if [ "$what" != bench ]; then
+    run_tests default
     GPURNN_CUDA_LAUNCH=eager run_tests eager
-    GPURNN_CUDA_LAUNCH=fast run_tests fast
-    GPURNN_CUDA_LAUNCH=fast GPURNN_PERSISTENT=1 run_tests fast_persistent
+    GPURNN_PERSISTENT=1 run_tests persistent
 fi
 if [ "$what" != tests ]; then
     $py benchmarks/gpu_compare.py --json "$out/gpu_compare.json" > "$out/gpu_compare.txt" 2>&1

@@ -21,6 +21,11 @@ os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "0" if _gpu_present() else "1")
 # The tests' GEMMs are tiny: BLAS threads only spin.  On the busy 2-core machine an LSTM
 # training step (T=100, B=32, H=64) took 1141 ms with OpenBLAS's threads, 193 ms with one.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# The suite's batches are small, where the CUDA backend would run whole sequences as persistent
+# kernels by default (gpurnn/engine/dispatch.py): keep the per-step kernels the path every test
+# covers.  tests/test_persistent.py switches the persistent kernels on itself and checks the
+# default.
+os.environ.setdefault("GPURNN_PERSISTENT", "0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -143,12 +143,41 @@ def test_reset_before_gru_is_left_to_the_step_path(rng):
                                                              True)
 
 
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_by_default_whole_sequences_run_persistent_at_small_batches_only(name, monkeypatch, rng):
+    from gpurnn.engine.dispatch import PERSISTENT_MAX_BATCH
+
+    monkeypatch.delenv("GPURNN_PERSISTENT")
+    backend = CUDABackend()
+    assert backend.persistent == "auto"
+    cell = CELLS[name]
+    for B, engaged in ((1, True), (PERSISTENT_MAX_BATCH, True), (PERSISTENT_MAX_BATCH + 1, False)):
+        w, x, h0, c0, lengths = _problem(cell, "float64", 2, B, 3, 4, rng)
+        bufs = _buffers(cell, w, x, h0, c0, True, False)
+        assert backend.forward_sequence(cell, w, *bufs, lengths, False, True) == engaged, B
+
+
+def test_default_launch_is_fast_where_numba_cuda_has_it(monkeypatch, caplog):
+    from gpurnn.engine import dispatch
+    from gpurnn.kernels import cuda as cuda_kernels
+
+    assert dispatch.default_launch(simulator=True) == "eager"  # the simulator launches lazily
+    monkeypatch.setattr(cuda_kernels, "fast_launch_unavailable", lambda: None)
+    assert dispatch.default_launch(simulator=False) == "fast"
+    monkeypatch.setattr(cuda_kernels, "fast_launch_unavailable", lambda: "no cuda.core here")
+    with caplog.at_level("INFO", logger="gpurnn"):
+        assert dispatch.default_launch(simulator=False) == "eager"
+    assert "no cuda.core here" in caplog.text
+
+
 def test_bad_option_values_are_refused(monkeypatch):
     monkeypatch.setenv("GPURNN_PERSISTENT", "yes")
-    with pytest.raises(ValueError, match="GPURNN_PERSISTENT must be 0 or 1, got 'yes'"):
+    with pytest.raises(ValueError, match="GPURNN_PERSISTENT must be auto or 0 or 1, got 'yes'"):
         CUDABackend()
     with pytest.raises(ValueError, match="launch .* must be one of"):
         CUDABackend(launch="quick", persistent=False)
+    with pytest.raises(ValueError, match="persistent must be 'auto', False or True, got 'on'"):
+        CUDABackend(persistent="on")
 
 
 def _backward_reference(cell, dtype, training_reverse, rng):

@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 
+from . import dispatch
+
 _log = logging.getLogger("gpurnn")
 
 
@@ -104,10 +106,13 @@ class CUDABackend(Backend):
     environment variable, so ``device="cuda"`` picks them up; they may also be set on the
     backend object (``gpurnn.get_backend("cuda").persistent = True``):
 
-    * ``launch`` (``GPURNN_CUDA_LAUNCH``, default ``"eager"``): how the step kernels are
-      launched, one of ``kernels.cuda.LAUNCH_MODES``.
-    * ``persistent`` (``GPURNN_PERSISTENT=1``, default off): ``forward_sequence`` runs a whole
-      direction's forward as one persistent kernel where ``W_hh`` fits on chip.
+    * ``launch`` (``GPURNN_CUDA_LAUNCH``): how the step kernels are launched, one of
+      ``kernels.cuda.LAUNCH_MODES``; by default ``"fast"`` where this numba-cuda has it
+      (``dispatch.default_launch``).
+    * ``persistent`` (``GPURNN_PERSISTENT`` = ``auto``, ``0`` or ``1``; ``"auto"``, False or
+      True here): ``forward_sequence``/``backward_sequence`` run a whole direction as one
+      persistent kernel where ``W_hh`` fits on chip: always (True), never (False), or where
+      ``dispatch.persistent_by_default`` says it pays (``"auto"``, the default).
     * ``graphs`` (``GPURNN_CUDA_GRAPHS=1``, default off): ``run_graph`` captures a sequence's
       launches once per key as a CUDA graph and replays it.
     * ``tf32`` (``GPURNN_TF32=1``, default off): float32 GEMMs on TF32 tensor cores: inputs
@@ -122,7 +127,10 @@ class CUDABackend(Backend):
 
         from ..kernels.cuda import LAUNCH_MODES
 
-        self.launch = os.environ.get("GPURNN_CUDA_LAUNCH", "eager") if launch is None else launch
+        simulator = bool(cuda.config.ENABLE_CUDASIM)
+        if launch is None:
+            launch = os.environ.get("GPURNN_CUDA_LAUNCH") or dispatch.default_launch(simulator)
+        self.launch = launch
         if self.launch not in LAUNCH_MODES:
             raise ValueError(f"launch (GPURNN_CUDA_LAUNCH) must be one of {LAUNCH_MODES}, "
                              f"got {self.launch!r}")
@@ -132,11 +140,15 @@ class CUDABackend(Backend):
             reason = fast_launch_unavailable()
             if reason is not None:
                 raise RuntimeError(f"launch='fast' is not available: {reason}")
-        self.persistent = _env_flag("GPURNN_PERSISTENT") if persistent is None else bool(persistent)
+        if persistent is None:
+            persistent = _env_choice("GPURNN_PERSISTENT", {"auto": "auto", "0": False, "1": True})
+        if persistent not in ("auto", False, True):
+            raise ValueError(f"persistent must be 'auto', False or True, got {persistent!r}")
+        self.persistent = persistent
         self.graphs = _env_flag("GPURNN_CUDA_GRAPHS") if graphs is None else bool(graphs)
         self.tf32 = _env_flag("GPURNN_TF32") if tf32 is None else bool(tf32)
         self._graph_cache = {}
-        self.simulator = bool(cuda.config.ENABLE_CUDASIM)
+        self.simulator = simulator
         if self.simulator:
             self.xp = np
             self.host_arrays = True
@@ -208,7 +220,8 @@ class CUDABackend(Backend):
     def _persistent_launch(self, cell, B, H, dtype, backward):
         """(kernel, launch shape, stream) of the persistent path, or None when it is off, the
         cell has none, or the shape does not fit."""
-        if not self.persistent or not self._persistent_cell(cell):
+        wanted = dispatch.persistent_by_default(B) if self.persistent == "auto" else self.persistent
+        if not wanted or not self._persistent_cell(cell):
             return None
         from ..kernels import persistent
 
@@ -297,10 +310,15 @@ _CAPTURE_FAILED = object()
 
 
 def _env_flag(name):
-    value = os.environ.get(name, "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
-    return value == "1"
+    return _env_choice(name, {"0": False, "1": True})
+
+
+def _env_choice(name, choices):
+    """``choices[value]`` of environment variable ``name``; the first choice when it is unset."""
+    value = os.environ.get(name, next(iter(choices)))
+    if value not in choices:
+        raise ValueError(f"{name} must be {' or '.join(choices)}, got {value!r}")
+    return choices[value]
 
 
 def _simulator_on():
