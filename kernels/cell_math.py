@@ -9,7 +9,7 @@ So the CPU and CUDA paths cannot drift apart.
 
 Names: ``a*`` are pre-activations (``x W_ih^T + b_ih + h W_hh^T + b_hh`` of one gate), ``d*``
 gradients of the loss; the forward functions return the post-activation gates the backward
-needs, the backward functions the pre-activation gradients.  Derivatives use the saved
+needs, the backward functions the pre-activation gradients (flushed, below).  Derivatives use the saved
 post-activation values (``s*(1-s)``, ``1-t*t``) and the saved ``tanh(c)`` of the LSTM.
 
 Numerics:
@@ -30,6 +30,15 @@ Numerics:
   accurate to float64 needs far higher degrees, and the float64 kernels are the reference of the
   gradient checks, not the fast path.  Its sigmoid is the same select form, so it never
   overflows either.
+* The backward functions flush every gradient they return to zero where its magnitude is below
+  the dtype's smallest normal number (``flush``; a NaN stays NaN), as a GPU's flush-to-zero mode
+  does.  A vanishing gradient otherwise sinks into the subnormal range, and x86 arithmetic on
+  subnormal operands is far slower: a float32 training step at T=400, B=32, H=64, I=1, with
+  the loss on the last step only, took 149 ms with them and 40 ms flushed for the LSTM, 98 and
+  30 ms for the GRU (one thread, Intel Sapphire Rapids, medians of 3 alternating runs; the
+  weight-gradient GEMM ``[256, 12800] @ [12800, 64]`` alone: 5.7 ms on values near 1, 936 ms
+  near 1e-40).  What
+  is flushed is below 1.2e-38 (float32) or 2.2e-308 (float64): no gradient that moves a weight.
 * Every float constant is bound to the dtype (``one = dtype(1)``): a bare ``1.0`` is float64 in
   Numba and would put float64 instructions into float32 code (``tests/test_ptx.py`` greps the
   float32 PTX for them).
@@ -53,6 +62,13 @@ def make_cell_math(dtype):
     tanh = _make_tanh(dtype)
     sigmoid = _make_sigmoid(dtype)
 
+    tiny = dtype(np.finfo(dtype).tiny)  # the smallest normal number
+
+    @numba.njit(inline="always")
+    def flush(x):
+        """``x``, or zero where ``|x|`` is below the smallest normal number (NaN stays NaN)."""
+        return zero if abs(x) < tiny else x
+
     @numba.njit(inline="always")
     def relu_or_tanh(a, relu):
         return max(a, zero) if relu else tanh(a)
@@ -67,8 +83,8 @@ def make_cell_math(dtype):
     def rnn_backward(dh, h, relu):
         """da from dL/dh and the saved output h."""
         if relu:
-            return dh if h > zero else zero
-        return dh * (one - h * h)
+            return flush(dh) if h > zero else zero
+        return flush(dh * (one - h * h))
 
     # ---------------------------------------------------------------- LSTM (gates i, f, g, o)
     @numba.njit(inline="always")
@@ -86,8 +102,9 @@ def make_cell_math(dtype):
     def lstm_backward(dh, dc, i, f, g, o, tanh_c, c_prev):
         """(dai, daf, dag, dao, dc_prev) from dL/dh, dL/dc of this step and the saved values."""
         dct = dc + dh * o * (one - tanh_c * tanh_c)
-        return (dct * g * i * (one - i), dct * c_prev * f * (one - f),
-                dct * i * (one - g * g), dh * tanh_c * o * (one - o), dct * f)
+        return (flush(dct * g * i * (one - i)), flush(dct * c_prev * f * (one - f)),
+                flush(dct * i * (one - g * g)), flush(dh * tanh_c * o * (one - o)),
+                flush(dct * f))
 
     # ------------------------------------------ GRU, reset after the product (cuDNN/PyTorch)
     @numba.njit(inline="always")
@@ -103,9 +120,9 @@ def make_cell_math(dtype):
     def gru_reset_after_backward(dh, r, z, n, hn, h_prev):
         """(dar, daz, dxn, dhn, dh_prev): dxn = dL/dxn; dhn = r*dxn, the n block's gradient on
         the recurrent path; dh_prev the part of dL/dh_prev that does not go through W_hh."""
-        dxn = dh * (one - z) * (one - n * n)
-        return (dxn * hn * r * (one - r), dh * (h_prev - n) * z * (one - z), dxn, dxn * r,
-                dh * z)
+        dxn = flush(dh * (one - z) * (one - n * n))
+        return (flush(dxn * hn * r * (one - r)), flush(dh * (h_prev - n) * z * (one - z)), dxn,
+                flush(dxn * r), flush(dh * z))
 
     # -------------------------------- GRU, reset before the product (gpurnn's reset_after=False)
     # r = s(ar), z = s(az), n = tanh(an) with an = W_in x + b_in + W_hn (r*h_prev) + b_hn,
@@ -125,15 +142,16 @@ def make_cell_math(dtype):
     @numba.njit(inline="always")
     def gru_reset_before_candidate_backward(dh, z, n, h_prev):
         """(daz, dan, dh_prev): dh_prev the direct part of dL/dh_prev, (1-z)*dh."""
-        return dh * (n - h_prev) * z * (one - z), dh * z * (one - n * n), dh * (one - z)
+        return (flush(dh * (n - h_prev) * z * (one - z)), flush(dh * z * (one - n * n)),
+                flush(dh * (one - z)))
 
     @numba.njit(inline="always")
     def gru_reset_before_gates_backward(drh, r, h_prev):
         """(dar, dh_prev) from drh = dL/d(r*h_prev); dh_prev the part through r*h_prev."""
-        return drh * h_prev * r * (one - r), drh * r
+        return flush(drh * h_prev * r * (one - r)), flush(drh * r)
 
     return SimpleNamespace(
-        dtype=dtype, zero=zero, tanh=tanh, sigmoid=sigmoid,
+        dtype=dtype, zero=zero, tanh=tanh, sigmoid=sigmoid, flush=flush,
         rnn_forward=rnn_forward, rnn_backward=rnn_backward,
         lstm_forward=lstm_forward, lstm_backward=lstm_backward,
         gru_reset_after_forward=gru_reset_after_forward,

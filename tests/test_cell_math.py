@@ -83,3 +83,55 @@ def test_gates_stay_finite_for_huge_pre_activations(dtype):
                 assert np.isfinite(m.lstm_forward(a, b, a, b, one)).all()
                 assert np.isfinite(m.gru_reset_after_forward(a, b, a, b, one)).all()
                 assert np.isfinite(m.gru_reset_before_gates(a, b, one)).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_flushes_subnormal_gradients_to_zero(dtype):
+    m = make_cell_math(dtype)
+    tiny = np.finfo(dtype).tiny  # the smallest normal number
+    half = dtype(0.5)
+    calls = {  # each backward function with dL/dh = d and gate values of 0.5
+        "rnn": lambda d: (m.rnn_backward(d, half, False), m.rnn_backward(d, half, True)),
+        "lstm": lambda d: m.lstm_backward(d, d, half, half, half, half, half, half),
+        "gru_reset_after": lambda d: m.gru_reset_after_backward(d, half, half, half, half, one),
+        "gru_reset_before_candidate": lambda d: m.gru_reset_before_candidate_backward(
+            d, half, half, one),
+        "gru_reset_before_gates": lambda d: m.gru_reset_before_gates_backward(d, half, half),
+    }
+    one = dtype(1)
+    for name, call in calls.items():
+        normal = np.array(call(dtype(1)), dtype)
+        assert np.all(np.abs(normal) >= tiny), name            # untouched above the threshold
+        sinking = np.array(call(dtype(tiny / 4)), dtype)       # a subnormal dL/dh
+        assert np.all(sinking == 0), f"{name}: {sinking}"
+        if name != "rnn":  # a normal dL/dh whose products with the gates fall below tiny
+            near = np.abs(np.array(call(dtype(tiny * 4)), dtype))
+            assert np.any(near == 0) and np.all((near == 0) | (near >= tiny)), f"{name}: {near}"
+        assert np.all(np.isnan(np.array(call(dtype(np.nan)), dtype))), name
+
+
+def test_a_vanishing_gradient_reaches_zero_not_the_subnormals(rng):
+    """A float32 LSTM whose loss is on the last of 400 steps: the gradient falls by about a
+    third per step back in time, through float32's subnormal range (below 1.2e-38), where x86
+    arithmetic is slow (cell_math's docstring); the step kernels leave zeros instead."""
+    from gpurnn.engine import drivers
+    from gpurnn.engine.backend import CPUBackend
+
+    T, B, I, H = 400, 4, 1, 16
+    cell = drivers.CellSpec("lstm")
+    w = drivers.Weights(*(rng.uniform(-0.25, 0.25, s).astype(np.float32)
+                          for s in [(4 * H, I), (4 * H, H), (4 * H,), (4 * H,)]))
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    h0 = np.zeros((B, H), np.float32)
+    cpu = CPUBackend()
+    ws = drivers.Workspace(cpu)
+    lengths = np.full(B, T, np.int32)
+    _, tape = drivers.forward(cpu, cell, w, x, h0, h0.copy(), lengths, False, True, ws)
+    dy = np.zeros((T, B, H), np.float32)
+    dy[-1] = 1
+    grads = drivers.Weights(*(np.empty_like(a) for a in (w.w_ih, w.w_hh, w.b_ih, w.b_hh)))
+    drivers.backward(cpu, cell, w, tape, dy, np.zeros_like(h0), np.zeros_like(h0), grads, ws)
+    dg = ws.get("dg", (T, B, 4 * H), np.float32)
+    magnitude = np.abs(dg).max(axis=(1, 2))  # [T] the largest pre-activation gradient per step
+    assert magnitude[-1] > 1e-2 and magnitude[0] == 0  # it did vanish on the way back
+    assert np.all((dg == 0) | (np.abs(dg) >= np.finfo(np.float32).tiny))
