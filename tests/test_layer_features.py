@@ -90,6 +90,26 @@ def test_inference_memory_does_not_grow_with_T(rng):
 
 
 @cell_params()
+def test_training_holds_one_projection_sized_buffer_per_direction(cell, opts, rng):
+    """The backward's pre-activation gradients reuse the forward's x W_ih^T buffer: a training
+    step holds one [T, B, G*H] buffer per layer and direction (two for the reset-after GRU)."""
+    T, B, I, H = 5, 3, 2, 4
+    layer = make(cell, opts, I, H, num_layers=2, bidirectional=True, seed=0)
+    out, _ = layer(rng.standard_normal((T, B, I)))
+    layer.backward(np.ones_like(out))
+    G = layer.cell.gates
+    per_direction = 2 if layer.cell.reset_after else 1
+    for ws in layer._workspaces.values():
+        shapes = [b.shape for b in ws._buffers.values()]
+        assert shapes.count((T, B, G * H)) == per_direction, shapes
+    assert layer.call_bytes(T, B, True) >= sum(ws.nbytes() for ws in layer._workspaces.values())
+    layer.eval()
+    layer._workspaces.clear()
+    layer(rng.standard_normal((T, B, I)))
+    assert layer.call_bytes(T, B, False) >= sum(ws.nbytes() for ws in layer._workspaces.values())
+
+
+@cell_params()
 def test_zero_length_sequence(cell, opts, rng):
     """Defined behaviour: zero outputs, the initial state as final state, and the final-state
     gradient passes straight to the initial state."""

@@ -112,7 +112,9 @@ def forward(be, cell, w, x, h0, c0, lengths, reverse, training, ws):
     dtype = x.dtype
     n_slots = T + 1 if training else 2
 
-    xg = ws.get("xg", (T, B, G * H), dtype)  # [T, B, G*H] x W_ih^T; the kernels add the biases
+    # [T, B, G*H] x W_ih^T (the kernels add the biases); dead once the loop has run, so the
+    # backward reuses this buffer for its pre-activation gradients
+    xg = ws.get("preact", (T, B, G * H), dtype)
     be.matmul(x.reshape(T * B, I), w.w_ih.T, out=xg.reshape(T * B, G * H))
     y = be.empty((T, B, H), dtype)  # [T, B, H]
     hs = ws.get("hs", (n_slots, B, H), dtype)  # [T+1 or 2, B, H]
@@ -155,7 +157,8 @@ def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
     dtype = x.dtype
     reverse = tape.reverse
 
-    dg = ws.get("dg", (T, B, G * H), dtype)  # [T, B, G*H] pre-activation grads, input path
+    # [T, B, G*H] pre-activation gradients (input path), in the forward's xg buffer
+    dg = ws.get("preact", (T, B, G * H), dtype)
     dh_carry = ws.get("dh_carry", (B, H), dtype)  # [B, H]
     dh_rec = ws.get("dh_rec", (B, H), dtype)  # [B, H] dg_{t+1} @ W_hh
     dh_carry[...] = dh_last

@@ -280,12 +280,16 @@ class RNNBase:
         """Bytes one forward (and, when training, its backward) holds at its peak."""
         H, G = self.hidden_size, self.cell.gates
         L, D, item = self.num_layers, self.num_directions, self.dtype.itemsize
-        per_direction = T * B * G * H + T * B * H          # xg, y
+        states = 2 if self.cell.has_cell_state else 1     # h (and c)
+        per_direction = (T * B * G * H + T * B * H        # xg (then dg in its place), y
+                         + B * G * H + H * G * H)         # hg, W_hh^T
         if training:
             per_direction += self.activation_bytes(T, B) // (item * L * D)   # the tape
-            per_direction += T * B * G * H * (2 if self.cell.reset_after else 1)  # dg (and dgh)
-        else:
-            per_direction += 2 * B * H * (2 if self.cell.has_cell_state else 1) + B * 4 * H
+            per_direction += (states + 1) * B * H         # dh_carry, dh_rec (and dc)
+            if self.cell.reset_after:
+                per_direction += T * B * G * H             # dgh
+        else:                                              # two state slots, one gate slot
+            per_direction += 2 * B * H * states + B * self.cell.saved_gates * H
         total = L * D * per_direction + L * T * B * D * H * (2 if self.dropout and training else 1)
         return item * total
 
