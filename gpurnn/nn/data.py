@@ -28,6 +28,7 @@ from ..engine.arrays import DLPACK_CUDA, adopt, array_module, dlpack_device_type
     to_numpy
 from ..engine.memory import free_bytes
 from .losses import LOSSES
+from .validation import integer_lengths
 
 #: The largest fraction of the device's free memory the data of a call is staged into at once.
 STAGE_FRACTION = 0.25
@@ -91,23 +92,6 @@ def positive_int(value, name):
     return int(value)
 
 
-def _lengths(lengths, N, T, what):
-    host = np.asarray(host_view(lengths, what))
-    if host.ndim != 1 or host.shape[0] != N:
-        raise ValueError(f"{what} must have one entry per sequence, shape ({N},), got shape "
-                         f"{host.shape}")
-    if host.dtype.kind not in "iu":
-        if host.dtype.kind == "f" and np.all(np.isfinite(host)) and np.all(host == np.round(host)):
-            host = host.astype(np.int64)
-        else:
-            raise TypeError(f"{what} must be integers, got dtype {host.dtype}")
-    if host.min() < 0 or host.max() > T:
-        bad = int(np.flatnonzero((host < 0) | (host > T))[0])
-        raise ValueError(f"{what} must lie in [0, T={T}] (T: the steps of x), got min "
-                         f"{host.min()} max {host.max()} (sequence {bad}: {host[bad]})")
-    return host.astype(np.int64)
-
-
 class Sequences:
     """The inputs of N sequences, checked: ``x`` [N, T, I] float or [N, T] int tokens (a host
     NumPy array, or the backend's when one is given), ``lengths`` host int64 [N] or None."""
@@ -136,9 +120,10 @@ class Sequences:
             raise ValueError(f"{what} must hold at least one sequence of one step, got shape "
                              f"{tuple(x.shape)}")
         self.x = x
-        self.lengths = None if lengths is None else _lengths(lengths, x.shape[0], x.shape[1],
-                                                             "lengths" if what == "x" else
-                                                             f"lengths of {what}")
+        if lengths is not None:
+            lengths = integer_lengths(lengths, x.shape[0], x.shape[1],
+                                      "lengths" if what == "x" else f"lengths of {what}")
+        self.lengths = lengths
 
     @property
     def N(self):

@@ -89,15 +89,23 @@ def check_lengths(backend, lengths, T, B):
     array; None gives T for every sequence."""
     if lengths is None:
         return np.full(B, T, dtype=np.int32)
-    host = np.asarray(host_view(lengths, "lengths"))
-    if host.ndim != 1 or host.shape[0] != B:
-        raise ValueError(f"lengths must have one entry per sequence, shape ({B},), "
-                         f"got shape {host.shape}")
+    return integer_lengths(lengths, B, T, "lengths").astype(np.int32)
+
+
+def integer_lengths(lengths, N, T, what):
+    """``lengths`` [N] (host or device, integers or integral floats) in [0, T] as a host int64
+    array, or a ValueError/TypeError that names ``what`` and the first bad sequence."""
+    host = np.asarray(host_view(lengths, what))
+    if host.ndim != 1 or host.shape[0] != N:
+        raise ValueError(f"{what} must have one entry per sequence, shape ({N},), got shape "
+                         f"{host.shape}")
     if host.dtype.kind not in "iu":
         if host.dtype.kind == "f" and np.all(np.isfinite(host)) and np.all(host == np.round(host)):
             host = host.astype(np.int64)
         else:
-            raise TypeError(f"lengths must be integers, got dtype {host.dtype}")
+            raise TypeError(f"{what} must be integers, got dtype {host.dtype}")
     if host.size and (host.min() < 0 or host.max() > T):
-        raise ValueError(f"lengths must lie in [0, T={T}], got min {host.min()} max {host.max()}")
-    return host.astype(np.int32)
+        bad = int(np.flatnonzero((host < 0) | (host > T))[0])
+        raise ValueError(f"{what} must lie in [0, T={T}] (T: the steps of x), got min "
+                         f"{host.min()} max {host.max()} (sequence {bad}: {host[bad]})")
+    return host.astype(np.int64)
