@@ -3,8 +3,8 @@
 * ``CoreOwnership``: gpurnn's LSTM training step at (100, 32, 256, 256) when another thread pool
   has just run in the same process: Numba's own (a ``parallel=True`` function, as a user's code
   or a ``prange`` slipped into a kernel would start) or torch's OpenMP pool.  A pool spinning
-  against OpenBLAS's threads cost 60x on these machines (DESIGN.md); compare each figure with
-  ``pool='none'``: a large ratio is the regression.
+  against OpenBLAS's threads made it up to 20x slower here (BENCHMARKS.md, core ownership);
+  compare each figure with ``pool='none'``: a large ratio is the regression.
 * ``Startup``: seconds from a new interpreter's start to the end of its first LSTM
   forward+backward, with Numba's cache cold (a fresh cache directory) and warm.
 """
