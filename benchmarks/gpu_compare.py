@@ -20,7 +20,9 @@ Also measured: host-side cost of one step-kernel launch per launch mode (``--lau
 and the error of a TF32 GEMM against float64 (``--tf32-check``).
 
 Variants of gpurnn (``--variants``, comma-separated, each ``MODE[+persistent][+tf32]`` with
-MODE in lazy, eager, fast): each runs the whole table.  Without a GPU the script prints why and
+MODE in lazy, eager, fast, or ``default[+tf32]``: what a user gets with no option set, the
+launch mode and the persistent kernels chosen by ``gpurnn/engine/dispatch.py``): each runs the
+whole table.  Without a GPU the script prints why and
 exits with status 2, measuring nothing.
 
     python benchmarks/gpu_compare.py                      # the issue's shapes and cells
@@ -72,11 +74,16 @@ def parse_shape(text):
 
 
 def parse_variant(text):
+    """``{"name", "launch", "persistent", "tf32"}``; ``default`` leaves the launch mode (None)
+    and the persistent kernels ("auto") to gpurnn's dispatch rule."""
     parts = text.split("+")
     mode, flags = parts[0], set(parts[1:])
+    if mode == "default" and flags <= {"tf32"}:
+        return {"name": text, "launch": None, "persistent": "auto", "tf32": "tf32" in flags}
     if mode not in ("lazy", "eager", "fast") or not flags <= {"persistent", "tf32"}:
         raise argparse.ArgumentTypeError(
-            f"a variant is MODE[+persistent][+tf32] with MODE lazy|eager|fast, got {text!r}")
+            f"a variant is MODE[+persistent][+tf32] with MODE lazy|eager|fast, or "
+            f"default[+tf32], got {text!r}")
     return {"name": text, "launch": mode, "persistent": "persistent" in flags,
             "tf32": "tf32" in flags}
 
@@ -334,7 +341,8 @@ def main(argv=None):
     parser.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS))
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--variants", type=lambda s: [parse_variant(v) for v in s.split(",")],
-                        default=[parse_variant(v) for v in ("eager", "fast", "fast+persistent")])
+                        default=[parse_variant(v) for v in ("default", "fast",
+                                                            "fast+persistent")])
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--no-launch-cost", dest="launch_cost", action="store_false")
@@ -372,6 +380,7 @@ def main(argv=None):
         print("GEMM rel. error vs float64: " + ", ".join(
             f"{k} {v:.1e}" for k, v in report["tf32_rel_err"].items()), flush=True)
 
+    from gpurnn.engine.dispatch import default_launch
     from gpurnn.kernels.cuda import fast_launch_unavailable
 
     backend = gpurnn.get_backend("cuda")
@@ -381,7 +390,8 @@ def main(argv=None):
             print(f"skipping {variant['name']}: {fast_launch_unavailable()}", flush=True)
             continue
         backend.launch, backend.persistent, backend.tf32 = (
-            variant["launch"], variant["persistent"], variant["tf32"])
+            variant["launch"] or default_launch(simulator=False), variant["persistent"],
+            variant["tf32"])
         for cell in args.cells:
             for T, B, H in args.shapes:
                 ran_persistent.clear()

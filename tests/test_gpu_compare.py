@@ -28,9 +28,9 @@ def test_without_a_gpu_it_says_so_and_measures_nothing():
 @pytest.mark.skipif(SIMULATOR, reason="needs a GPU")
 def test_tiny_run_on_the_gpu_completes():
     done = _run("--shapes", "3,2,8", "--cells", "gru", "lstm", "--variants",
-                "eager,fast+persistent", "--warmup", "1", "--repeat", "3")
+                "default,fast+persistent", "--warmup", "1", "--repeat", "3")
     assert done.returncode == 0, done.stderr
-    rows = [line for line in done.stdout.splitlines() if line.startswith(("eager ", "fast+"))]
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("default ", "fast+"))]
     assert len(rows) == 2 * 4  # printed as measured, then again in the final table
 
 
@@ -39,3 +39,5 @@ def test_bad_arguments_are_refused():
     assert done.returncode == 2 and "a shape is T,B,H (three ints), got '3,2'" in done.stderr
     done = _run("--variants", "turbo")
     assert done.returncode == 2 and "a variant is MODE[+persistent][+tf32]" in done.stderr
+    done = _run("--variants", "default+persistent")  # the default decides persistence itself
+    assert done.returncode == 2 and "or default[+tf32], got 'default+persistent'" in done.stderr
