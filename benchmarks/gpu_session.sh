@@ -2,7 +2,7 @@
 # The GPU checks in one device call (docs/gpu.md, "On a GPU session"): install gpurnn in place,
 # check that numba-cuda can compile and run a kernel here, run the test suite on the real GPU
 # with the default launch mode, with "eager" and with the persistent kernels forced on, then the
-# gpurnn-vs-cuDNN benchmark.  Logs and JSON go under $OUT (the device tool's folder that comes
+# gpurnn-vs-cuDNN benchmark and gpurnn.torch against gpurnn's layers and torch.nn.  Logs and JSON go under $OUT (the device tool's folder that comes
 # back), else ./gpu_out.
 #
 #   bash benchmarks/gpu_session.sh [all|tests|bench]
@@ -39,4 +39,8 @@ if [ "$what" != tests ]; then
     $py benchmarks/gpu_compare.py --json "$out/gpu_compare.json" > "$out/gpu_compare.txt" 2>&1
     echo "gpu_compare: rc=$?"
     tail -n 45 "$out/gpu_compare.txt"
+    $py benchmarks/torch_modules_compare.py --json "$out/torch_modules.json" \
+        > "$out/torch_modules.txt" 2>&1
+    echo "torch_modules_compare: rc=$?"
+    cat "$out/torch_modules.txt"
 fi

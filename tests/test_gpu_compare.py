@@ -1,5 +1,6 @@
-"""benchmarks/gpu_compare.py: without a GPU it says so and exits with status 2 (no traceback,
-nothing measured); with one, a tiny run completes and prints its table."""
+"""benchmarks/gpu_compare.py and torch_modules_compare.py: without a GPU they say so and exit
+with status 2 (no traceback, nothing measured); with one, a tiny run completes and prints its
+table."""
 import os
 import subprocess
 import sys
@@ -8,12 +9,12 @@ import pytest
 
 from conftest import SIMULATOR
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "gpu_compare.py")
+BENCHMARKS = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                          timeout=600)
+def _run(*args, script="gpu_compare.py"):
+    return subprocess.run([sys.executable, os.path.join(BENCHMARKS, script), *args],
+                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.skipif(not SIMULATOR, reason="a GPU is present: the tiny real run below applies")
@@ -41,3 +42,19 @@ def test_bad_arguments_are_refused():
     assert done.returncode == 2 and "a variant is MODE[+persistent][+tf32]" in done.stderr
     done = _run("--variants", "default+persistent")  # the default decides persistence itself
     assert done.returncode == 2 and "or default[+tf32], got 'default+persistent'" in done.stderr
+
+
+@pytest.mark.skipif(not SIMULATOR, reason="a GPU is present: the tiny real run below applies")
+def test_torch_modules_compare_without_a_gpu_measures_nothing():
+    done = _run("--cells", "RNN", script="torch_modules_compare.py")
+    assert done.returncode == 2
+    assert "torch_modules_compare: no GPU, nothing measured:" in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+@pytest.mark.skipif(SIMULATOR, reason="needs a GPU")
+def test_torch_modules_compare_runs_on_the_gpu_with_the_weights_in_place():
+    done = _run("--cells", "RNN", "--warmup", "1", "--repeat", "2",
+                script="torch_modules_compare.py")
+    assert done.returncode == 0, done.stderr
+    assert "weights in place yes" in done.stdout and "NO" not in done.stdout
