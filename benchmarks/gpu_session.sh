@@ -2,8 +2,8 @@
 # The GPU checks in one device call (docs/gpu.md, "On a GPU session"): install gpurnn in place,
 # check that numba-cuda can compile and run a kernel here, run the test suite on the real GPU
 # with the default launch mode, with "eager" and with the persistent kernels forced on, then the
-# gpurnn-vs-cuDNN benchmark and gpurnn.torch against gpurnn's layers and torch.nn.  Logs and JSON go under $OUT (the device tool's folder that comes
-# back), else ./gpu_out.
+# gpurnn-vs-cuDNN benchmark and gpurnn.torch against gpurnn's layers and torch.nn.  Logs and
+# JSON go under $OUT (the device tool's folder that comes back), else ./gpu_out.
 #
 #   bash benchmarks/gpu_session.sh [all|tests|bench]
 set -u
