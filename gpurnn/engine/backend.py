@@ -330,7 +330,7 @@ def cuda_unavailable_reason():
     """``None`` when a real GPU can run the CUDA backend here, else a short reason why not.
 
     Beyond CuPy, a GPU and a driver, Numba must compile and run a kernel: a test kernel is
-    compiled and launched once per process (about a second; the answer is cached).
+    compiled and launched the first time this is asked in a process, and the answer cached.
     """
     try:
         import cupy
