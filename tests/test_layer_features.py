@@ -151,7 +151,7 @@ def test_auto_device_says_which():
     assert (layer.device == "cuda") == (gpurnn.cuda_unavailable_reason() is None)
 
 
-def test_the_probe_kernel_runs_under_the_simulator():
+def test_the_probe_kernel_runs():  # on the GPU, or in the simulator
     from gpurnn.kernels.cuda import kernels_run_here
 
     kernels_run_here()  # raises if the kernel did not add one everywhere
