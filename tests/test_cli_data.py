@@ -116,6 +116,23 @@ def test_resume_of_a_run_on_data_continues_exactly(tmp_path, rng):
         assert np.array_equal(split.state_dict()[k], v), k
 
 
+def test_resume_refuses_a_data_file_that_changed(tmp_path, rng, capsys):
+    x, y = _classification(rng, N=20)
+    np.savez(tmp_path / "x.npz", x=x, y=y)
+    run = ["train", "--data", str(tmp_path / "x.npz"), *QUICK, "--out", str(tmp_path / "run")]
+    assert main([*run, "--steps", "3"]) == 0
+    original = (tmp_path / "x.npz").read_bytes()
+    np.savez(tmp_path / "x.npz", x=x[::-1], y=y[::-1])  # same shapes, other order
+    capsys.readouterr()
+    resume = ["train", "--resume", str(tmp_path / "run"), "--steps", "5", "--quiet",
+              "--device", "cpu"]
+    assert main(resume) == 2
+    err = capsys.readouterr().err
+    assert "x.npz changed since this run started" in err and "Traceback" not in err
+    (tmp_path / "x.npz").write_bytes(original)  # the file the run started on
+    assert main(resume) == 0
+
+
 def _npz(**arrays):
     def write(path, rng):
         x, y = _classification(rng, N=6)

@@ -263,6 +263,32 @@ def _read_data(path, need_y, what="--data"):
     return data
 
 
+def _file_digest(path):
+    """SHA-256 of the file at ``path``, hex (read in 1 MiB blocks)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_data_unchanged(config):
+    """Record the SHA-256 of the run's data files in ``config`` (a new run), or refuse a resumed
+    run whose files changed since: its batches would no longer be the ones it started on."""
+    for key in ("data", "val_data"):
+        path = config.get(key)
+        if not path:
+            continue
+        seen, now = config.get(f"{key}_sha256"), _file_digest(path)
+        if seen is not None and seen != now:
+            raise ValueError(f"{path} changed since this run started (SHA-256 {now[:12]}..., "
+                             f"the run's {seen[:12]}...): a resumed run must train on the same "
+                             f"data; start a new run (another --out) to train on this file")
+        config[f"{key}_sha256"] = now
+
+
 def _on_data(path, work):
     """``work()``, its ValueError or TypeError about the data said as a ``DataError`` of
     ``path``: one line, whatever the kind."""
@@ -380,6 +406,8 @@ def cmd_train(args):
         raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or give "
                          f"another --out")
     inferred = on_data and not checkpoint and (config["loss"] is None or config["head"] is None)
+    if on_data:
+        _check_data_unchanged(config)
     make = _make_data_run if on_data else _make_run
     task, model, optimizer, rng = make(config, args.device)
     per_epoch = task.steps_per_epoch(config["batch"]) if on_data else None
