@@ -20,42 +20,14 @@ exits with status 2, measuring nothing.
 import argparse
 import json
 import os
-import statistics
 import sys
+
+from gpu_compare import event_median, no_gpu_reason, torch_events  # this folder is on sys.path
 
 #: (cell, T, B, H, num_layers, bidirectional), I = H
 CONFIGS = [("LSTM", 100, 64, 256, 2, True), ("LSTM", 1000, 4, 128, 1, False),
            ("GRU", 100, 64, 256, 2, True), ("GRU", 1000, 4, 128, 1, False),
            ("RNN", 100, 64, 256, 2, True)]
-
-
-def unavailable():
-    """Why this script cannot measure here, or None."""
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed"
-    if not torch.cuda.is_available():
-        return "torch sees no CUDA GPU"
-    import gpurnn
-
-    return gpurnn.cuda_unavailable_reason()
-
-
-def median_ms(fn, warmup, repeat):
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _data_pointer(a):
@@ -103,13 +75,13 @@ def measure(cell, T, B, H, num_layers, bidirectional, warmup, repeat):
         x_array = cupy.from_dlpack(x.detach())  # [T, B, I], the tensor's memory
         dout_array = cupy.from_dlpack(dout)  # [T, B, D*H]
 
-        def layer_step():
+        def layer_step(_):
             layer(x_array)
             layer.backward(dout_array)
 
-        layer_ms = median_ms(layer_step, warmup, repeat)
-    torch_ms = median_ms(lambda: step(reference), warmup, repeat)
-    module_ms = median_ms(lambda: step(module), warmup, repeat)
+        layer_ms = event_median(layer_step, warmup, repeat, torch_events)
+    torch_ms = event_median(lambda _: step(reference), warmup, repeat, torch_events)
+    module_ms = event_median(lambda _: step(module), warmup, repeat, torch_events)
     return {"cell": cell, "T": T, "B": B, "H": H, "num_layers": num_layers,
             "bidirectional": bidirectional, "torch_nn_ms": torch_ms,
             "gpurnn_torch_ms": module_ms, "gpurnn_layer_ms": layer_ms,
@@ -135,7 +107,7 @@ def main(argv=None):
                         choices=["LSTM", "GRU", "RNN"])
     parser.add_argument("--json", help="write the rows here as well")
     args = parser.parse_args(argv)
-    reason = unavailable()
+    reason = no_gpu_reason()
     if reason is not None:
         print(f"torch_modules_compare: no GPU, nothing measured: {reason}", file=sys.stderr)
         return 2
