@@ -55,6 +55,7 @@ from numba.np.arrayobj import make_array, populate_array
 from . import signatures as sig
 from .cell_math import make_cell_math
 from .loops import make_loops, time_slots
+from .storage import make_storage
 
 # CBLAS enums (plain C ints in every CBLAS).
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
@@ -136,10 +137,14 @@ def _sum2(out, a, b, n):
         out[u] = a[u] + b[u]
 
 
-def _step_kernels(m):
-    """Every CPU step kernel over the scalar math ``m`` (``make_cell_math``), as plain Python
-    functions (``make_cpu_kernels`` jits them).  Shapes as in ``kernels/signatures.py``."""
-    zero = m.zero
+def _step_kernels(m, s):
+    """Every CPU step kernel over the scalar math ``m`` (``make_cell_math``) and the storage
+    ``s`` (``make_storage``), as plain Python functions (``make_cpu_kernels`` jits them).
+    Shapes as in ``kernels/signatures.py``; the tile buffers hold computed values, which
+    ``_put`` stores into ``STORED`` arrays, and values of ``STORED`` arrays are read through
+    ``load``."""
+    load, store = s.load, s.store
+    zero, fzero = s.zero, m.zero  # zeros of the STORED and the FLOAT arrays
     rnn_forward, rnn_backward = m.rnn_forward, m.rnn_backward
     lstm_forward, lstm_backward = m.lstm_forward, m.lstm_backward
     gru_reset_after_forward = m.gru_reset_after_forward
@@ -149,10 +154,15 @@ def _step_kernels(m):
     gru_reset_before_candidate_backward = m.gru_reset_before_candidate_backward
     gru_reset_before_gates_backward = m.gru_reset_before_gates_backward
 
+    @numba.njit(inline="always")
+    def _put(dst, src, n):
+        for u in range(n):
+            dst[u] = store(src[u])
+
     # ------------------------------------------------------------------------------- RNN
     @sig.step_kernel(sig.RNN_FORWARD_STEP)
     def rnn_forward_step(B, H, y, h_new, xg, hg, b_ih, b_hh, h_prev, lengths, t, relu):
-        buf = _stack_tile(2, y)  # pre-activation, h
+        buf = _stack_tile(2, xg)  # pre-activation, h
         for b in range(B):
             if t >= lengths[b]:
                 _copy(h_new[b], h_prev[b], H)
@@ -164,12 +174,12 @@ def _step_kernels(m):
                 _sum4(buf[0], xg[b, j0:], hg[b, j0:], b_ih[j0:], b_hh[j0:], n)
                 for u in range(n):
                     buf[1, u] = rnn_forward(buf[0, u], relu)
-                _copy(h_new[b, j0:], buf[1], n)
-                _copy(y[b, j0:], buf[1], n)
+                _put(h_new[b, j0:], buf[1], n)
+                _put(y[b, j0:], buf[1], n)
 
     @sig.step_kernel(sig.RNN_BACKWARD_STEP)
     def rnn_backward_step(B, H, dg, dh_carry, dy, dh_rec, h, lengths, t, relu):
-        buf = _stack_tile(1, dg)  # da
+        buf = _stack_tile(1, dh_carry)  # da
         for b in range(B):
             if t >= lengths[b]:  # padding: no gradient; dL/dh passes on to the step before
                 _fill(dg[b], zero, H)
@@ -180,16 +190,17 @@ def _step_kernels(m):
                 n = min(TILE, H - j0)
                 carry, rec, dy_, h_ = dh_carry[b, j0:], dh_rec[b, j0:], dy[b, j0:], h[b, j0:]
                 for u in range(n):
-                    buf[0, u] = rnn_backward(carry[u] + rec[u] + dy_[u], h_[u], relu)
-                _copy(dg[b, j0:], buf[0], n)
-            _fill(dh_carry[b], zero, H)
+                    buf[0, u] = rnn_backward(carry[u] + rec[u] + load(dy_[u]), load(h_[u]),
+                                             relu)
+                _put(dg[b, j0:], buf[0], n)
+            _fill(dh_carry[b], fzero, H)
 
     # ------------------------------------------------------------------------------ LSTM
     @sig.step_kernel(sig.LSTM_FORWARD_STEP)
     def lstm_forward_step(B, H, y, h_new, c_new, gates, xg, hg, b_ih, b_hh, h_prev, c_prev,
                           lengths, t):
-        pre = _stack_tile(4, y)  # pre-activations of i, f, g, o
-        out = _stack_tile(7, y)  # i, f, g, o, tanh(c) (the saved gate blocks), c, h
+        pre = _stack_tile(4, xg)  # pre-activations of i, f, g, o
+        out = _stack_tile(7, xg)  # i, f, g, o, tanh(c) (the saved gate blocks), c, h
         for b in range(B):
             if t >= lengths[b]:
                 _copy(h_new[b], h_prev[b], H)
@@ -208,14 +219,14 @@ def _step_kernels(m):
                      out[6, u]) = lstm_forward(pre[0, u], pre[1, u], pre[2, u], pre[3, u],
                                                c_prev_[u])
                 for k in range(5):
-                    _copy(_at(gates[b], k, H, j0), out[k], n)
+                    _put(_at(gates[b], k, H, j0), out[k], n)
                 _copy(c_new[b, j0:], out[5], n)
-                _copy(h_new[b, j0:], out[6], n)
-                _copy(y[b, j0:], out[6], n)
+                _put(h_new[b, j0:], out[6], n)
+                _put(y[b, j0:], out[6], n)
 
     @sig.step_kernel(sig.LSTM_BACKWARD_STEP)
     def lstm_backward_step(B, H, dg, dh_carry, dc, dy, dh_rec, gates, c_prev, lengths, t):
-        out = _stack_tile(5, dg)  # dai, daf, dag, dao, dc_prev
+        out = _stack_tile(5, dh_carry)  # dai, daf, dag, dao, dc_prev
         for b in range(B):
             if t >= lengths[b]:  # padding: dL/dh and dL/dc pass on unchanged
                 _fill(dg[b], zero, 4 * H)
@@ -230,19 +241,19 @@ def _step_kernels(m):
                 c_prev_ = c_prev[b, j0:]
                 for u in range(n):
                     out[0, u], out[1, u], out[2, u], out[3, u], out[4, u] = lstm_backward(
-                        carry[u] + rec[u] + dy_[u], dc_[u], i[u], f[u], g[u], o[u], tanh_c[u],
-                        c_prev_[u])
+                        carry[u] + rec[u] + load(dy_[u]), dc_[u], load(i[u]), load(f[u]),
+                        load(g[u]), load(o[u]), load(tanh_c[u]), c_prev_[u])
                 for k in range(4):
-                    _copy(_at(dg[b], k, H, j0), out[k], n)
+                    _put(_at(dg[b], k, H, j0), out[k], n)
                 _copy(dc_, out[4], n)
-            _fill(dh_carry[b], zero, H)
+            _fill(dh_carry[b], fzero, H)
 
     # ------------------------------------------------------ GRU, reset after the product
     @sig.step_kernel(sig.GRU_RESET_AFTER_FORWARD_STEP)
     def gru_reset_after_forward_step(B, H, y, h_new, gates, xg, hg, b_ih, b_hh, h_prev,
                                      lengths, t):
-        pre = _stack_tile(4, y)  # ar, az, W_in x + b_in, W_hn h_prev + b_hn (saved block 3)
-        out = _stack_tile(4, y)  # r, z, n, h
+        pre = _stack_tile(4, xg)  # ar, az, W_in x + b_in, W_hn h_prev + b_hn (saved block 3)
+        out = _stack_tile(4, xg)  # r, z, n, h
         for b in range(B):
             if t >= lengths[b]:
                 _copy(h_new[b], h_prev[b], H)
@@ -259,17 +270,17 @@ def _step_kernels(m):
                 h_prev_ = h_prev[b, j0:]
                 for u in range(n):
                     out[0, u], out[1, u], out[2, u], out[3, u] = gru_reset_after_forward(
-                        pre[0, u], pre[1, u], pre[2, u], pre[3, u], h_prev_[u])
+                        pre[0, u], pre[1, u], pre[2, u], pre[3, u], load(h_prev_[u]))
                 for k in range(3):
-                    _copy(_at(gates[b], k, H, j0), out[k], n)
-                _copy(_at(gates[b], 3, H, j0), pre[3], n)
-                _copy(h_new[b, j0:], out[3], n)
-                _copy(y[b, j0:], out[3], n)
+                    _put(_at(gates[b], k, H, j0), out[k], n)
+                _put(_at(gates[b], 3, H, j0), pre[3], n)
+                _put(h_new[b, j0:], out[3], n)
+                _put(y[b, j0:], out[3], n)
 
     @sig.step_kernel(sig.GRU_RESET_AFTER_BACKWARD_STEP)
     def gru_reset_after_backward_step(B, H, dgx, dgh, dh_carry, dy, dh_rec, gates, h_prev,
                                       lengths, t):
-        out = _stack_tile(5, dgx)  # dar, daz, dxn, dhn, dh_prev (direct part)
+        out = _stack_tile(5, dh_carry)  # dar, daz, dxn, dhn, dh_prev (direct part)
         for b in range(B):
             if t >= lengths[b]:
                 _fill(dgx[b], zero, 3 * H)
@@ -285,20 +296,21 @@ def _step_kernels(m):
                 h_prev_ = h_prev[b, j0:]
                 for u in range(n):
                     out[0, u], out[1, u], out[2, u], out[3, u], out[4, u] = \
-                        gru_reset_after_backward(carry[u] + rec[u] + dy_[u], r[u], z[u], n_[u],
-                                                 hn[u], h_prev_[u])
+                        gru_reset_after_backward(carry[u] + rec[u] + load(dy_[u]), load(r[u]),
+                                                 load(z[u]), load(n_[u]), load(hn[u]),
+                                                 load(h_prev_[u]))
                 for k in range(3):
-                    _copy(_at(dgx[b], k, H, j0), out[k], n)
+                    _put(_at(dgx[b], k, H, j0), out[k], n)
                 for k in range(2):
-                    _copy(_at(dgh[b], k, H, j0), out[k], n)
-                _copy(_at(dgh[b], 2, H, j0), out[3], n)
+                    _put(_at(dgh[b], k, H, j0), out[k], n)
+                _put(_at(dgh[b], 2, H, j0), out[3], n)
                 _copy(carry, out[4], n)
 
     # ----------------------------------------------------- GRU, reset before the product
     @sig.step_kernel(sig.GRU_RESET_BEFORE_GATES_STEP)
     def gru_reset_before_gates_step(B, H, gates, xg, hg_rz, b_ih, b_hh, h_prev):
-        pre = _stack_tile(2, gates)  # ar, az
-        out = _stack_tile(3, gates)  # r, z, r*h_prev
+        pre = _stack_tile(2, xg)  # ar, az
+        out = _stack_tile(3, xg)  # r, z, r*h_prev
         for b in range(B):
             for tile in range(_tiles(H)):
                 j0 = tile * TILE
@@ -309,16 +321,16 @@ def _step_kernels(m):
                 h_prev_ = h_prev[b, j0:]
                 for u in range(n):
                     out[0, u], out[1, u], out[2, u] = gru_reset_before_gates(
-                        pre[0, u], pre[1, u], h_prev_[u])
-                _copy(_at(gates[b], 0, H, j0), out[0], n)
-                _copy(_at(gates[b], 1, H, j0), out[1], n)
-                _copy(_at(gates[b], 3, H, j0), out[2], n)
+                        pre[0, u], pre[1, u], load(h_prev_[u]))
+                _put(_at(gates[b], 0, H, j0), out[0], n)
+                _put(_at(gates[b], 1, H, j0), out[1], n)
+                _put(_at(gates[b], 3, H, j0), out[2], n)
 
     @sig.step_kernel(sig.GRU_RESET_BEFORE_CANDIDATE_STEP)
     def gru_reset_before_candidate_step(B, H, y, h_new, gates, xg, hg_n, b_ih, b_hh, h_prev,
                                         lengths, t):
-        pre = _stack_tile(1, y)  # an
-        out = _stack_tile(2, y)  # n, h
+        pre = _stack_tile(1, xg)  # an
+        out = _stack_tile(2, xg)  # n, h
         for b in range(B):
             if t >= lengths[b]:
                 _copy(h_new[b], h_prev[b], H)
@@ -331,16 +343,16 @@ def _step_kernels(m):
                       _at(b_hh, 2, H, j0), n)
                 z, h_prev_ = _at(gates[b], 1, H, j0), h_prev[b, j0:]
                 for u in range(n):
-                    out[0, u], out[1, u] = gru_reset_before_candidate(pre[0, u], z[u],
-                                                                      h_prev_[u])
-                _copy(_at(gates[b], 2, H, j0), out[0], n)
-                _copy(h_new[b, j0:], out[1], n)
-                _copy(y[b, j0:], out[1], n)
+                    out[0, u], out[1, u] = gru_reset_before_candidate(pre[0, u], load(z[u]),
+                                                                      load(h_prev_[u]))
+                _put(_at(gates[b], 2, H, j0), out[0], n)
+                _put(h_new[b, j0:], out[1], n)
+                _put(y[b, j0:], out[1], n)
 
     @sig.step_kernel(sig.GRU_RESET_BEFORE_CANDIDATE_BACKWARD_STEP)
     def gru_reset_before_candidate_backward_step(B, H, dg, dh_carry, dy, dh_rec, gates, h_prev,
                                                  lengths, t):
-        out = _stack_tile(3, dg)  # daz, dan, dh_prev (direct part)
+        out = _stack_tile(3, dh_carry)  # daz, dan, dh_prev (direct part)
         for b in range(B):
             if t >= lengths[b]:
                 _fill(_at(dg[b], 1, H, 0), zero, 2 * H)
@@ -354,15 +366,16 @@ def _step_kernels(m):
                 h_prev_ = h_prev[b, j0:]
                 for u in range(n):
                     out[0, u], out[1, u], out[2, u] = gru_reset_before_candidate_backward(
-                        carry[u] + rec[u] + dy_[u], z[u], n_[u], h_prev_[u])
-                _copy(_at(dg[b], 1, H, j0), out[0], n)
-                _copy(_at(dg[b], 2, H, j0), out[1], n)
+                        carry[u] + rec[u] + load(dy_[u]), load(z[u]), load(n_[u]),
+                        load(h_prev_[u]))
+                _put(_at(dg[b], 1, H, j0), out[0], n)
+                _put(_at(dg[b], 2, H, j0), out[1], n)
                 _copy(carry, out[2], n)
 
     @sig.step_kernel(sig.GRU_RESET_BEFORE_GATES_BACKWARD_STEP)
     def gru_reset_before_gates_backward_step(B, H, dg, dh_carry, drh, gates, h_prev, lengths,
                                              t):
-        out = _stack_tile(2, dg)  # dar, dh_prev (the part through r*h_prev)
+        out = _stack_tile(2, dh_carry)  # dar, dh_prev (the part through r*h_prev)
         for b in range(B):
             if t >= lengths[b]:
                 _fill(dg[b], zero, H)
@@ -372,9 +385,9 @@ def _step_kernels(m):
                 n = min(TILE, H - j0)
                 drh_, r, h_prev_ = drh[b, j0:], _at(gates[b], 0, H, j0), h_prev[b, j0:]
                 for u in range(n):
-                    out[0, u], out[1, u] = gru_reset_before_gates_backward(drh_[u], r[u],
-                                                                           h_prev_[u])
-                _copy(dg[b, j0:], out[0], n)
+                    out[0, u], out[1, u] = gru_reset_before_gates_backward(drh_[u], load(r[u]),
+                                                                           load(h_prev_[u]))
+                _put(dg[b, j0:], out[0], n)
                 _add(dh_carry[b, j0:], out[1], n)
 
     return {fn.__name__: fn for fn in (
@@ -385,11 +398,13 @@ def _step_kernels(m):
 
 
 def make_cpu_kernels(dtype):
-    """``{kernel name: jitted step kernel}`` for ``dtype``, compiled on first call."""
+    """``{kernel name: jitted step kernel}`` for layers of ``dtype``, compiled on first call;
+    16-bit ``STORED`` arrays are passed as their ``uint16`` bits (``storage.bits``)."""
+    s = make_storage(dtype)
     kernels = {}
-    for name, fn in _step_kernels(make_cell_math(dtype)).items():
+    for name, fn in _step_kernels(make_cell_math(s.compute_dtype), s).items():
         kernels[name] = numba.njit(cache=True, **KERNEL_OPTIONS)(fn)
-        _stable_cache_keys(kernels[name], f"{np.dtype(dtype).name}.{name}")
+        _stable_cache_keys(kernels[name], f"{s.name}.{name}")
     return kernels
 
 

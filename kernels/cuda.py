@@ -36,6 +36,7 @@ from numba import cuda
 
 from . import signatures as sig
 from .cell_math import make_cell_math
+from .storage import make_storage
 
 THREADS = 128
 LAUNCH_MODES = ("lazy", "eager", "fast")
@@ -47,11 +48,14 @@ def _device(fn):
 
 @functools.lru_cache(maxsize=None)
 def element_functions(dtype):
-    """The element function of every step kernel for ``dtype``, as CUDA device functions:
-    ``{kernel name: elem(b, j, *kernel parameters after (B, H))}``.  Shapes as in
-    ``kernels/signatures.py``."""
-    m = make_cell_math(dtype)
-    zero = m.zero
+    """The element function of every step kernel for layers of ``dtype``, as CUDA device
+    functions: ``{kernel name: elem(b, j, *kernel parameters after (B, H))}``.  Shapes as in
+    ``kernels/signatures.py``; ``STORED`` arrays are read through ``load`` and written through
+    ``store`` (``kernels/storage.py``: the identity unless 16-bit)."""
+    s = make_storage(dtype)
+    m = make_cell_math(s.compute_dtype)
+    load, store = s.load, s.store
+    zero, fzero = s.zero, m.zero  # zeros of the STORED and the FLOAT arrays
     rnn_forward, rnn_backward = m.rnn_forward, m.rnn_backward
     lstm_forward, lstm_backward = m.lstm_forward, m.lstm_backward
     gru_reset_after_forward = m.gru_reset_after_forward
@@ -71,7 +75,7 @@ def element_functions(dtype):
     @_device
     def rnn_forward_elem(b, j, H, y, h_new, xg, hg, b_ih, b_hh, h_prev, lengths, t, relu):
         if t < lengths[b]:
-            h = rnn_forward(preactivation(xg, hg, b_ih, b_hh, b, 0, H, j), relu)
+            h = store(rnn_forward(preactivation(xg, hg, b_ih, b_hh, b, 0, H, j), relu))
             h_new[b, j] = h
             y[b, j] = h
         else:
@@ -82,8 +86,8 @@ def element_functions(dtype):
     def rnn_backward_elem(b, j, H, dg, dh_carry, dy, dh_rec, h, lengths, t, relu):
         dh = dh_carry[b, j] + dh_rec[b, j]
         if t < lengths[b]:
-            dg[b, j] = rnn_backward(dh + dy[b, j], h[b, j], relu)
-            dh_carry[b, j] = zero
+            dg[b, j] = store(rnn_backward(dh + load(dy[b, j]), load(h[b, j]), relu))
+            dh_carry[b, j] = fzero
         else:
             dg[b, j] = zero
             dh_carry[b, j] = dh
@@ -98,12 +102,13 @@ def element_functions(dtype):
                 preactivation(xg, hg, b_ih, b_hh, b, 1, H, j),
                 preactivation(xg, hg, b_ih, b_hh, b, 2, H, j),
                 preactivation(xg, hg, b_ih, b_hh, b, 3, H, j), c_prev[b, j])
-            gates[b, j] = i
-            gates[b, H + j] = f
-            gates[b, 2 * H + j] = g
-            gates[b, 3 * H + j] = o
-            gates[b, 4 * H + j] = tanh_c
+            gates[b, j] = store(i)
+            gates[b, H + j] = store(f)
+            gates[b, 2 * H + j] = store(g)
+            gates[b, 3 * H + j] = store(o)
+            gates[b, 4 * H + j] = store(tanh_c)
             c_new[b, j] = c
+            h = store(h)
             h_new[b, j] = h
             y[b, j] = h
         else:
@@ -116,14 +121,15 @@ def element_functions(dtype):
         dh = dh_carry[b, j] + dh_rec[b, j]
         if t < lengths[b]:
             dai, daf, dag, dao, dc_prev = lstm_backward(
-                dh + dy[b, j], dc[b, j], gates[b, j], gates[b, H + j], gates[b, 2 * H + j],
-                gates[b, 3 * H + j], gates[b, 4 * H + j], c_prev[b, j])
-            dg[b, j] = dai
-            dg[b, H + j] = daf
-            dg[b, 2 * H + j] = dag
-            dg[b, 3 * H + j] = dao
+                dh + load(dy[b, j]), dc[b, j], load(gates[b, j]), load(gates[b, H + j]),
+                load(gates[b, 2 * H + j]), load(gates[b, 3 * H + j]), load(gates[b, 4 * H + j]),
+                c_prev[b, j])
+            dg[b, j] = store(dai)
+            dg[b, H + j] = store(daf)
+            dg[b, 2 * H + j] = store(dag)
+            dg[b, 3 * H + j] = store(dao)
             dc[b, j] = dc_prev
-            dh_carry[b, j] = zero
+            dh_carry[b, j] = fzero
         else:
             for k in range(4):
                 dg[b, k * H + j] = zero
@@ -138,11 +144,12 @@ def element_functions(dtype):
             r, z, n, h = gru_reset_after_forward(
                 preactivation(xg, hg, b_ih, b_hh, b, 0, H, j),
                 preactivation(xg, hg, b_ih, b_hh, b, 1, H, j),
-                xg[b, 2 * H + j] + b_ih[2 * H + j], hn, h_prev[b, j])
-            gates[b, j] = r
-            gates[b, H + j] = z
-            gates[b, 2 * H + j] = n
-            gates[b, 3 * H + j] = hn
+                xg[b, 2 * H + j] + b_ih[2 * H + j], hn, load(h_prev[b, j]))
+            gates[b, j] = store(r)
+            gates[b, H + j] = store(z)
+            gates[b, 2 * H + j] = store(n)
+            gates[b, 3 * H + j] = store(hn)
+            h = store(h)
             h_new[b, j] = h
             y[b, j] = h
         else:
@@ -155,14 +162,15 @@ def element_functions(dtype):
         dh = dh_carry[b, j] + dh_rec[b, j]
         if t < lengths[b]:
             dar, daz, dxn, dhn, dh_prev = gru_reset_after_backward(
-                dh + dy[b, j], gates[b, j], gates[b, H + j], gates[b, 2 * H + j],
-                gates[b, 3 * H + j], h_prev[b, j])
+                dh + load(dy[b, j]), load(gates[b, j]), load(gates[b, H + j]),
+                load(gates[b, 2 * H + j]), load(gates[b, 3 * H + j]), load(h_prev[b, j]))
+            dar, daz = store(dar), store(daz)
             dgx[b, j] = dar
             dgx[b, H + j] = daz
-            dgx[b, 2 * H + j] = dxn
+            dgx[b, 2 * H + j] = store(dxn)
             dgh[b, j] = dar
             dgh[b, H + j] = daz
-            dgh[b, 2 * H + j] = dhn
+            dgh[b, 2 * H + j] = store(dhn)
             dh_carry[b, j] = dh_prev
         else:
             for k in range(3):
@@ -175,10 +183,10 @@ def element_functions(dtype):
     def gru_reset_before_gates_elem(b, j, H, gates, xg, hg_rz, b_ih, b_hh, h_prev):
         r, z, rh = gru_reset_before_gates(preactivation(xg, hg_rz, b_ih, b_hh, b, 0, H, j),
                                           preactivation(xg, hg_rz, b_ih, b_hh, b, 1, H, j),
-                                          h_prev[b, j])
-        gates[b, j] = r
-        gates[b, H + j] = z
-        gates[b, 3 * H + j] = rh
+                                          load(h_prev[b, j]))
+        gates[b, j] = store(r)
+        gates[b, H + j] = store(z)
+        gates[b, 3 * H + j] = store(rh)
 
     @_device
     def gru_reset_before_candidate_elem(b, j, H, y, h_new, gates, xg, hg_n, b_ih, b_hh, h_prev,
@@ -186,8 +194,9 @@ def element_functions(dtype):
         if t < lengths[b]:
             col = 2 * H + j
             n, h = gru_reset_before_candidate(xg[b, col] + hg_n[b, j] + (b_ih[col] + b_hh[col]),
-                                              gates[b, H + j], h_prev[b, j])
-            gates[b, col] = n
+                                              load(gates[b, H + j]), load(h_prev[b, j]))
+            gates[b, col] = store(n)
+            h = store(h)
             h_new[b, j] = h
             y[b, j] = h
         else:
@@ -200,9 +209,10 @@ def element_functions(dtype):
         dh = dh_carry[b, j] + dh_rec[b, j]
         if t < lengths[b]:
             daz, dan, dh_prev = gru_reset_before_candidate_backward(
-                dh + dy[b, j], gates[b, H + j], gates[b, 2 * H + j], h_prev[b, j])
-            dg[b, H + j] = daz
-            dg[b, 2 * H + j] = dan
+                dh + load(dy[b, j]), load(gates[b, H + j]), load(gates[b, 2 * H + j]),
+                load(h_prev[b, j]))
+            dg[b, H + j] = store(daz)
+            dg[b, 2 * H + j] = store(dan)
             dh_carry[b, j] = dh_prev
         else:
             dg[b, H + j] = zero
@@ -213,8 +223,9 @@ def element_functions(dtype):
     def gru_reset_before_gates_backward_elem(b, j, H, dg, dh_carry, drh, gates, h_prev, lengths,
                                              t):
         if t < lengths[b]:
-            dar, dh_prev = gru_reset_before_gates_backward(drh[b, j], gates[b, j], h_prev[b, j])
-            dg[b, j] = dar
+            dar, dh_prev = gru_reset_before_gates_backward(drh[b, j], load(gates[b, j]),
+                                                           load(h_prev[b, j]))
+            dg[b, j] = store(dar)
             dh_carry[b, j] += dh_prev
         else:
             dg[b, j] = zero
@@ -232,7 +243,7 @@ def element_functions(dtype):
 def make_cuda_python_kernels(dtype):
     """``{kernel name: kernel}`` as plain Python functions, not yet jitted (``cuda.jit`` and
     ``compile_ptx`` take these); each one thread per ``(b, j)`` calling its element function."""
-    e = element_functions(np.dtype(dtype))
+    e = element_functions(dtype)
     rnn_forward_elem = e["rnn_forward_step"]
     rnn_backward_elem = e["rnn_backward_step"]
     lstm_forward_elem = e["lstm_forward_step"]

@@ -36,14 +36,20 @@ def compile_ptx(fn, sig, cc):
 
 
 def all_kernels(dtype):
-    """``{kernel name: (python function, signature)}`` of every CUDA kernel for ``dtype``."""
+    """``{kernel name: (python function, signature)}`` of every CUDA kernel for layers of
+    ``dtype`` (a name): the step kernels for every dtype; the persistent kernels and
+    ``add_one`` for float32 and float64 only (the 16-bit dtypes have none)."""
     from .cuda import add_one, make_cuda_python_kernels
     from .persistent import make_persistent_python_kernels, persistent_signature
     from .signatures import FLOAT, Param, numba_signature
+    from .storage import HALF_DTYPES, dtype_name
 
-    dtype = np.dtype(dtype)
+    dtype = dtype_name(dtype)
     out = {name: (fn, numba_signature(fn.params, dtype))
            for name, fn in make_cuda_python_kernels(dtype).items()}
+    if dtype in HALF_DTYPES:
+        return out
+    dtype = np.dtype(dtype)
     fwd_sig, back_sig = persistent_signature(dtype), persistent_signature(dtype, backward=True)
     for mode, (fwd, back) in make_persistent_python_kernels(dtype).items():
         out[f"persistent_{mode}_forward"] = (fwd, fwd_sig)
@@ -52,7 +58,8 @@ def all_kernels(dtype):
     return out
 
 
-def write_all(out_dir, dtypes=("float32", "float64"), ccs=((8, 0), (9, 0))):
+def write_all(out_dir, dtypes=("float32", "float64", "float16", "bfloat16"),
+              ccs=((8, 0), (9, 0))):
     """Write ``{name}-{dtype}-sm_{cc}.ptx`` for every kernel into ``out_dir``; return the paths.
 
     Needs Numba's real CUDA target: run it in a process without ``NUMBA_ENABLE_CUDASIM=1``

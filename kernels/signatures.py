@@ -7,8 +7,12 @@ under ``@step_kernel(TABLE)``, which checks that the function's parameters are t
 The tables give the Numba signature (``numba_signature``) for eager CUDA compilation, for the
 fast launcher's argument packing, for the PTX tests and for inspecting the compiled CPU code.
 
-Roles: ``FLOAT`` arrays of the kernel's dtype (C-contiguous), ``LENGTHS`` the int32 array of
-valid steps per sequence, ``INT`` an int64 scalar.  Shapes: ``G`` gate blocks of ``H`` units
+Roles: ``STORED`` arrays of the layer's dtype, which the GEMMs read or which the layer returns
+(states ``h``, outputs, saved gates, pre-activation gradients); ``FLOAT`` arrays of the dtype
+the kernels compute in (GEMM outputs, biases, the LSTM cell state, carried gradients): the same
+dtype for float32 and float64 layers, float32 under 16-bit ``STORED`` arrays
+(``kernels/storage.py``).  All C-contiguous.  ``LENGTHS`` the int32 array of valid steps per
+sequence, ``INT`` an int64 scalar.  Shapes: ``G`` gate blocks of ``H`` units
 along the last axis (gate ``k`` of unit ``j`` at column ``k*H + j``), ``S`` saved blocks.
 """
 import inspect
@@ -17,13 +21,15 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-FLOAT, LENGTHS, INT = "float", "lengths", "int"
+from .storage import compute_dtype, kernel_dtype
+
+STORED, FLOAT, LENGTHS, INT = "stored", "float", "lengths", "int"
 
 
 @dataclass(frozen=True)
 class Param:
     name: str
-    role: str  # FLOAT, LENGTHS or INT
+    role: str  # STORED, FLOAT, LENGTHS or INT
     rank: int = 0
 
 
@@ -35,94 +41,98 @@ def _float(name, rank):
     return Param(name, FLOAT, rank)
 
 
+def _stored(name, rank):
+    return Param(name, STORED, rank)
+
+
 _GRID = (_int("B"), _int("H"))
 # lengths [B] int32 and the step t: step t of sequence b is padding when t >= lengths[b]
 _MASK = (Param("lengths", LENGTHS, 1), _int("t"))
 
 # ------------------------------------------------------------------------------------ RNN
 RNN_FORWARD_STEP = _GRID + (
-    _float("y", 2),       # [B, H] output of step t (zero where padding)
-    _float("h_new", 2),   # [B, H] state after step t
+    _stored("y", 2),      # [B, H] output of step t (zero where padding)
+    _stored("h_new", 2),  # [B, H] state after step t
     _float("xg", 2),      # [B, H] x_t W_ih^T
     _float("hg", 2),      # [B, H] h_prev W_hh^T
     _float("b_ih", 1), _float("b_hh", 1),  # [H]
-    _float("h_prev", 2),  # [B, H]
+    _stored("h_prev", 2),  # [B, H]
 ) + _MASK + (_int("relu"),)
 
 RNN_BACKWARD_STEP = _GRID + (
-    _float("dg", 2),        # [B, H] out: pre-activation gradient
+    _stored("dg", 2),       # [B, H] out: pre-activation gradient
     _float("dh_carry", 2),  # [B, H] in/out: dL/dh not through W_hh (see kernels/cpu.py)
-    _float("dy", 2),        # [B, H] gradient of the output of step t
+    _stored("dy", 2),       # [B, H] gradient of the output of step t
     _float("dh_rec", 2),    # [B, H] dg_{t+1} @ W_hh
-    _float("h", 2),         # [B, H] state after step t
+    _stored("h", 2),        # [B, H] state after step t
 ) + _MASK + (_int("relu"),)
 
 # ------------------------------------------------------------------------- LSTM (G=4, S=5)
 LSTM_FORWARD_STEP = _GRID + (
-    _float("y", 2), _float("h_new", 2), _float("c_new", 2),  # [B, H]
-    _float("gates", 2),   # [B, 5H] out: saved i, f, g, o, tanh(c)
+    _stored("y", 2), _stored("h_new", 2), _float("c_new", 2),  # [B, H]
+    _stored("gates", 2),  # [B, 5H] out: saved i, f, g, o, tanh(c)
     _float("xg", 2), _float("hg", 2),  # [B, 4H]
     _float("b_ih", 1), _float("b_hh", 1),  # [4H]
-    _float("h_prev", 2), _float("c_prev", 2),  # [B, H]
+    _stored("h_prev", 2), _float("c_prev", 2),  # [B, H]
 ) + _MASK
 
 LSTM_BACKWARD_STEP = _GRID + (
-    _float("dg", 2),        # [B, 4H] out
+    _stored("dg", 2),       # [B, 4H] out
     _float("dh_carry", 2),  # [B, H] in/out
     _float("dc", 2),        # [B, H] in/out: dL/dc_t in, dL/dc_{t-1} out
-    _float("dy", 2), _float("dh_rec", 2),  # [B, H]
-    _float("gates", 2),     # [B, 5H] saved by the forward
+    _stored("dy", 2), _float("dh_rec", 2),  # [B, H]
+    _stored("gates", 2),    # [B, 5H] saved by the forward
     _float("c_prev", 2),    # [B, H]
 ) + _MASK
 
 # ------------------------------------------------- GRU, reset after the product (G=3, S=4)
 GRU_RESET_AFTER_FORWARD_STEP = _GRID + (
-    _float("y", 2), _float("h_new", 2),  # [B, H]
-    _float("gates", 2),   # [B, 4H] out: saved r, z, n, W_hn h_prev + b_hn
+    _stored("y", 2), _stored("h_new", 2),  # [B, H]
+    _stored("gates", 2),  # [B, 4H] out: saved r, z, n, W_hn h_prev + b_hn
     _float("xg", 2), _float("hg", 2),  # [B, 3H]
     _float("b_ih", 1), _float("b_hh", 1),  # [3H]
-    _float("h_prev", 2),  # [B, H]
+    _stored("h_prev", 2),  # [B, H]
 ) + _MASK
 
 GRU_RESET_AFTER_BACKWARD_STEP = _GRID + (
-    _float("dgx", 2),  # [B, 3H] out: pre-activation gradients, input path
-    _float("dgh", 2),  # [B, 3H] out: recurrent path (n block: r * dgx_n)
-    _float("dh_carry", 2), _float("dy", 2), _float("dh_rec", 2),  # [B, H]
-    _float("gates", 2),   # [B, 4H]
-    _float("h_prev", 2),  # [B, H]
+    _stored("dgx", 2),  # [B, 3H] out: pre-activation gradients, input path
+    _stored("dgh", 2),  # [B, 3H] out: recurrent path (n block: r * dgx_n)
+    _float("dh_carry", 2), _stored("dy", 2), _float("dh_rec", 2),  # [B, H]
+    _stored("gates", 2),  # [B, 4H]
+    _stored("h_prev", 2),  # [B, H]
 ) + _MASK
 
 # ------------------------------------------------ GRU, reset before the product (G=3, S=4)
 GRU_RESET_BEFORE_GATES_STEP = _GRID + (
-    _float("gates", 2),   # [B, 4H] out: r, z and r*h_prev (blocks 0, 1, 3)
+    _stored("gates", 2),  # [B, 4H] out: r, z and r*h_prev (blocks 0, 1, 3)
     _float("xg", 2),      # [B, 3H]
     _float("hg_rz", 2),   # [B, 2H] h_prev W_hrz^T
     _float("b_ih", 1), _float("b_hh", 1),  # [3H]
-    _float("h_prev", 2),  # [B, H]
+    _stored("h_prev", 2),  # [B, H]
 )  # every row, padding or not: the candidate step applies the mask
 
 GRU_RESET_BEFORE_CANDIDATE_STEP = _GRID + (
-    _float("y", 2), _float("h_new", 2),  # [B, H]
-    _float("gates", 2),   # [B, 4H] in: z; out: n (block 2)
+    _stored("y", 2), _stored("h_new", 2),  # [B, H]
+    _stored("gates", 2),  # [B, 4H] in: z; out: n (block 2)
     _float("xg", 2),      # [B, 3H]
     _float("hg_n", 2),    # [B, H] (r*h_prev) W_hn^T
     _float("b_ih", 1), _float("b_hh", 1),  # [3H]
-    _float("h_prev", 2),  # [B, H]
+    _stored("h_prev", 2),  # [B, H]
 ) + _MASK
 
 GRU_RESET_BEFORE_CANDIDATE_BACKWARD_STEP = _GRID + (
-    _float("dg", 2),  # [B, 3H] out: z and n blocks
-    _float("dh_carry", 2), _float("dy", 2), _float("dh_rec", 2),  # [B, H]
-    _float("gates", 2),   # [B, 4H]
-    _float("h_prev", 2),  # [B, H]
+    _stored("dg", 2),  # [B, 3H] out: z and n blocks
+    _float("dh_carry", 2), _stored("dy", 2), _float("dh_rec", 2),  # [B, H]
+    _stored("gates", 2),  # [B, 4H]
+    _stored("h_prev", 2),  # [B, H]
 ) + _MASK
 
 GRU_RESET_BEFORE_GATES_BACKWARD_STEP = _GRID + (
-    _float("dg", 2),        # [B, 3H] out: r block
+    _stored("dg", 2),       # [B, 3H] out: r block
     _float("dh_carry", 2),  # [B, H] in/out
     _float("drh", 2),       # [B, H] dL/d(r*h_prev) = dg_n @ W_hn
-    _float("gates", 2),     # [B, 4H]
-    _float("h_prev", 2),    # [B, H]
+    _stored("gates", 2),    # [B, 4H]
+    _stored("h_prev", 2),   # [B, H]
 ) + _MASK
 
 #: Every step kernel's name and parameters.
@@ -141,11 +151,12 @@ STEP_KERNELS = {
 
 
 def numba_type(param, dtype):
-    """The Numba type of one parameter for kernels of ``dtype``."""
+    """The Numba type of one parameter for kernels of layers of ``dtype``."""
     if param.role == INT:
         return numba.int64
-    scalar = numba.int32 if param.role == LENGTHS else numba.from_dtype(np.dtype(dtype))
-    return numba.types.Array(scalar, param.rank, "C")
+    element = {LENGTHS: np.dtype(np.int32), STORED: kernel_dtype(dtype),
+               FLOAT: compute_dtype(dtype)}[param.role]
+    return numba.types.Array(numba.from_dtype(element), param.rank, "C")
 
 
 def numba_signature(params, dtype):

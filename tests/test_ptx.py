@@ -1,6 +1,8 @@
-"""Every CUDA kernel compiles to PTX for sm_80 and sm_90, in float32 and float64, on a machine
-without a GPU; the float32 PTX has no float64 instruction (a bare ``1.0`` in the math would add
-them); and the fast launcher packs exactly the parameters each compiled kernel declares."""
+"""Every CUDA kernel compiles to PTX for sm_80 and sm_90, in float32 and float64 (and the step
+kernels in float16 and bfloat16), on a machine without a GPU; the float32 and 16-bit PTX has no
+float64 instruction (a bare ``1.0`` in the math would add them); the 16-bit kernels move 16-bit
+values and compute in float32; and the fast launcher packs exactly the parameters each compiled
+kernel declares."""
 import os
 import re
 import subprocess
@@ -15,7 +17,10 @@ from gpurnn.kernels.ptx import all_kernels
 from gpurnn.kernels.signatures import STEP_KERNELS
 
 NAMES = sorted(all_kernels(np.float32))
+HALF_NAMES = sorted(all_kernels("float16"))
 _F64 = re.compile(r"\.f64\b")
+_F32_MATH = re.compile(r"\b(fma\.rn|mul\.rn|add\.rn|mul|add|sub)\.f32\b")
+_MOVE_16 = re.compile(r"\b(ld|st)\.global\.(u16|b16)\b")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +35,7 @@ def ptx(tmp_path_factory):
     for path in out_dir.iterdir():
         name, dtype, sm = path.stem.split("-")
         out[name, dtype, (int(sm[3]), int(sm[4]))] = path.read_text()
-    assert len(out) == len(NAMES) * 4
+    assert len(out) == len(NAMES) * 4 + len(HALF_NAMES) * 4
     return out
 
 
@@ -49,6 +54,18 @@ def test_compiles_and_float32_has_no_float64(ptx, name, cc):
     assert target in f32 and target in f64
     assert not _F64.findall(f32), f"float32 {name} has float64 instructions"
     assert _F64.findall(f64), f"float64 {name} has no float64 instruction: wrong dtype bound?"
+
+
+@pytest.mark.parametrize("name", HALF_NAMES)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("cc", [(8, 0), (9, 0)], ids=["sm_80", "sm_90"])
+def test_half_step_kernels_store_16_bits_and_compute_in_float32(ptx, name, dtype, cc):
+    text = ptx[name, dtype, cc]
+    assert f".target sm_{cc[0]}{cc[1]}" in text
+    assert not _F64.findall(text), f"{dtype} {name} has float64 instructions"
+    assert _F32_MATH.findall(text), f"{dtype} {name} does no float32 arithmetic"
+    assert _MOVE_16.findall(text), f"{dtype} {name} loads or stores no 16-bit value"
+    assert not _MOVE_16.findall(ptx[name, "float32", cc]), "float32 kernels move 16-bit values"
 
 
 def _device_like(a):
@@ -71,7 +88,7 @@ def _args_for(sig, dtype):
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n in STEP_KERNELS])
 def test_fast_launch_packs_the_declared_parameters(ptx, name):
-    for dtype in ("float32", "float64"):
+    for dtype in ("float32", "float64", "float16", "bfloat16"):
         sig = kernel_signature(name, dtype)
         packed = pack_args(sig, _args_for(sig, dtype))
         params = _entry_params(ptx[name, dtype, (9, 0)])
