@@ -86,7 +86,7 @@ def test_bad_lengths(lstm, lengths, error, words):
     (dict(input_size=0, hidden_size=3), ValueError, "input_size"),
     (dict(input_size=3, hidden_size=2.5), ValueError, "hidden_size"),
     (dict(input_size=3, hidden_size=2, num_layers=0), ValueError, "num_layers"),
-    (dict(input_size=3, hidden_size=2, dtype="float16"), ValueError, "float32"),
+    (dict(input_size=3, hidden_size=2, dtype="int8"), ValueError, "float32.*bfloat16"),
     (dict(input_size=3, hidden_size=2, device="tpu"), ValueError, "'cpu', 'cuda' or 'auto'"),
     (dict(input_size=3, hidden_size=2, dropout=1.0), ValueError, "dropout"),
 ])

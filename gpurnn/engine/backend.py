@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from ..kernels.storage import HALF_DTYPES
 from . import dispatch
 
 _log = logging.getLogger("gpurnn")
@@ -38,8 +39,18 @@ class Backend:
         return self.xp.zeros(shape, dtype=dtype)
 
     def matmul(self, a, b, out):
-        """``out = a @ b`` with no temporary (``out`` is C-contiguous)."""
-        self.xp.matmul(a, b, out=out)
+        """``out = a @ b`` (``out`` is C-contiguous): with no temporary where all three have one
+        dtype; else (16-bit operands or a 16-bit ``out``) products accumulated in float32, the
+        operands converted to it first (exactly: every 16-bit float is a float32)."""
+        if a.dtype == b.dtype == out.dtype:
+            self.xp.matmul(a, b, out=out)
+            return
+        f32 = np.dtype(np.float32)
+        a, b = a.astype(f32, copy=False), b.astype(f32, copy=False)
+        if out.dtype == f32:
+            self.xp.matmul(a, b, out=out)
+        else:
+            out[...] = self.xp.matmul(a, b)
 
     def asarray(self, a, dtype=None):
         """Copy host data onto this backend (no copy when it already is there)."""
@@ -86,12 +97,15 @@ class CPUBackend(Backend):
     def kernels(self, dtype):
         from .. import kernels
 
-        return kernels.cpu_kernels(np.dtype(dtype))
+        return kernels.cpu_kernels(dtype)
 
     def compiled_loops(self, dtype):
         """The drivers' time loops compiled with Numba around NumPy's BLAS (``kernels/cpu.py``),
-        or None where that BLAS cannot be called from Numba: the drivers then loop in Python."""
+        or None where that BLAS cannot be called from Numba or has no GEMM of ``dtype`` (the
+        16-bit dtypes): the drivers then loop in Python."""
         dtype = np.dtype(dtype)
+        if dtype.name in HALF_DTYPES:
+            return None
         if dtype not in self._loops:
             from ..kernels import cpu
 
@@ -161,7 +175,7 @@ class CUDABackend(Backend):
     def kernels(self, dtype):
         from .. import kernels
 
-        launchers = kernels.cuda_kernels(np.dtype(dtype), self.launch)
+        launchers = kernels.cuda_kernels(dtype, self.launch)
         if self.simulator:
             return launchers
         stream = self._numba_stream()
@@ -178,8 +192,9 @@ class CUDABackend(Backend):
         return cuda.external_stream(cupy.cuda.get_current_stream().ptr)
 
     def matmul(self, a, b, out):
-        if not (self.tf32 and out.dtype == np.float32 and not self.simulator):
-            self.xp.matmul(a, b, out=out)
+        if not (self.tf32 and a.dtype == b.dtype == out.dtype == np.float32
+                and not self.simulator):
+            super().matmul(a, b, out)
             return
         # CuPy's compute type is process-wide state: set it for this product only.
         from cupy._core import _routines_linalg as linalg
@@ -219,10 +234,10 @@ class CUDABackend(Backend):
 
     def _persistent_launch(self, cell, B, H, dtype, backward):
         """(kernel, launch shape, stream) of the persistent path, or None when it is off, the
-        cell has none, or the shape does not fit."""
+        cell or dtype has none, or the shape does not fit."""
         wanted = dispatch.persistent_by_default(B) if self.persistent == "auto" else self.persistent
-        if not wanted or not self._persistent_cell(cell):
-            return None
+        if not wanted or not self._persistent_cell(cell) or np.dtype(dtype).name in HALF_DTYPES:
+            return None  # the persistent kernels are written for float32 and float64
         from ..kernels import persistent
 
         kernel = persistent.persistent_kernels(dtype)[cell.mode][int(backward)]

@@ -15,11 +15,18 @@ What the forward keeps for the backward (the ``Tape``):
                           n and ``W_hn h + b_hn`` (reset after) or ``r * h`` (reset before) (S=4);
                           none (RNN)
 * ``lengths`` [B] int32  valid steps of each sequence
+
+Precision.  ``x``, ``y``, ``hs``, ``gates``, the weights ``W_ih``/``W_hh`` and the
+pre-activation gradients (the GEMMs' operands) have the layer's dtype; what the GEMMs produce
+(``xg``, ``hg``, ``dh_rec``, the weight gradients), the biases, ``cs`` and the carried gradients
+have the compute dtype (``kernels/storage.py``): the same dtype for float32 and float64,
+float32 for float16 and bfloat16.  ``backend.matmul`` accumulates in the compute dtype.
 """
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..kernels.loops import make_loops, time_slots
+from ..kernels.storage import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,8 @@ class CellSpec:
 
 @dataclass
 class Weights:
-    """One direction of one layer.  w_ih [G*H, I], w_hh [G*H, H], b_ih [G*H], b_hh [G*H]."""
+    """One direction of one layer.  w_ih [G*H, I], w_hh [G*H, H] (the layer's dtype), b_ih
+    [G*H], b_hh [G*H] (the compute dtype)."""
 
     w_ih: Any
     w_hh: Any
@@ -110,11 +118,12 @@ def forward(be, cell, w, x, h0, c0, lengths, reverse, training, ws):
     H = w.w_hh.shape[1]
     G = cell.gates
     dtype = x.dtype
+    compute = compute_dtype(dtype)
     n_slots = T + 1 if training else 2
 
     # [T, B, G*H] x W_ih^T (the kernels add the biases); dead once the loop has run, so the
     # backward reuses this buffer for its pre-activation gradients
-    xg = ws.get("preact", (T, B, G * H), dtype)
+    xg = ws.get("preact", (T, B, G * H), compute)
     be.matmul(x.reshape(T * B, I), w.w_ih.T, out=xg.reshape(T * B, G * H))
     y = be.empty((T, B, H), dtype)  # [T, B, H]
     hs = ws.get("hs", (n_slots, B, H), dtype)  # [T+1 or 2, B, H]
@@ -122,11 +131,11 @@ def forward(be, cell, w, x, h0, c0, lengths, reverse, training, ws):
     hs[first] = h0
     cs = gates = None
     if cell.has_cell_state:
-        cs = ws.get("cs", (n_slots, B, H), dtype)  # [T+1 or 2, B, H]
+        cs = ws.get("cs", (n_slots, B, H), compute)  # [T+1 or 2, B, H]
         cs[first] = c0
     if cell.saved_gates:
         gates = ws.get("gates", (T if training else 1, B, cell.saved_gates * H), dtype)
-    hg = ws.get("hg", (B, G * H), dtype)  # [B, G*H] recurrent product of one step
+    hg = ws.get("hg", (B, G * H), compute)  # [B, G*H] recurrent product of one step
 
     if not be.forward_sequence(cell, w, xg, y, hs, cs, gates, hg, lengths, reverse, training):
         w_hh_t = ws.get("w_hh_t", (H, G * H), dtype)  # [H, G*H] W_hh^T (kernels/loops.py)
@@ -155,17 +164,22 @@ def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
     H = w.w_hh.shape[1]
     G = cell.gates
     dtype = x.dtype
+    compute = compute_dtype(dtype)
     reverse = tape.reverse
 
-    # [T, B, G*H] pre-activation gradients (input path), in the forward's xg buffer
-    dg = ws.get("preact", (T, B, G * H), dtype)
-    dh_carry = ws.get("dh_carry", (B, H), dtype)  # [B, H]
-    dh_rec = ws.get("dh_rec", (B, H), dtype)  # [B, H] dg_{t+1} @ W_hh
+    # [T, B, G*H] pre-activation gradients (input path), in the forward's xg buffer (its
+    # first half when they are 16-bit and xg float32)
+    preact = ws.get("preact", (T, B, G * H), compute)
+    dg = preact
+    if dtype != compute:
+        dg = preact.reshape(-1).view(dtype)[: T * B * G * H].reshape(T, B, G * H)
+    dh_carry = ws.get("dh_carry", (B, H), compute)  # [B, H]
+    dh_rec = ws.get("dh_rec", (B, H), compute)  # [B, H] dg_{t+1} @ W_hh
     dh_carry[...] = dh_last
     dh_rec[...] = 0
     dc = None
     if cell.has_cell_state:
-        dc = ws.get("dc", (B, H), dtype)  # [B, H]
+        dc = ws.get("dc", (B, H), compute)  # [B, H]
         dc[...] = dc_last
     dgh = dg
     if cell.mode == "gru" and cell.reset_after:
@@ -190,21 +204,23 @@ def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
         be.matmul(D[:, 2 * H:].T, rh, out=grads.w_hh[2 * H:])
     else:
         be.matmul(Dh.T, h_prev, out=grads.w_hh)
-    D.sum(axis=0, out=grads.b_ih)
+    D.sum(axis=0, dtype=compute, out=grads.b_ih)
     # The two paths' gradients differ only in the reset-after GRU's n block: sum that alone.
     same = 2 * H if dgh is not dg else G * H
     grads.b_hh[:same] = grads.b_ih[:same]
     if same < G * H:
-        Dh[:, same:].sum(axis=0, out=grads.b_hh[same:])
+        Dh[:, same:].sum(axis=0, dtype=compute, out=grads.b_hh[same:])
     dx = be.empty((T, B, I), dtype)
     be.matmul(D, w.w_ih, out=dx.reshape(T * B, I))
     return dx, dh0, dc0
 
 
-def activation_bytes(cell, T, B, H, itemsize):
+def activation_bytes(cell, T, B, H, dtype):
     """Bytes the tape of one training forward holds per layer and direction, beside the input
-    and the output: ``hs`` (and ``cs``) [T+1, B, H] and the saved gates [T, B, S*H]: S = 4 for
+    and the output: ``hs`` [T+1, B, H] and the saved gates [T, B, S*H] in ``dtype``: S = 4 for
     the GRU, 5 for the LSTM (its four gates and ``tanh(c)``, which spares the backward one
-    tanh per element and step for T*B*H more elements), none for the RNN."""
-    states = (T + 1) * B * H * (2 if cell.has_cell_state else 1)
-    return int(itemsize) * (states + T * B * cell.saved_gates * H)
+    tanh per element and step for T*B*H more elements), none for the RNN; the LSTM's ``cs``
+    [T+1, B, H] in the compute dtype."""
+    stored = (T + 1) * B * H + T * B * cell.saved_gates * H
+    cells = (T + 1) * B * H if cell.has_cell_state else 0
+    return stored * dtype.itemsize + cells * compute_dtype(dtype).itemsize

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..engine import drivers, memory
 from ..engine.backend import get_backend
+from ..kernels.storage import compute_dtype
 from . import export, inference, init, params, validation
 
 
@@ -20,12 +21,15 @@ class LayerTape:
     """What a training forward of a whole layer keeps for its backward.
 
     ``directions``: (layer, direction) -> the drivers' ``Tape`` of that direction;
+    ``weights``: (layer, direction) -> the ``drivers.Weights`` its GEMMs used (for a 16-bit
+    layer, the 16-bit copies of the weights made by that forward);
     ``masks``: layer -> the dropout mask [T, B, D*H] applied to that layer's output;
     ``out_shape``: the time-major output's shape [T, B, D*H]; ``workspaces``: the buffers
     the tapes' arrays live in, which the backward also uses ((layer, direction) ->
     ``drivers.Workspace``)."""
 
     directions: dict
+    weights: dict
     masks: dict
     out_shape: tuple
     workspaces: dict
@@ -49,6 +53,14 @@ class RNNBase:
     -> ``drivers.Workspace`` whose buffers later calls of the same shape reuse.  By default
     that is the layer's own set; ``forward_with_tape`` takes another one, so that several
     forwards can wait for their backwards (``gpurnn.torch`` does this).
+
+    Precision (docs/precision.md).  ``dtype`` is the dtype of the inputs, outputs, states and
+    activations.  float32 and float64 layers compute in it and keep their parameters in it.
+    float16 and bfloat16 layers are mixed precision, like Keras's ``mixed_bfloat16`` policy:
+    parameters and gradients in float32 (``param_dtype``), cast to the layer's dtype for the
+    GEMMs at each forward; GEMMs accumulating in float32; the gate math, the LSTM cell state
+    and the gradients carried between steps in float32; states, outputs, saved activations
+    and pre-activation gradients stored in 16 bits.
     """
 
     _mode = None
@@ -65,6 +77,7 @@ class RNNBase:
         self.dropout = float(dropout)
         self.bidirectional = bool(bidirectional)
         self.dtype = validation.parse_dtype(dtype)
+        self.param_dtype = compute_dtype(self.dtype)
         self.backend = get_backend(device)
         self.device = self.backend.name
         self.cell = drivers.CellSpec(self._mode, relu=nonlinearity == "relu",
@@ -79,10 +92,12 @@ class RNNBase:
         shapes = params.param_shapes(self.input_size, self.hidden_size, self.cell.gates,
                                      self.num_layers, self.num_directions, self.bias)
         self.params = init.uniform_params(
-            shapes, self.hidden_size, self.dtype, self.backend, np.random.default_rng(seed),
-            forget_bias if self.cell.has_cell_state else None)
-        self.grads = {name: self.backend.zeros(p.shape, self.dtype) for name, p in self.params.items()}
-        self._zero_bias = self.backend.zeros((self.cell.gates * self.hidden_size,), self.dtype)
+            shapes, self.hidden_size, self.param_dtype, self.backend,
+            np.random.default_rng(seed), forget_bias if self.cell.has_cell_state else None)
+        self.grads = {name: self.backend.zeros(p.shape, self.param_dtype)
+                      for name, p in self.params.items()}
+        self._zero_bias = self.backend.zeros((self.cell.gates * self.hidden_size,),
+                                             self.param_dtype)
 
     # ------------------------------------------------------------------ structure
     @property
@@ -100,13 +115,26 @@ class RNNBase:
             b_ih=arrays.get(f"bias_ih{s}", self._zero_bias),
             b_hh=arrays.get(f"bias_hh{s}", self._zero_bias))
 
+    def _gemm_weights(self, workspaces, layer, direction):
+        """The weights as the GEMMs take them: the parameters, or for a 16-bit layer their
+        16-bit copies, made now in the workspace (the biases stay in float32)."""
+        w = self._weights(self.params, layer, direction)
+        if self.dtype == self.param_dtype:
+            return w
+        ws = self._workspace(workspaces, layer, direction)
+        w_ih = ws.get("w_ih", w.w_ih.shape, self.dtype)  # [G*H, I]
+        w_hh = ws.get("w_hh", w.w_hh.shape, self.dtype)  # [G*H, H]
+        w_ih[...] = w.w_ih
+        w_hh[...] = w.w_hh
+        return drivers.Weights(w_ih=w_ih, w_hh=w_hh, b_ih=w.b_ih, b_hh=w.b_hh)
+
     def _grad_weights(self, workspaces, layer, direction):
         w = self._weights(self.grads, layer, direction)
         if not self.bias:  # gradients of the absent biases go to scratch, not to grads
             G, H = self.cell.gates, self.hidden_size
             ws = self._workspace(workspaces, layer, direction)
-            w.b_ih = ws.get("db_ih", (G * H,), self.dtype)
-            w.b_hh = ws.get("db_hh", (G * H,), self.dtype)
+            w.b_ih = ws.get("db_ih", (G * H,), self.param_dtype)
+            w.b_hh = ws.get("db_hh", (G * H,), self.param_dtype)
         return w
 
     def _workspace(self, workspaces, layer, direction):
@@ -162,7 +190,7 @@ class RNNBase:
 
         h_n = self.backend.empty(self.state_shape(B), self.dtype)  # [L*D, B, H]
         c_n = self.backend.empty(self.state_shape(B), self.dtype) if self.cell.has_cell_state else None
-        tapes, masks = {}, {}
+        tapes, weights, masks = {}, {}, {}
         inp = x  # [T, B, I], then [T, B, D*H]
         for layer in range(self.num_layers):
             outs = []
@@ -172,14 +200,16 @@ class RNNBase:
                 c0 = None
                 if self.cell.has_cell_state:
                     c0 = parts[1][idx] if parts else self.backend.zeros((B, H), self.dtype)
-                y, tape = drivers.forward(self.backend, self.cell, self._weights(self.params, layer, d),
-                                          inp, h0, c0, lengths_dev, bool(d), training,
+                w = self._gemm_weights(workspaces, layer, d)
+                y, tape = drivers.forward(self.backend, self.cell, w, inp, h0, c0, lengths_dev,
+                                          bool(d), training,
                                           self._workspace(workspaces, layer, d))
                 h_n[idx] = tape.h_last
                 if c_n is not None:
-                    c_n[idx] = tape.c_last
+                    c_n[idx] = tape.c_last  # float32 to the layer's dtype, if 16-bit
                 if training:
                     tapes[(layer, d)] = tape
+                    weights[(layer, d)] = w
                 outs.append(y)  # [T, B, H]
             out = outs[0] if D == 1 else xp.concatenate(outs, axis=2)  # [T, B, D*H]
             if training and self.dropout > 0 and layer < self.num_layers - 1:
@@ -188,7 +218,7 @@ class RNNBase:
                 masks[layer] = mask
                 out = out * mask
             inp = out
-        tape = LayerTape(tapes, masks, out.shape, workspaces) if training else None
+        tape = LayerTape(tapes, weights, masks, out.shape, workspaces) if training else None
         if self.batch_first:
             out = xp.ascontiguousarray(out.transpose(1, 0, 2))
         return out, ((h_n, c_n) if c_n is not None else h_n), tape
@@ -237,8 +267,7 @@ class RNNBase:
                 dc_last = None
                 if self.cell.has_cell_state:
                     dc_last = dparts[1][idx] if dparts else zeros
-                dxd, dh, dc = drivers.backward(self.backend, self.cell,
-                                               self._weights(self.params, layer, d),
+                dxd, dh, dc = drivers.backward(self.backend, self.cell, tape.weights[(layer, d)],
                                                tape.directions[(layer, d)], dy, dh_last, dc_last,
                                                self._grad_weights(tape.workspaces, layer, d),
                                                self._workspace(tape.workspaces, layer, d))
@@ -259,7 +288,8 @@ class RNNBase:
     def load_state_dict(self, state_dict):
         """Load arrays (NumPy, or anything ``np.asarray`` takes, e.g. torch CPU tensors) in
         PyTorch's names and layout.  Every name must be present and no other."""
-        params.load_arrays(self.params, state_dict, self.backend, self.dtype, "this layer")
+        params.load_arrays(self.params, state_dict, self.backend, self.param_dtype,
+                           "this layer")
 
     # ------------------------------------------------------------------ inference
     def stream(self, chunks, state=None):
@@ -273,25 +303,30 @@ class RNNBase:
     def activation_bytes(self, T, B):
         """Bytes a training forward keeps for the backward (over all layers and directions),
         beyond the layer inputs and outputs; an inference forward keeps none of it."""
-        per = drivers.activation_bytes(self.cell, T, B, self.hidden_size, self.dtype.itemsize)
+        per = drivers.activation_bytes(self.cell, T, B, self.hidden_size, self.dtype)
         return per * self.num_layers * self.num_directions
 
     def call_bytes(self, T, B, training):
         """Bytes one forward (and, when training, its backward) holds at its peak."""
-        H, G = self.hidden_size, self.cell.gates
-        L, D, item = self.num_layers, self.num_directions, self.dtype.itemsize
-        states = 2 if self.cell.has_cell_state else 1     # h (and c)
-        per_direction = (T * B * G * H + T * B * H        # xg (then dg in its place), y
-                         + B * G * H + H * G * H)         # hg, W_hh^T
+        H, G, I = self.hidden_size, self.cell.gates, self.input_size
+        L, D = self.num_layers, self.num_directions
+        item, fitem = self.dtype.itemsize, self.param_dtype.itemsize  # stored, computed
+        lstm = self.cell.has_cell_state
+        # per direction, in bytes: xg (then dg in its place), y, hg, W_hh^T
+        per_direction = (T * B * G * H * fitem + T * B * H * item + B * G * H * fitem
+                         + H * G * H * item)
+        if self.dtype != self.param_dtype:                 # the weights' 16-bit copies
+            per_direction += G * H * (max(I, D * H) + H) * item
         if training:
-            per_direction += self.activation_bytes(T, B) // (item * L * D)   # the tape
-            per_direction += (states + 1) * B * H         # dh_carry, dh_rec (and dc)
+            per_direction += self.activation_bytes(T, B) // (L * D)  # the tape
+            per_direction += (3 if lstm else 2) * B * H * fitem     # dh_carry, dh_rec (and dc)
             if self.cell.reset_after:
-                per_direction += T * B * G * H             # dgh
+                per_direction += T * B * G * H * item                # dgh
         else:                                              # two state slots, one gate slot
-            per_direction += 2 * B * H * states + B * self.cell.saved_gates * H
-        total = L * D * per_direction + L * T * B * D * H * (2 if self.dropout and training else 1)
-        return item * total
+            per_direction += 2 * B * H * (item + (fitem if lstm else 0))
+            per_direction += B * self.cell.saved_gates * H * item
+        outputs = L * T * B * D * H * (2 if self.dropout and training else 1) * item
+        return L * D * per_direction + outputs
 
     def _check_fits(self, T, B, training, workspaces):
         def held():  # reused or replaced by the call

@@ -14,6 +14,7 @@ from . import losses, params
 from .data import HEADS, SequenceData, positive_int
 from .inference import no_grad
 from .layers import GRU, LSTM, RNN
+from .validation import is_float
 
 CELLS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
 
@@ -90,6 +91,11 @@ class Network:
     ``params`` / ``grads``: one flat dict over all parts (``embedding.weight``,
     ``rnn.weight_ih_l0``, ..., ``head.weight``, ``head.bias``) holding the parts' own arrays, so an
     optimiser built on them updates the model in place.  The same seed gives the same weights.
+
+    ``dtype``: the recurrent layer's (``gpurnn.nn.layers.RNNBase``).  With float16 or bfloat16
+    the embedding, the head and the loss compute in float32 (``compute_dtype``), as do every
+    parameter and gradient; only the recurrent layer's inputs, outputs and activations are
+    16-bit.
     """
 
     def __init__(self, cell="lstm", hidden_size=64, output_size=1, input_size=None,
@@ -119,10 +125,12 @@ class Network:
         self.rnn = CELLS[cell](rnn_in, hidden_size, num_layers=num_layers, device=device,
                                dtype=dtype, seed=seed, **cell_options)
         self.backend, self.dtype = self.rnn.backend, self.rnn.dtype
+        self.compute_dtype = self.rnn.param_dtype
         self.embedding = None
         if vocab_size is not None:
-            self.embedding = Embedding(vocab_size, embed_size, self.backend, self.dtype, rng)
-        self.head = Linear(hidden_size, output_size, self.backend, self.dtype, rng)
+            self.embedding = Embedding(vocab_size, embed_size, self.backend, self.compute_dtype,
+                                       rng)
+        self.head = Linear(hidden_size, output_size, self.backend, self.compute_dtype, rng)
         self.params, self.grads = {}, {}
         for prefix, part in self._parts():
             for name in part.params:
@@ -157,7 +165,7 @@ class Network:
                 raise TypeError(f"a token model takes int tokens [T, B], got {x.dtype} array "
                                 f"of shape {tuple(x.shape)}")
             return x.astype(np.int64)
-        if x.ndim != 3 or x.dtype.kind != "f":
+        if x.ndim != 3 or not is_float(x.dtype):
             raise TypeError(f"this model takes float inputs [T, B, {self.rnn.input_size}], got "
                             f"{x.dtype} array of shape {tuple(x.shape)}")
         return x.astype(self.dtype, copy=False)
@@ -179,7 +187,8 @@ class Network:
             if self.head_mode == "last" and lengths.size and lengths.min() < 1:
                 raise ValueError("head='last' needs every length >= 1, got a zero length")
         xe = self.embedding.forward(x) if self.embedding is not None else x  # [T, B, I]
-        out, final = self.rnn(xe, state, lengths=lengths)  # out [T, B, H]
+        out, final = self.rnn(xe.astype(self.dtype, copy=False), state, lengths=lengths)
+        out = out.astype(self.compute_dtype, copy=False)  # [T, B, H]
         H = out.shape[2]
         if self.head_mode == "all":
             y = self.head.forward(out.reshape(T * B, H)).reshape(T, B, -1)  # [T, B, K]
@@ -206,7 +215,7 @@ class Network:
         K = self.head.params["weight"].shape[0]
         N, T = data.N, data.seqs.T
         shape = (N, T, K) if self.head_mode == "all" else (N, K)
-        out = self.backend.zeros(shape, self.dtype)  # [N, T, K] or [N, K]
+        out = self.backend.zeros(shape, self.compute_dtype)  # [N, T, K] or [N, K]
         xp = self.backend.xp
         was_training = self.rnn.training
         self.eval()
@@ -233,9 +242,9 @@ class Network:
         if picked is None:
             dout = self.head.backward(dy.reshape(T * B, -1)).reshape(T, B, H)
         else:
-            dout = self.backend.zeros((T, B, H), self.dtype)  # [T, B, H]
+            dout = self.backend.zeros((T, B, H), self.compute_dtype)  # [T, B, H]
             dout[picked] = self.head.backward(dy)
-        dx, _ = self.rnn.backward(dout)
+        dx, _ = self.rnn.backward(dout.astype(self.dtype, copy=False))
         if self.embedding is not None:
             self.embedding.backward(dx)
 
@@ -247,7 +256,7 @@ class Network:
         loss_fn = losses.LOSSES[loss_name]
         target = self.backend.asarray(batch.target)
         if loss_name == "mse":
-            target = target.astype(self.dtype)
+            target = target.astype(self.compute_dtype)
         mask = None if batch.mask is None else self.backend.asarray(batch.mask)
         return loss_fn(y, target, mask, reduction)
 
@@ -257,7 +266,8 @@ class Network:
 
     def load_state_dict(self, state_dict):
         """Load arrays by the names of ``params``; every name must be present and no other."""
-        params.load_arrays(self.params, state_dict, self.backend, self.dtype, "this model")
+        params.load_arrays(self.params, state_dict, self.backend, self.compute_dtype,
+                           "this model")
 
     def num_params(self):
         return int(sum(int(np.prod(p.shape)) for p in self.params.values()))

@@ -44,12 +44,13 @@ def load_arrays(params, state_dict, backend, dtype, what):
     converted = {}
     for name, p in params.items():
         value = state_dict[name]
-        if hasattr(value, "detach"):  # a torch tensor
-            value = value.detach().cpu().numpy()
+        if hasattr(value, "detach"):  # a torch tensor; NumPy has no bfloat16, so via float32
+            value = value.detach().cpu()
+            value = (value.float() if str(value.dtype) == "torch.bfloat16" else value).numpy()
         host = backend.to_numpy(value) if backend.is_array(value) else np.asarray(value)
         if tuple(host.shape) != tuple(p.shape):
             raise ValueError(f"{name} must have shape {tuple(p.shape)}, got {tuple(host.shape)}")
-        if host.dtype.kind != "f":
+        if host.dtype.kind != "f" and host.dtype.name != "bfloat16":
             raise TypeError(f"{name} must be floating point, got dtype {host.dtype}")
         converted[name] = host
     for name, host in converted.items():

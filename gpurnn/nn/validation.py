@@ -4,24 +4,35 @@
 Arrays of other libraries are taken through DLPack where their memory is on the layer's device
 (``engine.arrays.adopt``): the checks return the arrays the layer then uses.
 """
+import ml_dtypes
 import numpy as np
 
 from ..engine.arrays import adopt, describe, host_view
+from ..kernels.storage import HALF_DTYPES
 
-#: the dtypes the layers compute in
-DTYPES = ("float32", "float64")
+#: the dtypes of the layers (docs/precision.md): float16 and bfloat16 store activations in 16
+#: bits and compute in float32
+DTYPES = ("float32", "float64", "float16", "bfloat16")
 NONLINEARITIES = ("tanh", "relu")
 
 
 def parse_dtype(dtype):
-    """``dtype`` (a name or a NumPy dtype) as a NumPy dtype of ``DTYPES``."""
+    """``dtype`` (a name, a NumPy dtype or ``ml_dtypes.bfloat16``) as a NumPy dtype of
+    ``DTYPES``."""
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        dtype = ml_dtypes.bfloat16
     try:
         name = np.dtype(dtype).name
     except TypeError:
         name = None
     if name not in DTYPES:
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    return np.dtype(name)
+        raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPES))}, got {dtype!r}")
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def is_float(dtype):
+    """Whether ``dtype`` is a floating-point dtype, bfloat16 included (NumPy's kind 'V')."""
+    return dtype.kind == "f" or dtype.name in HALF_DTYPES
 
 
 def check_options(input_size, hidden_size, num_layers, dropout, nonlinearity):
