@@ -74,8 +74,23 @@ def test_bad_modules_refused():
         gpurnn.from_torch(torch.nn.LSTM(3, 4, proj_size=2))
     with pytest.raises(TypeError, match="torch.nn.RNN, LSTM or GRU.*Linear"):
         gpurnn.from_torch(torch.nn.Linear(3, 4))
-    with pytest.raises(ValueError, match="float32 or float64, got float16"):
-        gpurnn.from_torch(torch.nn.GRU(3, 4).half())
+    with pytest.raises(TypeError, match="torch.nn.RNN, LSTM or GRU.*Linear"):
+        gpurnn.from_torch(torch.nn.Linear(3, 4).half())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_modules_round_trip(dtype):
+    """A torch module in 16 bits becomes a gpurnn layer of that dtype (float32 masters holding
+    the module's values exactly) and back."""
+    module = torch.nn.GRU(3, 4, num_layers=2).to(getattr(torch, dtype))
+    layer = gpurnn.from_torch(module)
+    assert layer.dtype.name == dtype and layer.param_dtype == np.float32
+    for name, p in module.state_dict().items():
+        np.testing.assert_array_equal(layer.state_dict()[name], p.float().numpy())
+    back = layer.to_torch()
+    assert back.weight_hh_l1.dtype == getattr(torch, dtype)
+    for name, p in module.state_dict().items():
+        assert torch.equal(back.state_dict()[name], p), name
 
 
 def test_device_argument(tmp_path, rng):

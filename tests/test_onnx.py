@@ -215,3 +215,27 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         gpurnn.RNN(2, 3, seed=2).to_onnx(path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["m.onnx"]  # no temporary file left behind
+
+
+@cell_params()
+def test_float16_layers_export_float16_models_and_read_back(cell, opts, tmp_path):
+    """A float16 layer's model holds its weights in float16, as its GEMMs see them; reading it
+    back gives a float16 layer with those values.  (onnxruntime's CPU kernels have no float16
+    RNN to run it with.)"""
+    layer = make(cell, opts, 3, 4, dtype="float16", num_layers=2)
+    path = tmp_path / "half.onnx"
+    layer.to_onnx(path, **FULL)
+    model = onnx.load(path)
+    assert {t.data_type for t in model.graph.initializer if t.name.startswith("W")} == \
+        {onnx.TensorProto.FLOAT16}
+    back = gpurnn.from_onnx(path)
+    assert back.dtype == np.float16
+    for name, value in layer.state_dict().items():
+        np.testing.assert_array_equal(back.state_dict()[name],
+                                      value.astype(np.float16).astype(np.float32), name)
+
+
+def test_bfloat16_layers_are_refused_with_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match="takes float16, float32 or float64, not bfloat16"):
+        gpurnn.LSTM(3, 4, dtype="bfloat16").to_onnx(tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()

@@ -43,7 +43,10 @@ _FROM_TORCH_MODE = {
     "GRU": ("GRU", {"reset_after": True}),
 }
 
-_FLOAT_TYPES = ("float32", "float64")
+#: the dtypes of torch modules from_torch takes, and of ONNX models (ONNX's RNN, LSTM and GRU
+#: operators take float16, float and double: no bfloat16)
+_TORCH_TYPES = ("float32", "float64", "float16", "bfloat16")
+_ONNX_TYPES = ("float32", "float64", "float16")
 
 ONNX_OPSET = 17
 _ONNX_IR_VERSION = 8  # the IR version of opset 17, which runtimes of that era load
@@ -61,7 +64,8 @@ def _import(name, extra):
 def from_torch(module, device="cpu"):
     """A gpurnn layer with the configuration and a copy of the weights of ``module``, a
     ``torch.nn.RNN``, ``LSTM`` or ``GRU`` (a GRU becomes ``GRU(reset_after=True)``).  Its dtype is
-    the module's parameters' (float32 or float64); ``device`` is gpurnn's."""
+    the module's parameters' (float32, float64, float16 or bfloat16; a 16-bit layer keeps the
+    weights as float32 masters, docs/precision.md); ``device`` is gpurnn's."""
     torch = _import("torch", "torch")
     if not isinstance(module, torch.nn.RNNBase) or module.mode not in _FROM_TORCH_MODE:
         raise TypeError("from_torch expects a torch.nn.RNN, LSTM or GRU, got "
@@ -70,8 +74,8 @@ def from_torch(module, device="cpu"):
         raise ValueError(f"from_torch: LSTM with proj_size={module.proj_size} has no gpurnn "
                          "equivalent (gpurnn's LSTM has no projection); use proj_size=0")
     dtype = str(module.weight_ih_l0.dtype).replace("torch.", "")
-    if dtype not in _FLOAT_TYPES:
-        raise ValueError(f"from_torch: the module's parameters must be float32 or float64, "
+    if dtype not in _TORCH_TYPES:
+        raise ValueError(f"from_torch: the module's parameters must be one of {_TORCH_TYPES}, "
                          f"got {dtype}")
     cls, opts = _FROM_TORCH_MODE[module.mode]
     layer = getattr(layers, cls)(module.input_size, module.hidden_size,
@@ -241,10 +245,17 @@ def to_onnx(layer, path, sequence_lens=False, initial_states=False):
     onnx = _import("onnx", "onnx")
     from onnx import TensorProto, helper, numpy_helper
 
-    elem = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE}[layer.dtype.name]
+    if layer.dtype.name not in _ONNX_TYPES:
+        raise ValueError(f"to_onnx: ONNX's {_onnx_op(layer.cell)} operator takes float16, "
+                         f"float32 or float64, not {layer.dtype.name}: export a layer of one of "
+                         f"those with this one's weights (load_state_dict(layer.state_dict()))")
+    elem = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE,
+            "float16": TensorProto.FLOAT16}[layer.dtype.name]
     L, D, H, I = layer.num_layers, layer.num_directions, layer.hidden_size, layer.input_size
     nodes, consts = _onnx_graph(layer, sequence_lens, initial_states)
-    weights = _onnx_weights(layer, layer.state_dict())
+    # a 16-bit layer's weights are float32 masters: the model holds them as the GEMMs see them
+    weights = {name: a.astype(layer.dtype)
+               for name, a in _onnx_weights(layer, layer.state_dict()).items()}
     initializers = [numpy_helper.from_array(np.ascontiguousarray(a), name)
                     for name, a in {**weights, **consts}.items()]
     x_shape = ["batch", "time", I] if layer.batch_first else ["time", "batch", I]
@@ -299,8 +310,8 @@ def from_onnx(path, device="cpu"):
         raise ValueError(f"{where}: the first {op} node's W is not a 3-D initializer")
     W = inits[ins[1]]  # [D, G*H, I]
     dtype = W.dtype.name
-    if dtype not in _FLOAT_TYPES:
-        raise ValueError(f"{where}: weights must be float32 or float64, got {dtype}")
+    if dtype not in _ONNX_TYPES:
+        raise ValueError(f"{where}: weights must be one of {_ONNX_TYPES}, got {dtype}")
     kwargs = dict(num_layers=len(recurrent), bias=len(ins) > 3 and ins[3] != "",
                   batch_first=any(n.op_type == "Transpose" and list(n.input) == ["X"]
                                   for n in graph.node),
