@@ -82,7 +82,7 @@ def test_runs_stop_at_the_threshold(tmp_path):
     for row in result["rows"]:
         assert row["steps_to_threshold_per_seed"] == [2]
         assert row["steps_trained_per_seed"] == [2]
-        assert f"| 2 | " in (tmp_path / "table.md").read_text()
+        assert "| 2 | " in (tmp_path / "table.md").read_text()
     assert result["gradflow"] is None and not (tmp_path / "gradflow.png").exists()
 
 

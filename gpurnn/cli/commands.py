@@ -489,6 +489,9 @@ def cmd_train(args):
                "stopped_at_target": stopped, "wall_s": round(wall, 2),
                "seq_per_s": round(float(np.median(speed)), 1), "test": final,
                "baseline": task.baseline, "device": model.device}
+    if "loss_scale" in history[-1]:  # float16: dynamic loss scaling (training/loss_scale.py)
+        summary["overflow_skipped"] = sum(r["overflow_skipped"] for r in history)
+        summary["loss_scale"] = history[-1]["loss_scale"]
     _write_jsonl(metrics_path, summary)
     why = f" (reached --stop-at {args.stop_at})" if stopped else ""
     halted = history[-1].get("halted")
@@ -500,6 +503,9 @@ def cmd_train(args):
     for k, v in final.items():
         base = task.baseline.get(k)
         print(f"  {scored_on} {k}: {v:.4g}" + (f"   (baseline: {base:.4g})" if base else ""))
+    if "overflow_skipped" in summary:
+        print(f"  float16 loss scaling: {summary['overflow_skipped']} update(s) skipped on "
+              f"overflow, final scale {summary['loss_scale']:g}")
     if on_data and not final:
         print("  no validation data: --val-split, --val-data or x_val/y_val score the model")
     print(f"  wrote {', '.join(written)} in {out}")

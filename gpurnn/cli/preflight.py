@@ -5,10 +5,10 @@ but the parameters are allocated when the model is built, before any forward: a 
 ``--hidden 1000000`` or ``--layers 1000000`` would otherwise allocate (or loop over) far more
 than the machine has before failing.  ``check_run_fits`` refuses it up front with the sizes.
 """
-import numpy as np
 
 from ..engine.drivers import CellSpec
 from ..engine.memory import OutOfMemory, free_bytes
+from ..kernels.storage import compute_dtype
 from ..nn.model import default_embed_size
 from ..nn.optim import OPTIMIZERS
 
@@ -31,7 +31,7 @@ def check_run_fits(config, model_kwargs, backend):
     alone (plus the float64 draw of the largest weight at initialisation) exceed the free
     memory of ``backend``'s device."""
     count = parameter_count(config["cell"], config["hidden"], config["layers"], model_kwargs)
-    item = np.dtype(config["dtype"]).itemsize
+    item = compute_dtype(config["dtype"]).itemsize  # float32 masters under a 16-bit dtype
     copies = 2 + len(OPTIMIZERS[config["optimizer"]].slots)  # weights, gradients, buffers
     G, H = CellSpec(config["cell"]).gates, config["hidden"]
     need = count * item * copies + 8 * G * H * H

@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from ..nn.inference import no_grad
+from .loss_scale import scaler_for
 from .nonfinite import NonFiniteGuard
 from .tbptt import train_batch
 
@@ -41,6 +42,9 @@ def fit(model, task, optimizer, rng, steps, batch_size, start_step=0, reduction=
 
     ``on_step(record)`` is called after every step with a dict (step, loss, grad_norm,
     seq_per_s, and the test metrics under ``test`` every ``eval_every`` steps and at the last).
+    A float16 model trains with dynamic loss scaling (``loss_scale.py``): its records add
+    ``loss_scale`` (after the step) and ``overflow_skipped``, the updates of this step that an
+    overflow skipped (never applied).
     ``stop_at``: stop early at the first evaluation whose ``task.metric`` reaches this value
     (that record gets ``"stopped": True``).  ``data_parallel``: a ``distributed.DataParallel``;
     ``batch_size`` is then the global batch, of which this rank trains on its shard.
@@ -51,6 +55,7 @@ def fit(model, task, optimizer, rng, steps, batch_size, start_step=0, reduction=
     gets ``halted`` and the test metrics).  Returns the list of records.
     """
     guard = NonFiniteGuard(model, on_nonfinite)
+    scaler = scaler_for(model)
     history = []
     batches = task.batches(rng, batch_size, start_step)
     for step in range(start_step + 1, steps + 1):
@@ -59,10 +64,15 @@ def fit(model, task, optimizer, rng, steps, batch_size, start_step=0, reduction=
         sequences = batch.x.shape[1]  # the global batch; the last of an epoch may be smaller
         if data_parallel is not None:
             batch = data_parallel.shard(batch, model.head_mode)
+        skipped_before = scaler.skipped if scaler is not None else 0
         loss, norm = train_batch(model, task, optimizer, batch, tbptt, reduction, clip_norm,
-                                 clip_value, guard=guard, data_parallel=data_parallel)
+                                 clip_value, guard=guard, data_parallel=data_parallel,
+                                 scaler=scaler)
         record = {"step": step, "loss": loss, "grad_norm": norm,
                   "seq_per_s": sequences / max(time.perf_counter() - t0, 1e-9)}
+        if scaler is not None:
+            record.update(loss_scale=scaler.scale,
+                          overflow_skipped=scaler.skipped - skipped_before)
         halted = guard.resolve(step, record)
         if halted or step == steps or (eval_every and step % eval_every == 0):
             record["test"] = evaluate(model, task)

@@ -44,7 +44,7 @@ def chunks(batch, k, head):
 
 
 def train_batch(model, task, optimizer, batch, tbptt=None, reduction="mean", clip_norm=None,
-                clip_value=None, guard=None, data_parallel=None):
+                clip_value=None, guard=None, data_parallel=None, scaler=None):
     """Train on one batch, in chunks of ``tbptt`` steps when given (None: the whole batch).
     The options are ``step.train_step``'s.
 
@@ -58,7 +58,7 @@ def train_batch(model, task, optimizer, batch, tbptt=None, reduction="mean", cli
                               or tbptt < 1):
         raise ValueError(f"tbptt must be a positive int (steps per chunk), got {tbptt!r}")
     options = dict(reduction=reduction, clip_norm=clip_norm, clip_value=clip_value,
-                   data_parallel=data_parallel, guard=guard)
+                   data_parallel=data_parallel, guard=guard, scaler=scaler)
     if tbptt is None or tbptt >= T:
         return train_step(model, task, optimizer, batch, **options)
     n = -(-T // tbptt)
@@ -71,7 +71,7 @@ def train_batch(model, task, optimizer, batch, tbptt=None, reduction="mean", cli
         if has_loss:
             end = start + chunk.x.shape[0] - 1
             where = f"tbptt chunk {i + 1} of {n}, time steps {start}..{end}"
-            loss, state = forward_backward(model, task, chunk, state, reduction)
+            loss, state = forward_backward(model, task, chunk, state, reduction, scaler)
             loss, norm = update(model, optimizer, loss, chunk, where=where, **options)
             losses.append(loss)
             if guard is not None and guard.failed:
