@@ -274,14 +274,19 @@ def test_copy_and_pickle():
         assert torch.equal(clone(x)[0], expected)
 
 
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")
 def test_bad_input():
     with pytest.raises(ValueError, match="proj_size=2 is not supported"):
         gt.LSTM(3, 4, proj_size=2)
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0"):
         gt.GRU(3, 4, num_layers=2, dropout=1.0)
     m = gt.LSTM(3, 4)
-    with pytest.raises(TypeError, match="gpurnn runs float32 and float64.*torch.float16"):
-        m.half()(torch.randn(2, 1, 3).half())
+    with pytest.raises(TypeError, match="gpurnn runs float32, float64, float16, bfloat16; the "
+                                        "parameters are torch.complex64"):
+        m.to(torch.complex64)(torch.randn(2, 1, 3).to(torch.complex64))
+    m = gt.LSTM(3, 4)
+    with pytest.raises(TypeError, match="input must be torch.float16 .* got torch.float32"):
+        m.half()(torch.randn(2, 1, 3))
     m = gt.LSTM(3, 4)
     with pytest.raises(TypeError, match="input must be torch.float32.*got torch.float64"):
         m(torch.randn(2, 1, 3, dtype=F64))
@@ -301,3 +306,52 @@ def test_import_error_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120)
     assert "gpurnn.torch needs PyTorch, which is not installed" in result.stdout, result.stderr
+
+
+_TORCH_CLASSES = [(gt.LSTM, torch.nn.LSTM), (gt.GRU, torch.nn.GRU), (gt.RNN, torch.nn.RNN)]
+
+
+@pytest.mark.parametrize("classes", _TORCH_CLASSES, ids=["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16_bit_modules_behave_as_torch_nn(classes, dtype):
+    """Parameters, input, output and gradients in 16 bits, as torch.nn's module in 16 bits;
+    the outputs within 4 unit roundoffs of torch's (two implementations rounding at different
+    points: see tests/test_half_precision.py for the bound)."""
+    ours_class, torch_class = classes
+    torch.manual_seed(5)
+    ours = ours_class(3, 4, num_layers=2).to(dtype)
+    ref = torch_class(3, 4, num_layers=2).to(dtype)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(6, 2, 3, dtype=dtype)
+    out, _ = ours(x)
+    want, _ = ref(x)
+    out.float().square().sum().backward()
+    want.float().square().sum().backward()
+    assert out.dtype == want.dtype == dtype
+    for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
+        assert p.grad.dtype == q.grad.dtype == dtype, name
+    u = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    assert (out.float() - want.float()).abs().max().item() <= 4 * u
+
+
+@pytest.mark.parametrize("classes", _TORCH_CLASSES, ids=["lstm", "gru", "rnn"])
+def test_autocast_gives_torch_nns_dtypes(classes):
+    """Under torch.autocast a float32 module runs where torch.nn's does: outputs in the autocast
+    dtype or float32 as torch.nn's (its CPU lists cast the LSTM and RNN, not the GRU), the
+    float32 parameters' and input's gradients in float32."""
+    ours_class, torch_class = classes
+    torch.manual_seed(6)
+    ours = ours_class(3, 4)
+    ref = torch_class(3, 4)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = ours(x)
+        want, _ = ref(x_ref)
+    out.float().sum().backward()
+    want.float().sum().backward()
+    assert out.dtype == want.dtype
+    assert x.grad.dtype == x_ref.grad.dtype == torch.float32
+    assert ours.weight_hh_l0.grad.dtype == ref.weight_hh_l0.grad.dtype == torch.float32
+    assert (out.float() - want.float()).abs().max().item() <= 4 * 2.0 ** -8

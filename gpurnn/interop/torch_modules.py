@@ -15,8 +15,13 @@ The parameters are inputs of that Function, so autograd hands their gradients to
   (a non-contiguous input is made contiguous first, as gpurnn needs).
 * CUDA tensors run on the gpurnn ``cuda`` backend on PyTorch's current stream (CuPy's
   ``ExternalStream``).
-* dtypes: float32 and float64 (gpurnn's).  Autocast is left to the user: inputs must have the
-  parameters' dtype.
+* dtypes: float32, float64, and the 16-bit float16 and bfloat16 (docs/precision.md).  A module
+  whose parameters are 16-bit (``.to(torch.bfloat16)``) takes and returns 16-bit tensors and
+  gets 16-bit gradients, as torch.nn's; gpurnn computes in float32 and accumulates the weight
+  gradients in float32 before autograd casts them.  Under ``torch.autocast`` a float32 module
+  runs in the autocast dtype wherever torch.nn's same module would (asked of torch itself, once
+  per device, cell and dtype): outputs in 16 bits, gradients of the float32 parameters and
+  inputs in float32.
 * ``torch.compile``: the call into gpurnn is excluded from compilation (a graph break), so a
   compiled model that contains these layers runs, with gpurnn's kernels, in eager mode there.
 * Dropout between layers (training) draws its masks from a gpurnn generator seeded from torch's
@@ -36,31 +41,61 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+import ml_dtypes
+import numpy as np
+
 from ..nn import layers as _layers
 
 __all__ = ["RNN", "LSTM", "GRU"]
 
-_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+           torch.bfloat16: "bfloat16"}
 
 
 # ------------------------------------------------------------------------------ tensors <-> arrays
 def _array(t):
-    """A NumPy (CPU) or CuPy (CUDA) array sharing ``t``'s memory; ``t`` contiguous."""
+    """A NumPy (CPU) or CuPy (CUDA) array sharing ``t``'s memory; ``t`` contiguous.  bfloat16
+    goes as its bits (NumPy has no bfloat16 of its own), viewed as ml_dtypes' bfloat16."""
     t = t.detach()
     if not t.is_contiguous():
         t = t.contiguous()
+    bf16 = t.dtype == torch.bfloat16
+    if bf16:
+        t = t.view(torch.int16)
     if t.is_cuda:
         import cupy
 
-        return cupy.from_dlpack(t)
-    return t.numpy()
+        a = cupy.from_dlpack(t)
+    else:
+        a = t.numpy()
+    return a.view(ml_dtypes.bfloat16) if bf16 else a
 
 
 def _tensor(a, device):
     """A tensor sharing the memory of gpurnn's array ``a``."""
-    if device.type == "cuda":
-        return torch.from_dlpack(a)
-    return torch.from_numpy(a)
+    bf16 = a.dtype == ml_dtypes.bfloat16
+    if bf16:
+        a = a.view(np.int16)
+    t = torch.from_dlpack(a) if device.type == "cuda" else torch.from_numpy(a)
+    return t.view(torch.bfloat16) if bf16 else t
+
+
+_AUTOCAST_DTYPES = {}  # (device type, module class, parameter dtype, autocast dtype) -> dtype
+
+
+def _autocast_dtype(module, device, dtype):
+    """The dtype torch.nn's own module of ``module``'s kind computes in under the autocast
+    state now active on ``device``, for parameters of ``dtype``: found by running a 1-unit
+    module of that kind once (torch's autocast lists differ by device and cell)."""
+    cast = torch.get_autocast_dtype(device.type)
+    key = (device.type, type(module), dtype, cast)
+    if key not in _AUTOCAST_DTYPES:
+        torch_class = next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn"))
+        probe = torch_class(1, 1, device=device, dtype=dtype)
+        with torch.no_grad():
+            out, _ = probe(torch.zeros(1, 1, 1, device=device, dtype=dtype))
+        _AUTOCAST_DTYPES[key] = out.dtype
+    return _AUTOCAST_DTYPES[key]
 
 
 @contextlib.contextmanager
@@ -249,15 +284,19 @@ class _GpurnnMixin:
         params = [getattr(self, n) for n in names]
         dtype = params[0].dtype
         if dtype not in _DTYPES:
-            raise TypeError(f"{type(self).__name__}: gpurnn runs float32 and float64, the "
-                            f"parameters are {dtype} (autocast is left to the user: run this "
-                            "module in float32)")
+            raise TypeError(f"{type(self).__name__}: gpurnn runs {', '.join(_DTYPES.values())}; "
+                            f"the parameters are {dtype}")
+        run = dtype
+        if torch.is_autocast_enabled(x.device.type) and dtype == torch.float32:
+            run = _autocast_dtype(self, x.device, dtype)
+            x, h0, c0 = (t.to(run) if t is not None and t.is_floating_point() else t
+                         for t in (x, h0, c0))
         for what, t in (("input", x), ("h_0", h0), ("c_0", c0)):
-            if t is not None and (t.dtype != dtype or t.device != params[0].device):
-                raise TypeError(f"{type(self).__name__}: {what} must be {dtype} on "
+            if t is not None and (t.dtype != run or t.device != params[0].device):
+                raise TypeError(f"{type(self).__name__}: {what} must be {run} on "
                                 f"{params[0].device} like the parameters, got {t.dtype} on "
                                 f"{t.device}")
-        engine = self._engine(x.device, dtype)
+        engine = self._engine(x.device, run)
         dropout = float(self.dropout) if self.training and self.num_layers > 1 else 0.0
         return _RNNFunction.apply(engine, names, lengths, dropout, x, h0, c0, *params)
 

@@ -117,7 +117,9 @@ class RNNBase:
 
     def _gemm_weights(self, workspaces, layer, direction):
         """The weights as the GEMMs take them: the parameters, or for a 16-bit layer their
-        16-bit copies, made now in the workspace (the biases stay in float32)."""
+        16-bit copies, made now in the workspace, and the biases in float32.  (The parameters
+        of a 16-bit layer are float32, or 16-bit where ``params`` were rebound to 16-bit
+        arrays, as ``gpurnn.torch`` does for a module in 16 bits.)"""
         w = self._weights(self.params, layer, direction)
         if self.dtype == self.param_dtype:
             return w
@@ -126,7 +128,9 @@ class RNNBase:
         w_hh = ws.get("w_hh", w.w_hh.shape, self.dtype)  # [G*H, H]
         w_ih[...] = w.w_ih
         w_hh[...] = w.w_hh
-        return drivers.Weights(w_ih=w_ih, w_hh=w_hh, b_ih=w.b_ih, b_hh=w.b_hh)
+        return drivers.Weights(w_ih=w_ih, w_hh=w_hh,
+                               b_ih=w.b_ih.astype(self.param_dtype, copy=False),
+                               b_hh=w.b_hh.astype(self.param_dtype, copy=False))
 
     def _grad_weights(self, workspaces, layer, direction):
         w = self._weights(self.grads, layer, direction)
