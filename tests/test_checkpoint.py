@@ -172,3 +172,44 @@ def test_process_killed_while_saving_leaves_a_whole_checkpoint(tmp_path, delay):
     # the file's step and contents agree: one save's whole content, not a mix
     first = np.random.default_rng(0).standard_normal(4)
     np.testing.assert_array_equal(arrays["w"][:4], first + meta["step"])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_runs_resume_bit_for_bit(tmp_path, dtype):
+    """float32 masters and optimiser state, and float16's loss scale, come back exactly: a
+    resumed 16-bit run equals one run."""
+    from gpurnn.training.loss_scale import LossScaler, scaler_for
+
+    def run(seed=0):
+        task = make_task("adding", 6)
+        model = model_for_task(task, "lstm", hidden_size=5, seed=seed, dtype=dtype)
+        return task, model, Adam(model.params, model.grads, lr=1e-2), \
+            np.random.default_rng([seed, 2]), scaler_for(model)
+
+    def train(task, model, opt, rng, scaler, start, steps):
+        fit(model, task, opt, rng, steps=steps, batch_size=5, start_step=start, scaler=scaler)
+
+    # float16: a scale that moves both ways, both sides of the checkpoint: overflows at steps
+    # 1, 2 and 5 (skipped), growth after steps 3 and 4
+    one = run()
+    if dtype == "float16":
+        one = one[:4] + (LossScaler(init_scale=2.0 ** 20, growth_interval=2),)
+    train(*one, 0, 6)
+    first = run()
+    first = first[:4] + (LossScaler(init_scale=2.0 ** 20, growth_interval=2),) \
+        if dtype == "float16" else first
+    train(*first, 0, 3)
+    path = tmp_path / "c.npz"
+    ck.save_checkpoint(path, first[1], first[2], 3, first[3], scaler=first[4])
+    second = run(seed=9)
+    if dtype == "float16":  # configured as the first part; its state comes from the file
+        second = second[:4] + (LossScaler(growth_interval=2),)
+    start = ck.restore(ck.load_checkpoint(path), second[1], second[2], second[3], second[4])
+    train(*second, start, 6)
+    initial = run()[1].state_dict()
+    for k, v in one[1].state_dict().items():
+        assert v.dtype == np.float32 and np.array_equal(second[1].state_dict()[k], v), k
+        assert not np.array_equal(v, initial[k]), k  # updates were applied
+    if dtype == "float16":
+        assert one[4].state_dict() == second[4].state_dict()
+        assert one[4].skipped == 3

@@ -158,6 +158,11 @@ def test_truncations_and_bit_flips(tmp_path):
     (lambda m: {**m, "config": None}, "config must be dict"),
     (lambda m: {**m, "version": 2}, "format version 2"),
     (lambda m: {**m, "format": "other"}, "has format 'other'"),
+    (lambda m: {**m, "loss_scale": [1]}, "loss_scale must be dict"),
+    (lambda m: {**m, "loss_scale": {"scale": -2.0, "skipped": 0, "good_steps": 0}},
+     "loss_scale scale must be > 0"),
+    (lambda m: {**m, "loss_scale": {"scale": 2.0, "skipped": 0, "good_steps": "3"}},
+     "loss_scale good_steps must be int"),
 ])
 def test_forged_meta_is_refused(tmp_path, mutate, message):
     arrays, meta = ck.load_arrays(_saved(tmp_path))

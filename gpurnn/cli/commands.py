@@ -384,6 +384,7 @@ def cmd_train(args):
     from ..training import distributed
     from ..training.checkpoint import load_checkpoint, restore, save_checkpoint
     from ..training.loop import fit
+    from ..training.loss_scale import scaler_for
     from .plots import plot_gradflow, plot_training
 
     checkpoint = None
@@ -415,7 +416,8 @@ def cmd_train(args):
     config["steps"] = steps
     if root:  # only once the run could be built: a refused run leaves no empty directory
         os.makedirs(out, exist_ok=True)
-    start = restore(checkpoint, model, optimizer, rng) if checkpoint else 0
+    scaler = scaler_for(model)  # float16: dynamic loss scaling, resumed with the run
+    start = restore(checkpoint, model, optimizer, rng, scaler) if checkpoint else 0
     if dp is not None:
         dp.broadcast_start(model, rng)
     if start >= steps:
@@ -452,7 +454,7 @@ def cmd_train(args):
                 f"{k} {v:.4g}" for k, v in record["test"].items()))
         if record["step"] % ckpt_every == 0 or record["step"] == steps or record.get("stopped") \
                 or record.get("halted"):
-            save_checkpoint(ckpt_path, model, optimizer, record["step"], rng, config)
+            save_checkpoint(ckpt_path, model, optimizer, record["step"], rng, config, scaler)
         bar.set_postfix(loss=f"{record['loss']:.4g}", seq_s=f"{record['seq_per_s']:.0f}",
                         refresh=False)
         bar.update(1)
@@ -462,7 +464,7 @@ def cmd_train(args):
                   reduction=config["reduction"], clip_norm=clip, clip_value=config["clip_value"],
                   eval_every=eval_every, stop_at=args.stop_at,
                   on_step=on_step if root else None, data_parallel=dp,
-                  tbptt=config.get("tbptt"), on_nonfinite=args.on_nonfinite)
+                  tbptt=config.get("tbptt"), on_nonfinite=args.on_nonfinite, scaler=scaler)
     bar.close()
     if not root:
         return 0

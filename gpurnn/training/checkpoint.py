@@ -4,7 +4,8 @@ Format (``.npz``, read with ``allow_pickle=False``): a NumPy zip archive of plai
 
 * ``meta``          0-d str: JSON ``{"format": "gpurnn-checkpoint", "version": 1, "step": int,
                     "rng_state": <numpy Generator bit_generator.state>, "config": {...},
-                    "optimizer": {"name", "t", "hyperparams"}}``
+                    "optimizer": {"name", "t", "hyperparams"}, and for float16 runs
+                    "loss_scale": {"scale", "skipped", "good_steps"}}``
 * ``model/<name>``  every model parameter (``Model.params`` names)
 * ``optim/<slot>/<name>``  the optimiser's per-parameter buffers (Adam ``m``, ``v``; momentum
                     ``velocity``)
@@ -83,9 +84,10 @@ def load_arrays(path):
     return arrays, meta
 
 
-def save_checkpoint(path, model, optimizer, step, rng, config=None):
+def save_checkpoint(path, model, optimizer, step, rng, config=None, scaler=None):
     """Save a run: the model's weights, the optimiser's state, the step, and the state of the
-    data generator ``rng`` (a ``numpy.random.Generator``); ``config`` any JSON-able dict."""
+    data generator ``rng`` (a ``numpy.random.Generator``) and of the loss ``scaler`` (a
+    ``loss_scale.LossScaler``, float16 runs); ``config`` any JSON-able dict."""
     arrays = {f"model/{name}": a for name, a in model.state_dict().items()}
     opt = optimizer.state_dict()
     arrays.update({f"optim/{name}": a for name, a in opt["buffers"].items()})
@@ -94,6 +96,8 @@ def save_checkpoint(path, model, optimizer, step, rng, config=None):
             "architecture": checks.architecture(model),
             "optimizer": {"name": type(optimizer).__name__, "t": opt["t"],
                           "hyperparams": opt["hyperparams"]}}
+    if scaler is not None:
+        meta["loss_scale"] = scaler.state_dict()
     save_arrays(path, arrays, meta)
 
 
@@ -111,9 +115,10 @@ def load_checkpoint(path):
     return meta
 
 
-def restore(checkpoint, model, optimizer, rng):
-    """Put a loaded checkpoint's state into ``model``, ``optimizer`` and ``rng``; returns the
-    step to continue from."""
+def restore(checkpoint, model, optimizer, rng, scaler=None):
+    """Put a loaded checkpoint's state into ``model``, ``optimizer``, ``rng`` and the loss
+    ``scaler`` (when both have one: a run resumed in another dtype starts its scaling afresh);
+    returns the step to continue from."""
     if "architecture" in checkpoint:
         try:
             checks.check_architecture(checkpoint["architecture"], model)
@@ -135,4 +140,6 @@ def restore(checkpoint, model, optimizer, rng):
         rng.bit_generator.state = state
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"checkpoint's generator state is not usable: {exc!r}") from exc
+    if scaler is not None and "loss_scale" in checkpoint:
+        scaler.load_state_dict(checkpoint["loss_scale"])
     return int(checkpoint["step"])

@@ -100,6 +100,13 @@ def check_run_meta(meta, arrays):
     _require(optimizer, "hyperparams", dict, "meta optimizer ")
     if "architecture" in meta:
         _require(meta, "architecture", dict, "meta ")
+    if "loss_scale" in meta:
+        scale = _require(meta, "loss_scale", dict, "meta ")
+        if not _require(scale, "scale", float, "meta loss_scale ") > 0:
+            raise ValueError(f"meta loss_scale scale must be > 0, got {scale['scale']}")
+        for key in ("skipped", "good_steps"):
+            if _require(scale, key, int, "meta loss_scale ") < 0:
+                raise ValueError(f"meta loss_scale {key} must be >= 0, got {scale[key]}")
     for name, a in arrays.items():
         if not name.startswith(("model/", "optim/")):
             raise ValueError(f"unexpected entry {name!r} (expected model/... and optim/...)")

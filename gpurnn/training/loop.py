@@ -36,15 +36,15 @@ def _reached(task, metrics, stop_at):
 
 def fit(model, task, optimizer, rng, steps, batch_size, start_step=0, reduction="mean",
         clip_norm=None, clip_value=None, eval_every=0, stop_at=None, on_step=None,
-        data_parallel=None, tbptt=None, on_nonfinite="raise"):
+        data_parallel=None, tbptt=None, on_nonfinite="raise", scaler=None):
     """Train from ``start_step`` up to ``steps`` with the batches of
     ``task.batches(rng, batch_size, start_step)``.
 
     ``on_step(record)`` is called after every step with a dict (step, loss, grad_norm,
     seq_per_s, and the test metrics under ``test`` every ``eval_every`` steps and at the last).
-    A float16 model trains with dynamic loss scaling (``loss_scale.py``): its records add
-    ``loss_scale`` (after the step) and ``overflow_skipped``, the updates of this step that an
-    overflow skipped (never applied).
+    A float16 model trains with dynamic loss scaling (``loss_scale.py``) by ``scaler`` (default:
+    a fresh ``LossScaler``): its records add ``loss_scale`` (after the step) and
+    ``overflow_skipped``, the updates of this step that an overflow skipped (never applied).
     ``stop_at``: stop early at the first evaluation whose ``task.metric`` reaches this value
     (that record gets ``"stopped": True``).  ``data_parallel``: a ``distributed.DataParallel``;
     ``batch_size`` is then the global batch, of which this rank trains on its shard.
@@ -55,7 +55,7 @@ def fit(model, task, optimizer, rng, steps, batch_size, start_step=0, reduction=
     gets ``halted`` and the test metrics).  Returns the list of records.
     """
     guard = NonFiniteGuard(model, on_nonfinite)
-    scaler = scaler_for(model)
+    scaler = scaler_for(model) if scaler is None else scaler
     history = []
     batches = task.batches(rng, batch_size, start_step)
     for step in range(start_step + 1, steps + 1):

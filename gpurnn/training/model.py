@@ -20,6 +20,7 @@ from ..nn.optim import OPTIMIZERS, Optimizer
 from . import checkpoint, loop
 from .checkpoint_checks import check_architecture_matches
 from .data import ArrayTask, split_validation
+from .loss_scale import scaler_for
 from .nonfinite import POLICIES
 
 #: The learning rate of an optimiser given by name without ``lr``: Keras's for Adam, the
@@ -154,6 +155,7 @@ class Model(Network):
             os.makedirs(checkpoint_dir, exist_ok=True)
             ckpt = os.path.join(checkpoint_dir, CHECKPOINT)
         rng = np.random.default_rng([seed, 2])  # the data order, apart from the weights'
+        scaler = scaler_for(self)  # float16: dynamic loss scaling (loss_scale.py)
         from tqdm import tqdm
 
         if progress:
@@ -185,7 +187,7 @@ class Model(Network):
             if progress:
                 bar.write(_epoch_line(entry, n_epochs), file=sys.stderr)
             if ckpt is not None:
-                checkpoint.save_checkpoint(ckpt, self, opt, step, rng, config)
+                checkpoint.save_checkpoint(ckpt, self, opt, step, rng, config, scaler)
             epoch.update(sum=0.0, count=0, start=time.perf_counter())
 
         try:
@@ -193,7 +195,7 @@ class Model(Network):
                                clip_norm=clip, clip_value=clip_value,
                                eval_every=per_epoch if task.validation is not None else 0,
                                stop_at=stop_at, on_step=on_step, tbptt=tbptt,
-                               on_nonfinite=on_nonfinite)
+                               on_nonfinite=on_nonfinite, scaler=scaler)
         finally:
             bar.close()
         self.optimizer = opt
