@@ -136,11 +136,15 @@ def build_pair(cell, T, B, H, dtype, seed):
                                                           dtype=getattr(torch, dtype))
     theirs.load_state_dict({k: torch.from_numpy(v) for k, v in ours.state_dict().items()})
     rng = np.random.default_rng(seed)
-    host = [rng.standard_normal((T, B, H)).astype(dtype) for _ in range(N_INPUTS)]
-    dout = rng.standard_normal((T, B, H)).astype(dtype)
-    gxs = [cupy.asarray(x) for x in host]  # each [T, B, H]
-    txs = [torch.from_numpy(x).cuda() for x in host]
-    return ours, theirs, gxs, txs, cupy.asarray(dout), torch.from_numpy(dout).cuda()
+    # drawn in float32 (float64 for float64) and rounded to ``dtype`` on each side: both round
+    # to nearest even, so the two libraries see the same 16-bit values
+    draw = "float64" if dtype == "float64" else "float32"
+    host = [rng.standard_normal((T, B, H)).astype(draw) for _ in range(N_INPUTS)]
+    dout = rng.standard_normal((T, B, H)).astype(draw)
+    gxs = [cupy.asarray(x).astype(ours.dtype) for x in host]  # each [T, B, H]
+    txs = [torch.from_numpy(x).cuda().to(getattr(torch, dtype)) for x in host]
+    return (ours, theirs, gxs, txs, cupy.asarray(dout).astype(ours.dtype),
+            torch.from_numpy(dout).cuda().to(getattr(torch, dtype)))
 
 
 def agreement(ours, theirs, gx, tx):
@@ -339,7 +343,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", type=parse_shape, nargs="+", default=SHAPES, metavar="T,B,H")
     parser.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS))
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"],
+                        default="float32")
     parser.add_argument("--variants", type=lambda s: [parse_variant(v) for v in s.split(",")],
                         default=[parse_variant(v) for v in ("default", "fast",
                                                             "fast+persistent")])

@@ -2,7 +2,8 @@
 # The GPU checks in one device call (docs/gpu.md, "On a GPU session"): install gpurnn in place,
 # check that numba-cuda can compile and run a kernel here, run the test suite on the real GPU
 # with the default launch mode, with "eager" and with the persistent kernels forced on, then the
-# gpurnn-vs-cuDNN benchmark and gpurnn.torch against gpurnn's layers and torch.nn.  Logs and
+# gpurnn-vs-cuDNN benchmark (float32, then bfloat16 and float16 at two shapes) and gpurnn.torch
+# against gpurnn's layers and torch.nn.  Logs and
 # JSON go under $OUT (the device tool's folder that comes back), else ./gpu_out.
 #
 #   bash benchmarks/gpu_session.sh [all|tests|bench]
@@ -39,6 +40,13 @@ if [ "$what" != tests ]; then
     $py benchmarks/gpu_compare.py --json "$out/gpu_compare.json" > "$out/gpu_compare.txt" 2>&1
     echo "gpu_compare: rc=$?"
     tail -n 45 "$out/gpu_compare.txt"
+    for dtype in bfloat16 float16; do  # 16-bit against torch.nn in the same dtype
+        $py benchmarks/gpu_compare.py --dtype $dtype --shapes 100,64,512 100,256,1024 \
+            --variants default --no-launch-cost --no-tf32-check \
+            --json "$out/gpu_compare_$dtype.json" > "$out/gpu_compare_$dtype.txt" 2>&1
+        echo "gpu_compare $dtype: rc=$?"
+        tail -n 12 "$out/gpu_compare_$dtype.txt"
+    done
     $py benchmarks/torch_modules_compare.py --json "$out/torch_modules.json" \
         > "$out/torch_modules.txt" 2>&1
     echo "torch_modules_compare: rc=$?"

@@ -41,10 +41,10 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-import ml_dtypes
 import numpy as np
 
 from ..nn import layers as _layers
+from ..nn.validation import bfloat16 as _bfloat16
 
 __all__ = ["RNN", "LSTM", "GRU"]
 
@@ -68,12 +68,12 @@ def _array(t):
         a = cupy.from_dlpack(t)
     else:
         a = t.numpy()
-    return a.view(ml_dtypes.bfloat16) if bf16 else a
+    return a.view(_bfloat16()) if bf16 else a
 
 
 def _tensor(a, device):
     """A tensor sharing the memory of gpurnn's array ``a``."""
-    bf16 = a.dtype == ml_dtypes.bfloat16
+    bf16 = a.dtype.name == "bfloat16"
     if bf16:
         a = a.view(np.int16)
     t = torch.from_dlpack(a) if device.type == "cuda" else torch.from_numpy(a)

@@ -4,7 +4,6 @@
 Arrays of other libraries are taken through DLPack where their memory is on the layer's device
 (``engine.arrays.adopt``): the checks return the arrays the layer then uses.
 """
-import ml_dtypes
 import numpy as np
 
 from ..engine.arrays import adopt, describe, host_view
@@ -20,14 +19,24 @@ def parse_dtype(dtype):
     """``dtype`` (a name, a NumPy dtype or ``ml_dtypes.bfloat16``) as a NumPy dtype of
     ``DTYPES``."""
     if isinstance(dtype, str) and dtype == "bfloat16":
-        dtype = ml_dtypes.bfloat16
+        dtype = bfloat16()
     try:
         name = np.dtype(dtype).name
     except TypeError:
         name = None
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPES))}, got {dtype!r}")
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+    return np.dtype(dtype) if name == "bfloat16" else np.dtype(name)
+
+
+def bfloat16():
+    """NumPy's bfloat16 dtype, from ml_dtypes (a dependency of gpurnn, imported only here)."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ValueError("dtype 'bfloat16' needs the ml_dtypes package, which is not installed: "
+                         "pip install ml_dtypes") from None
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def is_float(dtype):
