@@ -465,17 +465,30 @@ _BLAS = numpy_blas()
 _sgemm, _dgemm = _external_gemm(*_BLAS) if _BLAS is not None else (None, None)
 
 
+def operand_layout(rows, cols, row_stride, col_stride, item):
+    """How a row-major BLAS reads a ``[rows, cols]`` operand with these strides (bytes): ``(0,
+    leading dimension)`` when rows are contiguous (as stored), ``(1, leading dimension)`` when
+    columns are (a transposed view, as ``w.T``), ``(-1, 0)`` when neither.  The CUDA backend's
+    16-bit GEMMs (``gpurnn/engine/cublas.py``) read operands by the same rule."""
+    if col_stride == item and (rows == 1 or row_stride >= cols * item):
+        return 0, max(row_stride // item, cols)
+    if row_stride == item and (cols == 1 or col_stride >= rows * item):
+        return 1, max(col_stride // item, rows)
+    return -1, 0
+
+
+_operand_layout = numba.njit(inline="always")(operand_layout)
+
+
 @numba.njit(inline="always")
 def _operand(x):
     """(CBLAS transpose flag, leading dimension) of a 2-D operand with unit stride on one axis,
     or (-1, 0)."""
     rows, cols = x.shape
-    item = x.itemsize
-    if x.strides[1] == item and (rows == 1 or x.strides[0] >= cols * item):
-        return _NO_TRANS, max(x.strides[0] // item, cols)
-    if x.strides[0] == item and (cols == 1 or x.strides[1] >= rows * item):
-        return _TRANS, max(x.strides[1] // item, rows)
-    return -1, 0
+    transposed, ld = _operand_layout(rows, cols, x.strides[0], x.strides[1], x.itemsize)
+    if transposed < 0:
+        return -1, 0
+    return (_TRANS if transposed else _NO_TRANS), ld
 
 
 def _make_matmul(dtype):

@@ -39,12 +39,17 @@ class Backend:
         return self.xp.zeros(shape, dtype=dtype)
 
     def matmul(self, a, b, out):
-        """``out = a @ b`` (``out`` is C-contiguous): with no temporary where all three have one
-        dtype; else (16-bit operands or a 16-bit ``out``) products accumulated in float32, the
-        operands converted to it first (exactly: every 16-bit float is a float32)."""
-        if a.dtype == b.dtype == out.dtype:
+        """``out = a @ b`` (``out`` has contiguous rows), with no temporary; where an operand or
+        ``out`` is 16-bit, ``matmul_half``."""
+        if any(x.dtype.name in HALF_DTYPES for x in (a, b, out)):
+            self.matmul_half(a, b, out)
+        else:
             self.xp.matmul(a, b, out=out)
-            return
+
+    def matmul_half(self, a, b, out):
+        """``out = a @ b`` with 16-bit operands or ``out`` (and the others float32): products
+        accumulated in float32, the result rounded once if ``out`` is 16-bit.  Here the operands
+        are converted to float32 first (exactly: every 16-bit float is a float32)."""
         f32 = np.dtype(np.float32)
         a, b = a.astype(f32, copy=False), b.astype(f32, copy=False)
         if out.dtype == f32:
@@ -190,6 +195,18 @@ class CUDABackend(Backend):
         from numba import cuda
 
         return cuda.external_stream(cupy.cuda.get_current_stream().ptr)
+
+    def matmul_half(self, a, b, out):
+        """One ``cublasGemmEx`` on the GPU (``cublas.py``: float32 accumulation on tensor
+        cores); the base class's float32 products under the simulator."""
+        if self.simulator:
+            super().matmul_half(a, b, out)
+            return
+        from cupy_backends.cuda.libs import cublas as cupy_cublas
+
+        from .cublas import gemm_ex
+
+        gemm_ex(a, b, out, cupy_cublas.gemmEx, self.xp.cuda.device.get_cublas_handle())
 
     def matmul(self, a, b, out):
         if not (self.tf32 and a.dtype == b.dtype == out.dtype == np.float32
