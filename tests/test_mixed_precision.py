@@ -78,3 +78,15 @@ def test_the_adding_task_is_learnt_as_in_float32(dtype, tmp_path, capsys):
     text = capsys.readouterr().out
     mse = float(text.split("test mse: ")[1].split()[0])
     assert mse < 0.01, text
+
+
+def test_a_16_bit_run_loads_back_in_its_dtype(tmp_path, capsys):
+    from gpurnn import load_model
+
+    out = tmp_path / "run"
+    assert main(["train", "--task", "adding", "--seq-len", "8", "--steps", "3", "--dtype",
+                 "bfloat16", "--quiet", "--out", str(out)]) == 0
+    model = load_model(out)
+    assert model.dtype.name == "bfloat16" and model.compute_dtype == np.float32
+    assert main(["evaluate", str(out)]) == 0
+    assert "mse" in capsys.readouterr().out

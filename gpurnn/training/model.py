@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from ..kernels.storage import HALF_DTYPES
 from ..nn.data import positive_int
 from ..nn.losses import REDUCTIONS
 from ..nn.model import Network
@@ -236,8 +237,9 @@ def run_file(path):
 
 def model_from_checkpoint(loaded, device="cpu"):
     """The ``Model`` of a loaded checkpoint (``checkpoint.load_checkpoint``): its recorded
-    architecture, the dtype of its weights, the weights.  ``CheckpointError`` when it has no
-    architecture record or one its weights contradict."""
+    architecture, the dtype of its weights (or the run's 16-bit dtype, whose weights are
+    float32 masters), the weights.  ``CheckpointError`` when it has no architecture record or
+    one its weights contradict."""
     weights = loaded["model"]
     arch = loaded.get("architecture")
     if arch is None:
@@ -247,6 +249,9 @@ def model_from_checkpoint(loaded, device="cpu"):
     try:
         check_architecture_matches(arch, weights)
         dtype = weights["head.weight"].dtype.name
+        run_dtype = loaded.get("config", {}).get("dtype")
+        if run_dtype in HALF_DTYPES and dtype == "float32":
+            dtype = run_dtype
         model = Model(**arch, dtype=dtype, device=device)
         model.load_state_dict(weights)
     except (TypeError, ValueError) as exc:
