@@ -19,10 +19,12 @@ gpurnn's output is checked against torch's with the same weights (relative error
 Also measured: host-side cost of one step-kernel launch per launch mode (``--launch-cost``),
 and the error of a TF32 GEMM against float64 (``--tf32-check``).
 
-Variants of gpurnn (``--variants``, comma-separated, each ``MODE[+persistent][+tf32]`` with
-MODE in lazy, eager, fast, or ``default[+tf32]``: what a user gets with no option set, the
+Variants of gpurnn (``--variants``, comma-separated, each ``MODE[+persistent][+fp32]`` with
+MODE in lazy, eager, fast, or ``default[+fp32]``: what a user gets with no option set, the
 launch mode and the persistent kernels chosen by ``gpurnn/engine/dispatch.py``): each runs the
-whole table.  Without a GPU the script prints why and
+whole table.  Precision, like for like: float32 GEMMs run TF32 on both sides by default
+(gpurnn's default and ``torch.backends.cudnn.allow_tf32``'s); ``+fp32`` switches both to
+strict float32.  Every row states which (``precision``).  Without a GPU the script prints why and
 exits with status 2, measuring nothing.
 
     python benchmarks/gpu_compare.py                      # the issue's shapes and cells
@@ -75,17 +77,23 @@ def parse_shape(text):
 
 def parse_variant(text):
     """``{"name", "launch", "persistent", "tf32"}``; ``default`` leaves the launch mode (None)
-    and the persistent kernels ("auto") to gpurnn's dispatch rule."""
+    and the persistent kernels ("auto") to gpurnn's dispatch rule; ``tf32`` is False with
+    ``+fp32`` (both sides strict float32)."""
     parts = text.split("+")
     mode, flags = parts[0], set(parts[1:])
-    if mode == "default" and flags <= {"tf32"}:
-        return {"name": text, "launch": None, "persistent": "auto", "tf32": "tf32" in flags}
-    if mode not in ("lazy", "eager", "fast") or not flags <= {"persistent", "tf32"}:
+    if mode == "default" and flags <= {"fp32"}:
+        return {"name": text, "launch": None, "persistent": "auto", "tf32": "fp32" not in flags}
+    if mode not in ("lazy", "eager", "fast") or not flags <= {"persistent", "fp32"}:
         raise argparse.ArgumentTypeError(
-            f"a variant is MODE[+persistent][+tf32] with MODE lazy|eager|fast, or "
-            f"default[+tf32], got {text!r}")
+            f"a variant is MODE[+persistent][+fp32] with MODE lazy|eager|fast, or "
+            f"default[+fp32], got {text!r}")
     return {"name": text, "launch": mode, "persistent": "persistent" in flags,
-            "tf32": "tf32" in flags}
+            "tf32": "fp32" not in flags}
+
+
+def precision(dtype, tf32):
+    """What a row's GEMMs run in, on both sides."""
+    return ("tf32" if tf32 else "fp32") if dtype == "float32" else dtype
 
 
 def event_median(fn, warmup, repeat, events):
@@ -321,14 +329,16 @@ def watch_persistent(backend):
 
 
 def fmt_table(results):
-    head = (f"{'variant':<18} {'cell':<5} {'T,B,H':<13} {'train ours':>10} {'cuDNN':>8} "
+    head = (f"{'variant':<18} {'prec':<8} {'cell':<5} {'T,B,H':<13} {'train ours':>10} "
+            f"{'cuDNN':>8} "
             f"{'ratio':>6} {'infer ours':>10} {'cuDNN':>8} {'ratio':>6} {'tape MB':>8} "
             f"{'kept MB':>8} {'cuDNN MB':>8} {'rel err':>8} {'persistent':>10}")
     lines = [head, "-" * len(head)]
     for r in results:
         mb = 1 / 2**20
         lines.append(
-            f"{r['variant']:<18} {r['cell']:<5} {','.join(map(str, r['shape'])):<13} "
+            f"{r['variant']:<18} {r['precision']:<8} {r['cell']:<5} "
+            f"{','.join(map(str, r['shape'])):<13} "
             f"{r['ours_train_ms']:>10.3f} {r['torch_train_ms']:>8.3f} "
             f"{r['ours_train_ms'] / r['torch_train_ms']:>6.2f} "
             f"{r['ours_infer_ms']:>10.3f} {r['torch_infer_ms']:>8.3f} "
@@ -346,8 +356,7 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"],
                         default="float32")
     parser.add_argument("--variants", type=lambda s: [parse_variant(v) for v in s.split(",")],
-                        default=[parse_variant(v) for v in ("default", "fast",
-                                                            "fast+persistent")])
+                        default=[parse_variant(v) for v in ("default", "default+fp32")])
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--no-launch-cost", dest="launch_cost", action="store_false")
@@ -397,11 +406,13 @@ def main(argv=None):
         backend.launch, backend.persistent, backend.tf32 = (
             variant["launch"] or default_launch(simulator=False), variant["persistent"],
             variant["tf32"])
+        torch.backends.cudnn.allow_tf32 = variant["tf32"]  # like for like
         for cell in args.cells:
             for T, B, H in args.shapes:
                 ran_persistent.clear()
                 row = measure_cell(cell, T, B, H, args.dtype, args.warmup, args.repeat)
                 row.update(variant=variant["name"], cell=cell, shape=[T, B, H],
+                           precision=precision(args.dtype, variant["tf32"]),
                            persistent_ran="+".join(sorted(ran_persistent, reverse=True)) or "-")
                 report["results"].append(row)
                 print(fmt_table([row]).splitlines()[-1], flush=True)

@@ -115,6 +115,17 @@ def test_simulated_backend_just_runs():
     assert ran == [2, 2]
 
 
+def test_tf32_is_on_by_default_as_in_pytorch(monkeypatch):
+    monkeypatch.delenv("GPURNN_TF32", raising=False)
+    assert CUDABackend().tf32 is True
+    monkeypatch.setenv("GPURNN_TF32", "0")
+    assert CUDABackend().tf32 is False
+    assert CUDABackend(tf32=True).tf32 is True
+    monkeypatch.setenv("GPURNN_TF32", "yes")
+    with pytest.raises(ValueError, match="GPURNN_TF32 must be 1 or 0, got 'yes'"):
+        CUDABackend()
+
+
 @pytest.mark.skipif(not SIMULATOR, reason="the simulator's backend only")
 def test_tf32_leaves_products_alone_off_the_gpu():
     be = CUDABackend(tf32=True)

@@ -39,9 +39,11 @@ def test_bad_arguments_are_refused():
     done = _run("--shapes", "3,2")
     assert done.returncode == 2 and "a shape is T,B,H (three ints), got '3,2'" in done.stderr
     done = _run("--variants", "turbo")
-    assert done.returncode == 2 and "a variant is MODE[+persistent][+tf32]" in done.stderr
+    assert done.returncode == 2 and "a variant is MODE[+persistent][+fp32]" in done.stderr
     done = _run("--variants", "default+persistent")  # the default decides persistence itself
-    assert done.returncode == 2 and "or default[+tf32], got 'default+persistent'" in done.stderr
+    assert done.returncode == 2 and "or default[+fp32], got 'default+persistent'" in done.stderr
+    done = _run("--variants", "fast+tf32")  # TF32 is the default on both sides now
+    assert done.returncode == 2 and "got 'fast+tf32'" in done.stderr
 
 
 @pytest.mark.skipif(not SIMULATOR, reason="a GPU is present: the tiny real run below applies")

@@ -134,9 +134,12 @@ class CUDABackend(Backend):
       ``dispatch.persistent_by_default`` says it pays (``"auto"``, the default).
     * ``graphs`` (``GPURNN_CUDA_GRAPHS=1``, default off): ``run_graph`` captures a sequence's
       launches once per key as a CUDA graph and replays it.
-    * ``tf32`` (``GPURNN_TF32=1``, default off): float32 GEMMs on TF32 tensor cores: inputs
-      rounded to a 10-bit mantissa (unit roundoff 2^-11, about 4.9e-4, against float32's
-      2^-24, about 6e-8), products accumulated in float32.
+    * ``tf32`` (``GPURNN_TF32`` = ``1``, the default, or ``0``): float32 GEMMs on TF32 tensor
+      cores: inputs rounded to a 10-bit mantissa (unit roundoff 2^-11, about 4.9e-4, against
+      float32's 2^-24, about 6e-8), products accumulated in float32.  On by default as in
+      PyTorch, whose cuDNN RNNs run TF32 unless ``torch.backends.cudnn.allow_tf32`` is
+      switched off; ``0`` (or ``tf32=False``) gives strict float32.  float64 and the 16-bit
+      dtypes are untouched, and so is the CPU.
     """
 
     name = "cuda"
@@ -165,7 +168,8 @@ class CUDABackend(Backend):
             raise ValueError(f"persistent must be 'auto', False or True, got {persistent!r}")
         self.persistent = persistent
         self.graphs = _env_flag("GPURNN_CUDA_GRAPHS") if graphs is None else bool(graphs)
-        self.tf32 = _env_flag("GPURNN_TF32") if tf32 is None else bool(tf32)
+        self.tf32 = _env_choice("GPURNN_TF32", {"1": True, "0": False}) if tf32 is None \
+            else bool(tf32)
         self._graph_cache = {}
         self.simulator = simulator
         if self.simulator:
