@@ -197,13 +197,14 @@ def _step_kernels(m, s):
 
     # ------------------------------------------------------------------------------ LSTM
     @sig.step_kernel(sig.LSTM_FORWARD_STEP)
-    def lstm_forward_step(B, H, y, h_new, c_new, gates, xg, hg, b_ih, b_hh, h_prev, c_prev,
-                          lengths, t):
+    def lstm_forward_step(B, H, y, h_new, c_new, c_saved, gates, xg, hg, b_ih, b_hh, h_prev,
+                          c_prev, lengths, t):
         pre = _stack_tile(4, xg)  # pre-activations of i, f, g, o
         out = _stack_tile(7, xg)  # i, f, g, o, tanh(c) (the saved gate blocks), c, h
         for b in range(B):
             if t >= lengths[b]:
                 _copy(h_new[b], h_prev[b], H)
+                _put(c_saved[b], c_prev[b], H)
                 _copy(c_new[b], c_prev[b], H)
                 _fill(y[b], zero, H)
                 continue
@@ -221,6 +222,7 @@ def _step_kernels(m, s):
                 for k in range(5):
                     _put(_at(gates[b], k, H, j0), out[k], n)
                 _copy(c_new[b, j0:], out[5], n)
+                _put(c_saved[b, j0:], out[5], n)
                 _put(h_new[b, j0:], out[6], n)
                 _put(y[b, j0:], out[6], n)
 
@@ -242,7 +244,7 @@ def _step_kernels(m, s):
                 for u in range(n):
                     out[0, u], out[1, u], out[2, u], out[3, u], out[4, u] = lstm_backward(
                         carry[u] + rec[u] + load(dy_[u]), dc_[u], load(i[u]), load(f[u]),
-                        load(g[u]), load(o[u]), load(tanh_c[u]), c_prev_[u])
+                        load(g[u]), load(o[u]), load(tanh_c[u]), load(c_prev_[u]))
                 for k in range(4):
                     _put(_at(dg[b], k, H, j0), out[k], n)
                 _copy(dc_, out[4], n)

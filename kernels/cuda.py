@@ -94,8 +94,8 @@ def element_functions(dtype):
 
     # ------------------------------------------------------------------------------ LSTM
     @_device
-    def lstm_forward_elem(b, j, H, y, h_new, c_new, gates, xg, hg, b_ih, b_hh, h_prev, c_prev,
-                          lengths, t):
+    def lstm_forward_elem(b, j, H, y, h_new, c_new, c_saved, gates, xg, hg, b_ih, b_hh, h_prev,
+                          c_prev, lengths, t):
         if t < lengths[b]:
             i, f, g, o, tanh_c, c, h = lstm_forward(
                 preactivation(xg, hg, b_ih, b_hh, b, 0, H, j),
@@ -108,11 +108,14 @@ def element_functions(dtype):
             gates[b, 3 * H + j] = store(o)
             gates[b, 4 * H + j] = store(tanh_c)
             c_new[b, j] = c
+            c_saved[b, j] = store(c)
             h = store(h)
             h_new[b, j] = h
             y[b, j] = h
         else:
-            c_new[b, j] = c_prev[b, j]
+            c = c_prev[b, j]
+            c_new[b, j] = c
+            c_saved[b, j] = store(c)
             h_new[b, j] = h_prev[b, j]
             y[b, j] = zero
 
@@ -123,7 +126,7 @@ def element_functions(dtype):
             dai, daf, dag, dao, dc_prev = lstm_backward(
                 dh + load(dy[b, j]), dc[b, j], load(gates[b, j]), load(gates[b, H + j]),
                 load(gates[b, 2 * H + j]), load(gates[b, 3 * H + j]), load(gates[b, 4 * H + j]),
-                c_prev[b, j])
+                load(c_prev[b, j]))
             dg[b, j] = store(dai)
             dg[b, H + j] = store(daf)
             dg[b, 2 * H + j] = store(dag)
@@ -268,12 +271,12 @@ def make_cuda_python_kernels(dtype):
             rnn_backward_elem(b, j, H, dg, dh_carry, dy, dh_rec, h, lengths, t, relu)
 
     @sig.step_kernel(sig.LSTM_FORWARD_STEP)
-    def lstm_forward_step(B, H, y, h_new, c_new, gates, xg, hg, b_ih, b_hh, h_prev, c_prev,
-                          lengths, t):
+    def lstm_forward_step(B, H, y, h_new, c_new, c_saved, gates, xg, hg, b_ih, b_hh, h_prev,
+                          c_prev, lengths, t):
         j, b = cuda.grid(2)
         if j < H and b < B:
-            lstm_forward_elem(b, j, H, y, h_new, c_new, gates, xg, hg, b_ih, b_hh, h_prev,
-                              c_prev, lengths, t)
+            lstm_forward_elem(b, j, H, y, h_new, c_new, c_saved, gates, xg, hg, b_ih, b_hh,
+                              h_prev, c_prev, lengths, t)
 
     @sig.step_kernel(sig.LSTM_BACKWARD_STEP)
     def lstm_backward_step(B, H, dg, dh_carry, dc, dy, dh_rec, gates, c_prev, lengths, t):

@@ -14,8 +14,12 @@ Every forward loop takes the same arguments, and every backward loop, whatever t
 (``None`` for what a cell has not: ``cs`` unless LSTM, ``gates`` for the RNN; ``relu`` is read by
 the RNN only):
 
-* forward ``(y, hs, cs, gates, xg, hg, w_hh_t, b_ih, b_hh, lengths, reverse, training, relu)``:
-  y [T, B, H] out; hs, cs [T+1 or 2, B, H] (the first slot holds h0, c0); gates
+* forward ``(y, hs, cs, gates, xg, hg, w_hh_t, b_ih, b_hh, lengths, reverse, training, relu,
+  c_carry)``:
+  y [T, B, H] out; hs, cs [T+1 or 2, B, H] (the first slot holds h0, c0), both of the layer's
+  dtype; c_carry [2, B, H]: the LSTM's running cell state in the compute dtype, its two slots
+  used in turn (the first holds c0), where ``cs`` is 16-bit (holding it rounded for the
+  backward), else None (``cs`` holds it); gates
   [T or 1, B, S*H] out; xg [T, B, G*H] = x W_ih^T (no bias); hg [B, G*H] scratch (C-contiguous);
   w_hh_t [H, G*H] = W_hh^T, C-contiguous (OpenBLAS multiplies by it about 20 % faster than by
   the transposed view of W_hh: it packs the operand on every call, and a transposed one
@@ -60,7 +64,7 @@ def make_loops(matmul, kernels, slots):
     gru_reset_before_gates_backward_step = kernels["gru_reset_before_gates_backward_step"]
 
     def rnn_forward(y, hs, cs, gates, xg, hg, w_hh_t, b_ih, b_hh, lengths, reverse, training,
-                    relu):
+                    relu, c_carry):
         T, B, H = y.shape
         for step in range(T):
             t, before, after, _ = slots(T, step, reverse, training)
@@ -69,16 +73,18 @@ def make_loops(matmul, kernels, slots):
                              t, relu)
 
     def lstm_forward(y, hs, cs, gates, xg, hg, w_hh_t, b_ih, b_hh, lengths, reverse, training,
-                     relu):
+                     relu, c_carry):
         T, B, H = y.shape
         for step in range(T):
             t, before, after, saved = slots(T, step, reverse, training)
             matmul(hs[before], w_hh_t, hg)
-            lstm_forward_step(B, H, y[t], hs[after], cs[after], gates[saved], xg[t], hg, b_ih,
-                              b_hh, hs[before], cs[before], lengths, t)
+            c_prev = cs[before] if c_carry is None else c_carry[step % 2]
+            c_new = cs[after] if c_carry is None else c_carry[(step + 1) % 2]
+            lstm_forward_step(B, H, y[t], hs[after], c_new, cs[after], gates[saved], xg[t], hg,
+                              b_ih, b_hh, hs[before], c_prev, lengths, t)
 
     def gru_reset_after_forward(y, hs, cs, gates, xg, hg, w_hh_t, b_ih, b_hh, lengths, reverse,
-                                training, relu):
+                                training, relu, c_carry):
         T, B, H = y.shape
         for step in range(T):
             t, before, after, saved = slots(T, step, reverse, training)
@@ -87,7 +93,7 @@ def make_loops(matmul, kernels, slots):
                                          b_hh, hs[before], lengths, t)
 
     def gru_reset_before_forward(y, hs, cs, gates, xg, hg, w_hh_t, b_ih, b_hh, lengths, reverse,
-                                 training, relu):
+                                 training, relu, c_carry):
         T, B, H = y.shape
         w_hrz_t, w_hn_t = w_hh_t[:, : 2 * H], w_hh_t[:, 2 * H:]
         # [B, 2H] and [B, H]: C-contiguous views of the scratch, as GEMM outputs must be

@@ -91,8 +91,8 @@ def _cell_steps(dtype):
     @_device
     def lstm_step(b, j, H, t, before, after, saved, y, hs, cs, gates, xg, hg, b_ih, b_hh,
                   lengths, relu):
-        lstm(b, j, H, y[t], hs[after], cs[after], gates[saved], xg[t], hg, b_ih, b_hh,
-             hs[before], cs[before], lengths, t)
+        lstm(b, j, H, y[t], hs[after], cs[after], cs[after], gates[saved], xg[t], hg, b_ih,
+             b_hh, hs[before], cs[before], lengths, t)
 
     @_device
     def gru_step(b, j, H, t, before, after, saved, y, hs, cs, gates, xg, hg, b_ih, b_hh,

@@ -69,11 +69,14 @@ RNN_BACKWARD_STEP = _GRID + (
 
 # ------------------------------------------------------------------------- LSTM (G=4, S=5)
 LSTM_FORWARD_STEP = _GRID + (
-    _stored("y", 2), _stored("h_new", 2), _float("c_new", 2),  # [B, H]
+    _stored("y", 2), _stored("h_new", 2),  # [B, H]
+    _float("c_new", 2),    # [B, H] out: c of step t, the value the next step reads
+    _stored("c_saved", 2),  # [B, H] out: c of step t as the backward reads it (may be c_new)
     _stored("gates", 2),  # [B, 5H] out: saved i, f, g, o, tanh(c)
     _float("xg", 2), _float("hg", 2),  # [B, 4H]
     _float("b_ih", 1), _float("b_hh", 1),  # [4H]
-    _stored("h_prev", 2), _float("c_prev", 2),  # [B, H]
+    _stored("h_prev", 2),
+    _float("c_prev", 2),   # [B, H]
 ) + _MASK
 
 LSTM_BACKWARD_STEP = _GRID + (
@@ -82,7 +85,7 @@ LSTM_BACKWARD_STEP = _GRID + (
     _float("dc", 2),        # [B, H] in/out: dL/dc_t in, dL/dc_{t-1} out
     _stored("dy", 2), _float("dh_rec", 2),  # [B, H]
     _stored("gates", 2),    # [B, 5H] saved by the forward
-    _float("c_prev", 2),    # [B, H]
+    _stored("c_prev", 2),   # [B, H] saved by the forward (c_saved)
 ) + _MASK
 
 # ------------------------------------------------- GRU, reset after the product (G=3, S=4)

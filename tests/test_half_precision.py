@@ -7,7 +7,7 @@ state, saved gates and gradients (``u`` each).  Each step's gate math takes thos
 values through derivatives of at most 1 (tanh) and 1/4 (sigmoid), and with weights drawn
 from U(-1/sqrt(H), 1/sqrt(H)) the recurrence contracts, so errors of earlier steps fade
 instead of adding up.  Measured over three input draws (T=30, H=32, both directions): at most
-2.2 u in bfloat16 (the LSTM and the reset-before GRU) and 1.7 u in float16.  The tests allow
+2.2 u in bfloat16 (the LSTM and the reset-before GRU) and 1.8 u in float16.  The tests allow
 4 u, on the outputs (absolute; |h| is near 1 or below here) and on each gradient relative to its largest entry.
 Rounding toward zero instead of to nearest, a bias of half an ulp at every rounding, measured
 3.0-4.3 u in bfloat16 (over 4 u for the LSTM).
@@ -107,15 +107,11 @@ def test_padding_keeps_the_state_exactly_and_outputs_zero(dtype, rng):
 
 
 @cell_params()
-def test_activation_memory_is_16_bit_but_the_cell_state(cell, opts):
+def test_activation_memory_is_half_of_float32s(cell, opts):
     T, B, H = 50, 8, 16
     f32 = make(cell, opts, 4, H, dtype="float32")
     bf16 = make(cell, opts, 4, H, dtype="bfloat16")
-    states = (T + 1) * B * H * 4  # an LSTM's cs: float32 in both
-    if f32.cell.has_cell_state:
-        assert bf16.activation_bytes(T, B) == (f32.activation_bytes(T, B) - states) // 2 + states
-    else:
-        assert bf16.activation_bytes(T, B) == f32.activation_bytes(T, B) // 2
+    assert bf16.activation_bytes(T, B) * 2 == f32.activation_bytes(T, B)
     x = np.zeros((T, B, 4), ml_dtypes.bfloat16)
     _, _, tape = bf16.forward_with_tape(x)
     (d_tape,) = tape.directions.values()
@@ -154,8 +150,9 @@ def test_drivers_keep_gemm_operands_in_16_bits_and_the_rest_in_float32(rng):
     _, _, tape = layer.forward_with_tape(x)
     t = tape.directions[(0, 0)]
     w = tape.weights[(0, 0)]
-    assert t.hs.dtype == t.gates.dtype == w.w_ih.dtype == w.w_hh.dtype == layer.dtype
-    assert t.cs.dtype == w.b_ih.dtype == np.float32
+    assert t.hs.dtype == t.cs.dtype == t.gates.dtype == w.w_ih.dtype == w.w_hh.dtype == \
+        layer.dtype
+    assert w.b_ih.dtype == np.float32
     np.testing.assert_array_equal(w.w_hh.astype(np.float32),
                                   layer.params["weight_hh_l0"].astype(ml_dtypes.bfloat16)
                                   .astype(np.float32))

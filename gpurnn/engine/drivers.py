@@ -16,11 +16,13 @@ What the forward keeps for the backward (the ``Tape``):
                           none (RNN)
 * ``lengths`` [B] int32  valid steps of each sequence
 
-Precision.  ``x``, ``y``, ``hs``, ``gates``, the weights ``W_ih``/``W_hh`` and the
-pre-activation gradients (the GEMMs' operands) have the layer's dtype; what the GEMMs produce
-(``xg``, ``hg``, ``dh_rec``, the weight gradients), the biases, ``cs`` and the carried gradients
+Precision.  The tape (``x``, ``hs``, ``cs``, ``gates``), ``y``, the weights ``W_ih``/``W_hh``
+and the pre-activation gradients (the GEMMs' operands) have the layer's dtype; what the GEMMs
+produce (``xg``, ``hg``, ``dh_rec``, the weight gradients), the biases and the carried gradients
 have the compute dtype (``kernels/storage.py``): the same dtype for float32 and float64,
-float32 for float16 and bfloat16.  ``backend.matmul`` accumulates in the compute dtype.
+float32 for float16 and bfloat16.  A 16-bit LSTM runs its cell state in float32
+(``c_carry``) and keeps it rounded in ``cs`` for the backward.  ``backend.matmul`` accumulates
+in the compute dtype.
 """
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -129,10 +131,13 @@ def forward(be, cell, w, x, h0, c0, lengths, reverse, training, ws):
     hs = ws.get("hs", (n_slots, B, H), dtype)  # [T+1 or 2, B, H]
     first = time_slots(T, 0, reverse, training)[1]
     hs[first] = h0
-    cs = gates = None
+    cs = gates = c_carry = None
     if cell.has_cell_state:
-        cs = ws.get("cs", (n_slots, B, H), compute)  # [T+1 or 2, B, H]
+        cs = ws.get("cs", (n_slots, B, H), dtype)  # [T+1 or 2, B, H]
         cs[first] = c0
+        if dtype != compute:
+            c_carry = ws.get("c_carry", (2, B, H), compute)  # [2, B, H] the running c, float32
+            c_carry[0] = c0
     if cell.saved_gates:
         gates = ws.get("gates", (T if training else 1, B, cell.saved_gates * H), dtype)
     hg = ws.get("hg", (B, G * H), compute)  # [B, G*H] recurrent product of one step
@@ -142,11 +147,13 @@ def forward(be, cell, w, x, h0, c0, lengths, reverse, training, ws):
         w_hh_t[...] = w.w_hh.T
         loop = _loops(be, dtype)[_loop_name(cell, "forward")]
         loop(y, hs, cs, gates, xg, hg, w_hh_t, w.b_ih, w.b_hh, lengths, reverse, training,
-             int(cell.relu))
+             int(cell.relu), c_carry)
 
     last = time_slots(T, T - 1, reverse, training)[2]
     h_last = hs[last].copy()
-    c_last = cs[last].copy() if cs is not None else None
+    c_last = None
+    if cs is not None:
+        c_last = (cs[last] if c_carry is None else c_carry[T % 2]).copy()
     tape = Tape(x=x, hs=hs, cs=cs, gates=gates, lengths=lengths, reverse=reverse,
                 h_last=h_last, c_last=c_last)
     return y, tape
@@ -217,10 +224,9 @@ def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
 
 def activation_bytes(cell, T, B, H, dtype):
     """Bytes the tape of one training forward holds per layer and direction, beside the input
-    and the output: ``hs`` [T+1, B, H] and the saved gates [T, B, S*H] in ``dtype``: S = 4 for
-    the GRU, 5 for the LSTM (its four gates and ``tanh(c)``, which spares the backward one
-    tanh per element and step for T*B*H more elements), none for the RNN; the LSTM's ``cs``
-    [T+1, B, H] in the compute dtype."""
-    stored = (T + 1) * B * H + T * B * cell.saved_gates * H
-    cells = (T + 1) * B * H if cell.has_cell_state else 0
-    return stored * dtype.itemsize + cells * compute_dtype(dtype).itemsize
+    and the output, all in ``dtype``: ``hs`` (and the LSTM's ``cs``) [T+1, B, H] and the saved
+    gates [T, B, S*H]: S = 4 for the GRU, 5 for the LSTM (its four gates and ``tanh(c)``, which
+    spares the backward one tanh per element and step for T*B*H more elements), none for the
+    RNN."""
+    states = (T + 1) * B * H * (2 if cell.has_cell_state else 1)
+    return int(dtype.itemsize) * (states + T * B * cell.saved_gates * H)

@@ -321,13 +321,14 @@ class RNNBase:
                          + H * G * H * item)
         if self.dtype != self.param_dtype:                 # the weights' 16-bit copies
             per_direction += G * H * (max(I, D * H) + H) * item
+            per_direction += 2 * B * H * fitem if lstm else 0   # the running c, float32
         if training:
             per_direction += self.activation_bytes(T, B) // (L * D)  # the tape
             per_direction += (3 if lstm else 2) * B * H * fitem     # dh_carry, dh_rec (and dc)
             if self.cell.reset_after:
                 per_direction += T * B * G * H * item                # dgh
         else:                                              # two state slots, one gate slot
-            per_direction += 2 * B * H * (item + (fitem if lstm else 0))
+            per_direction += 2 * B * H * item * (2 if lstm else 1)
             per_direction += B * self.cell.saved_gates * H * item
         outputs = L * T * B * D * H * (2 if self.dropout and training else 1) * item
         return L * D * per_direction + outputs
