@@ -40,8 +40,10 @@ class Backend:
 
     def matmul(self, a, b, out):
         """``out = a @ b`` (``out`` has contiguous rows), with no temporary; where an operand or
-        ``out`` is 16-bit, ``matmul_half``."""
-        if any(x.dtype.name in HALF_DTYPES for x in (a, b, out)):
+        ``out`` is 16-bit, ``matmul_half``.  (The check is by item size, the cheapest there is:
+        on a GPU every step's products pay it, and the drivers' only 2-byte arrays are the
+        16-bit floats.)"""
+        if a.itemsize == 2 or b.itemsize == 2 or out.itemsize == 2:
             self.matmul_half(a, b, out)
         else:
             self.xp.matmul(a, b, out=out)
