@@ -55,9 +55,11 @@ def kernel_dtype(dtype):
 
 def bits(a):
     """``a`` as the kernels take it: a ``uint16`` view of a float16 or bfloat16 array (NumPy or
-    CuPy), anything else unchanged."""
+    CuPy), anything else unchanged.  Every launch of a 16-bit layer's kernels asks this of
+    each argument, so it looks at the item size and kind (bfloat16's is 'V'), not at
+    ``dtype.name``, which NumPy builds anew on each access (microseconds)."""
     dtype = getattr(a, "dtype", None)
-    if dtype is not None and dtype.itemsize == 2 and dtype.name in HALF_DTYPES:
+    if dtype is not None and dtype.itemsize == 2 and dtype.kind in "fV":
         return a.view(np.uint16)
     return a
 
