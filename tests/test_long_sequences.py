@@ -21,6 +21,15 @@ def test_stream_equals_one_call(cell, opts, rng):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
 
 
+def test_stream_refuses_a_bidirectional_layer(rng):
+    """Its reverse direction reads the sequence from the end: chunked outputs would differ
+    from one call's, so it is refused before any chunk runs."""
+    layer = make("LSTM", {}, 2, 5, bidirectional=True, seed=4).eval()
+    x = rng.standard_normal((6, 2, 2))
+    with pytest.raises(ValueError, match="stream\\(\\) needs a unidirectional layer"):
+        layer.stream([x[:3], x[3:]])
+
+
 def test_stream_leaves_gradients_on_between_chunks(rng):
     layer = make("GRU", {}, 2, 3, seed=0)
     for _ in layer.stream([rng.standard_normal((4, 1, 2))] * 2):

@@ -24,7 +24,19 @@ def no_grad():
 
 def stream(layer, chunks, state=None):
     """Inference of ``layer`` over an iterable of chunks of one long sequence: yields
-    ``(out_i, state_i)``, each chunk starting from the state the previous one ended in."""
+    ``(out_i, state_i)``, each chunk starting from the state the previous one ended in.
+    A bidirectional layer is refused at once: its reverse direction starts from the end of the
+    whole sequence, which no chunk but the last holds, so chunk by chunk its outputs would not
+    be those of one call."""
+    if layer.bidirectional:
+        raise ValueError(f"stream() needs a unidirectional layer: the reverse direction of "
+                         f"{layer!r} reads the sequence from its end, so chunk by chunk its "
+                         f"outputs would differ from one call; run one call over the whole "
+                         f"sequence instead")
+    return _stream(layer, chunks, state)
+
+
+def _stream(layer, chunks, state):
     for chunk in chunks:
         # Only around the call: a generator suspended inside no_grad() would switch
         # gradients off for whatever its caller runs between chunks.
