@@ -2,7 +2,8 @@
 # The GPU checks in one device call (docs/gpu.md, "On a GPU session"): install gpurnn in place,
 # check that numba-cuda can compile and run a kernel here, run the test suite on the real GPU
 # with the default launch mode, with "eager" and with the persistent kernels forced on, then the
-# gpurnn-vs-cuDNN benchmark (float32, then bfloat16 and float16 at two shapes) and gpurnn.torch
+# gpurnn-vs-cuDNN benchmark (float32, then bfloat16 and float16 at two shapes), a char-LM
+# training step against torch.nn, `gpurnn train` on the GPU and the CPU, and gpurnn.torch
 # against gpurnn's layers and torch.nn.  Logs and
 # JSON go under $OUT (the device tool's folder that comes back), else ./gpu_out.
 #
@@ -46,6 +47,15 @@ if [ "$what" != tests ]; then
             --json "$out/gpu_compare_$dtype.json" > "$out/gpu_compare_$dtype.txt" 2>&1
         echo "gpu_compare $dtype: rc=$?"
         tail -n 12 "$out/gpu_compare_$dtype.txt"
+    done
+    # the README's GPU-sized example against torch.nn, and the default task on both devices
+    $py benchmarks/train_compare.py --device cuda --task charlm --layers 2 --hidden 1024 \
+        --batch 256 --steps 20 --json "$out/train_compare.json" > "$out/train_compare.txt" 2>&1
+    echo "train_compare: rc=$? $(tail -n 1 "$out/train_compare.txt")"
+    for device in cuda cpu; do
+        $py -m gpurnn train --device $device --quiet --out "$out/train_$device" \
+            > "$out/train_$device.txt" 2>&1
+        echo "gpurnn train --device $device: rc=$? $(grep '^done' "$out/train_$device.txt")"
     done
     $py benchmarks/torch_modules_compare.py --json "$out/torch_modules.json" \
         > "$out/torch_modules.txt" 2>&1

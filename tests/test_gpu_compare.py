@@ -1,6 +1,8 @@
-"""benchmarks/gpu_compare.py and torch_modules_compare.py: without a GPU they say so and exit
-with status 2 (no traceback, nothing measured); with one, a tiny run completes and prints its
-table."""
+"""benchmarks/gpu_compare.py, torch_modules_compare.py and train_compare.py: without a GPU the
+GPU runs say so and exit with status 2 (no traceback, nothing measured); with one, a tiny run
+completes and prints its table.  train_compare.py also runs on the CPU, where a tiny run checks
+that its torch.nn copy is the same model (the same first loss)."""
+import json
 import os
 import subprocess
 import sys
@@ -60,3 +62,25 @@ def test_torch_modules_compare_runs_on_the_gpu_with_the_weights_in_place():
                 script="torch_modules_compare.py")
     assert done.returncode == 0, done.stderr
     assert "weights in place yes" in done.stdout and "NO" not in done.stdout
+
+
+@pytest.mark.parametrize("task,cell", [("charlm", "lstm"), ("adding", "gru-reset-after"),
+                                       ("digits", "rnn")])
+def test_train_compare_runs_the_same_model_in_torch(task, cell, tmp_path):
+    out = tmp_path / "r.json"
+    done = _run("--task", task, "--cell", cell, "--seq-len", "8", "--hidden", "8", "--batch",
+                "3", "--layers", "2", "--steps", "2", "--warmup", "1", "--json", str(out),
+                script="train_compare.py")
+    assert done.returncode == 0, done.stderr
+    assert "seq/s, speed-up" in done.stdout
+    report = json.loads(out.read_text())
+    first = report["first_loss"]
+    assert abs(first["gpurnn"] - first["torch"]) <= 1e-4 * max(1.0, abs(first["torch"]))
+    assert report["seq_per_s"]["gpurnn"] > 0 and report["seq_per_s"]["torch"] > 0
+
+
+@pytest.mark.skipif(not SIMULATOR, reason="a GPU is present")
+def test_train_compare_on_cuda_without_a_gpu_measures_nothing():
+    done = _run("--device", "cuda", script="train_compare.py")
+    assert done.returncode == 2 and "train_compare: no GPU, nothing measured:" in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
