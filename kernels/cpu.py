@@ -54,7 +54,7 @@ from numba.np.arrayobj import make_array, populate_array
 
 from . import signatures as sig
 from .cell_math import make_cell_math
-from .loops import make_loops, time_slots
+from .loops import make_loops, operand_layout, time_slots
 from .storage import make_storage
 
 # CBLAS enums (plain C ints in every CBLAS).
@@ -465,18 +465,6 @@ models.register_default(_BlasFunction)(models.OpaqueModel)  # as the base class'
 
 _BLAS = numpy_blas()
 _sgemm, _dgemm = _external_gemm(*_BLAS) if _BLAS is not None else (None, None)
-
-
-def operand_layout(rows, cols, row_stride, col_stride, item):
-    """How a row-major BLAS reads a ``[rows, cols]`` operand with these strides (bytes): ``(0,
-    leading dimension)`` when rows are contiguous (as stored), ``(1, leading dimension)`` when
-    columns are (a transposed view, as ``w.T``), ``(-1, 0)`` when neither.  The CUDA backend's
-    16-bit GEMMs (``gpurnn/engine/cublas.py``) read operands by the same rule."""
-    if col_stride == item and (rows == 1 or row_stride >= cols * item):
-        return 0, max(row_stride // item, cols)
-    if row_stride == item and (cols == 1 or col_stride >= rows * item):
-        return 1, max(col_stride // item, rows)
-    return -1, 0
 
 
 _operand_layout = numba.njit(inline="always")(operand_layout)

@@ -3,7 +3,9 @@
 Per step: the recurrent product(s) (``matmul``), then the cell's step kernel(s).  The loops are
 plain functions of arrays and ints: the CPU backend compiles them with Numba around a direct
 BLAS call (``kernels/cpu.py``), so no Python runs between steps; the CUDA backend runs them as
-Python, each step kernel a launch.
+Python, each step kernel a launch.  How a BLAS reads the products' operands (plain or
+transposed, leading dimension): ``operand_layout``, for the CPU's CBLAS and the GPU's cuBLAS
+calls alike.
 
 Time runs ``t = 0..T-1`` (``T-1..0`` when ``reverse``).  States are stored by time: ``hs`` has
 ``T+1`` slots in training, the state before step ``t`` in slot ``t`` and after it in slot
@@ -30,6 +32,19 @@ the RNN only):
   of dL/dh that does not go through ``W_hh``, ``dh_rec`` the part that does, ``dc`` dL/dc);
   dy [T, B, H]; hs, cs [T+1, B, H]; gates [T, B, S*H]; w_hh [G*H, H].
 """
+
+
+def operand_layout(rows, cols, row_stride, col_stride, item):
+    """How a row-major BLAS reads a ``[rows, cols]`` operand with these strides (bytes): ``(0,
+    leading dimension)`` when rows are contiguous (as stored), ``(1, leading dimension)`` when
+    columns are (a transposed view, as ``w.T``), ``(-1, 0)`` when neither.  The CUDA backend's
+    16-bit GEMMs (``gpurnn/engine/cublas.py``) read operands by the same rule as the CPU's
+    compiled loops (``kernels/cpu.py``)."""
+    if col_stride == item and (rows == 1 or row_stride >= cols * item):
+        return 0, max(row_stride // item, cols)
+    if row_stride == item and (cols == 1 or col_stride >= rows * item):
+        return 1, max(col_stride // item, rows)
+    return -1, 0
 
 
 def time_slots(T, step, reverse, training):

@@ -11,7 +11,7 @@ import pytest
 
 from numpy.lib.array_utils import byte_bounds
 
-from gpurnn.engine.cublas import CUBLAS_COMPUTE_32F, CUDA_TYPES, gemm_ex
+from gpurnn.engine.cublas import CUBLAS_COMPUTE_32F, CUDA_TYPES, gemm_ex, takes
 
 _DTYPES = {code: np.dtype(name if name != "bfloat16" else ml_dtypes.bfloat16)
            for name, code in CUDA_TYPES.items()}
@@ -101,6 +101,16 @@ def test_gemm_ex_refuses_what_cublas_cannot_read(rng):
     with pytest.raises(ValueError, match="out must have contiguous rows"):
         gemm_ex(_device_like(a), _device_like(b), _device_like(np.ones((3, 4), np.float32).T),
                 fake_gemm_ex, 0)
-    with pytest.raises(TypeError, match="a must be one of"):
+    with pytest.raises(TypeError, match="a and b must have one dtype .* got float64, float16"):
         gemm_ex(_device_like(a.astype(np.float64)), _device_like(b),
                 _device_like(np.ones((4, 3), np.float32)), fake_gemm_ex, 0)
+
+
+def test_takes_only_what_cublas_lists():
+    f16, bf16, f32 = (np.ones((2, 2), d) for d in (np.float16, ml_dtypes.bfloat16, np.float32))
+    assert takes(bf16, bf16, f32) and takes(bf16, bf16, bf16) and takes(f16, f16, f16)
+    assert takes(f32, f32, f32)
+    assert not takes(f32, bf16, f32)   # an embedding's one-hot (float32) and a 16-bit dx
+    assert not takes(bf16, f16, f32)
+    assert not takes(f16, f16, bf16)
+    assert not takes(f32, f32, f16)

@@ -204,13 +204,14 @@ class CUDABackend(Backend):
 
     def matmul_half(self, a, b, out):
         """One ``cublasGemmEx`` on the GPU (``cublas.py``: float32 accumulation on tensor
-        cores); the base class's float32 products under the simulator."""
-        if self.simulator:
+        cores) where it takes the dtypes; the base class's float32 products under the simulator
+        and for a float32 operand beside a 16-bit one (a token model's embedding gradient)."""
+        from .cublas import gemm_ex, takes
+
+        if self.simulator or not takes(a, b, out):
             super().matmul_half(a, b, out)
             return
         from cupy_backends.cuda.libs import cublas as cupy_cublas
-
-        from .cublas import gemm_ex
 
         gemm_ex(a, b, out, cupy_cublas.gemmEx, self.xp.cuda.device.get_cublas_handle())
 

@@ -12,13 +12,21 @@ operand not transposed where its rows are contiguous, transposed where its colum
 """
 import numpy as np
 
-from ..kernels.cpu import operand_layout
+from ..kernels.loops import operand_layout
 
 #: cudaDataType_t of each operand dtype
 CUDA_TYPES = {"float32": 0, "float16": 2, "bfloat16": 14}  # CUDA_R_32F, CUDA_R_16F, CUDA_R_16BF
 CUBLAS_COMPUTE_32F = 68
 CUBLAS_GEMM_DEFAULT = -1
 _ONE, _ZERO = np.ones(1, np.float32), np.zeros(1, np.float32)  # alpha, beta (host pointers)
+
+
+def takes(a, b, out):
+    """Whether one ``cublasGemmEx`` with float32 accumulation takes these dtypes: both operands
+    of one type (float16, bfloat16 or float32), the result of that type or float32 (cuBLAS's
+    table of supported combinations; a float32 operand beside a 16-bit one is not there)."""
+    return (a.dtype == b.dtype and a.dtype.name in CUDA_TYPES
+            and out.dtype in (a.dtype, np.dtype(np.float32)))
 
 
 def _layout(x, what):
@@ -31,17 +39,17 @@ def _layout(x, what):
 
 
 def gemm_ex(a, b, out, gemm, handle):
-    """``out = a @ b``: a [M, K], b [K, N] (float16, bfloat16 or float32, any mix cuBLAS
-    takes), out [M, N] float32 or 16-bit with contiguous rows.  ``gemm``: CuPy's
-    ``cublas.gemmEx``; ``handle``: the cuBLAS handle (on CuPy's current stream)."""
+    """``out = a @ b``: a [M, K], b [K, N], out [M, N] with contiguous rows, in dtypes
+    ``takes`` accepts.  ``gemm``: CuPy's ``cublas.gemmEx``; ``handle``: the cuBLAS handle (on
+    CuPy's current stream)."""
     M, K = a.shape
     N = b.shape[1]
     if b.shape[0] != K or tuple(out.shape) != (M, N):
         raise ValueError(f"gemm_ex: shapes must be a [M, K], b [K, N], out [M, N], got "
                          f"{a.shape}, {b.shape}, {out.shape}")
-    for what, x in (("a", a), ("b", b), ("out", out)):
-        if x.dtype.name not in CUDA_TYPES:
-            raise TypeError(f"gemm_ex: {what} must be one of {tuple(CUDA_TYPES)}, got {x.dtype}")
+    if not takes(a, b, out):
+        raise TypeError(f"gemm_ex: a and b must have one dtype of {tuple(CUDA_TYPES)} and out "
+                        f"theirs or float32, got {a.dtype}, {b.dtype}, {out.dtype}")
     ta, lda = _layout(a, "a")
     tb, ldb = _layout(b, "b")
     to, ldo = _layout(out, "out")
