@@ -198,7 +198,7 @@ def _step_kernels(m, s):
     # ------------------------------------------------------------------------------ LSTM
     @sig.step_kernel(sig.LSTM_FORWARD_STEP)
     def lstm_forward_step(B, H, y, h_new, c_new, c_saved, gates, xg, hg, b_ih, b_hh, h_prev,
-                          c_prev, lengths, t):
+                          c_prev, lengths, t, save):
         pre = _stack_tile(4, xg)  # pre-activations of i, f, g, o
         out = _stack_tile(7, xg)  # i, f, g, o, tanh(c) (the saved gate blocks), c, h
         for b in range(B):
@@ -219,8 +219,9 @@ def _step_kernels(m, s):
                     (out[0, u], out[1, u], out[2, u], out[3, u], out[4, u], out[5, u],
                      out[6, u]) = lstm_forward(pre[0, u], pre[1, u], pre[2, u], pre[3, u],
                                                c_prev_[u])
-                for k in range(5):
-                    _put(_at(gates[b], k, H, j0), out[k], n)
+                if save:
+                    for k in range(5):
+                        _put(_at(gates[b], k, H, j0), out[k], n)
                 _copy(c_new[b, j0:], out[5], n)
                 _put(c_saved[b, j0:], out[5], n)
                 _put(h_new[b, j0:], out[6], n)
@@ -253,7 +254,7 @@ def _step_kernels(m, s):
     # ------------------------------------------------------ GRU, reset after the product
     @sig.step_kernel(sig.GRU_RESET_AFTER_FORWARD_STEP)
     def gru_reset_after_forward_step(B, H, y, h_new, gates, xg, hg, b_ih, b_hh, h_prev,
-                                     lengths, t):
+                                     lengths, t, save):
         pre = _stack_tile(4, xg)  # ar, az, W_in x + b_in, W_hn h_prev + b_hn (saved block 3)
         out = _stack_tile(4, xg)  # r, z, n, h
         for b in range(B):
@@ -273,9 +274,10 @@ def _step_kernels(m, s):
                 for u in range(n):
                     out[0, u], out[1, u], out[2, u], out[3, u] = gru_reset_after_forward(
                         pre[0, u], pre[1, u], pre[2, u], pre[3, u], load(h_prev_[u]))
-                for k in range(3):
-                    _put(_at(gates[b], k, H, j0), out[k], n)
-                _put(_at(gates[b], 3, H, j0), pre[3], n)
+                if save:
+                    for k in range(3):
+                        _put(_at(gates[b], k, H, j0), out[k], n)
+                    _put(_at(gates[b], 3, H, j0), pre[3], n)
                 _put(h_new[b, j0:], out[3], n)
                 _put(y[b, j0:], out[3], n)
 

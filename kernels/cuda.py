@@ -95,18 +95,19 @@ def element_functions(dtype):
     # ------------------------------------------------------------------------------ LSTM
     @_device
     def lstm_forward_elem(b, j, H, y, h_new, c_new, c_saved, gates, xg, hg, b_ih, b_hh, h_prev,
-                          c_prev, lengths, t):
+                          c_prev, lengths, t, save):
         if t < lengths[b]:
             i, f, g, o, tanh_c, c, h = lstm_forward(
                 preactivation(xg, hg, b_ih, b_hh, b, 0, H, j),
                 preactivation(xg, hg, b_ih, b_hh, b, 1, H, j),
                 preactivation(xg, hg, b_ih, b_hh, b, 2, H, j),
                 preactivation(xg, hg, b_ih, b_hh, b, 3, H, j), c_prev[b, j])
-            gates[b, j] = store(i)
-            gates[b, H + j] = store(f)
-            gates[b, 2 * H + j] = store(g)
-            gates[b, 3 * H + j] = store(o)
-            gates[b, 4 * H + j] = store(tanh_c)
+            if save:
+                gates[b, j] = store(i)
+                gates[b, H + j] = store(f)
+                gates[b, 2 * H + j] = store(g)
+                gates[b, 3 * H + j] = store(o)
+                gates[b, 4 * H + j] = store(tanh_c)
             c_new[b, j] = c
             c_saved[b, j] = store(c)
             h = store(h)
@@ -141,17 +142,18 @@ def element_functions(dtype):
     # ------------------------------------------------------ GRU, reset after the product
     @_device
     def gru_reset_after_forward_elem(b, j, H, y, h_new, gates, xg, hg, b_ih, b_hh, h_prev,
-                                     lengths, t):
+                                     lengths, t, save):
         if t < lengths[b]:
             hn = hg[b, 2 * H + j] + b_hh[2 * H + j]
             r, z, n, h = gru_reset_after_forward(
                 preactivation(xg, hg, b_ih, b_hh, b, 0, H, j),
                 preactivation(xg, hg, b_ih, b_hh, b, 1, H, j),
                 xg[b, 2 * H + j] + b_ih[2 * H + j], hn, load(h_prev[b, j]))
-            gates[b, j] = store(r)
-            gates[b, H + j] = store(z)
-            gates[b, 2 * H + j] = store(n)
-            gates[b, 3 * H + j] = store(hn)
+            if save:
+                gates[b, j] = store(r)
+                gates[b, H + j] = store(z)
+                gates[b, 2 * H + j] = store(n)
+                gates[b, 3 * H + j] = store(hn)
             h = store(h)
             h_new[b, j] = h
             y[b, j] = h
@@ -272,11 +274,11 @@ def make_cuda_python_kernels(dtype):
 
     @sig.step_kernel(sig.LSTM_FORWARD_STEP)
     def lstm_forward_step(B, H, y, h_new, c_new, c_saved, gates, xg, hg, b_ih, b_hh, h_prev,
-                          c_prev, lengths, t):
+                          c_prev, lengths, t, save):
         j, b = cuda.grid(2)
         if j < H and b < B:
             lstm_forward_elem(b, j, H, y, h_new, c_new, c_saved, gates, xg, hg, b_ih, b_hh,
-                              h_prev, c_prev, lengths, t)
+                              h_prev, c_prev, lengths, t, save)
 
     @sig.step_kernel(sig.LSTM_BACKWARD_STEP)
     def lstm_backward_step(B, H, dg, dh_carry, dc, dy, dh_rec, gates, c_prev, lengths, t):
@@ -286,11 +288,11 @@ def make_cuda_python_kernels(dtype):
 
     @sig.step_kernel(sig.GRU_RESET_AFTER_FORWARD_STEP)
     def gru_reset_after_forward_step(B, H, y, h_new, gates, xg, hg, b_ih, b_hh, h_prev,
-                                     lengths, t):
+                                     lengths, t, save):
         j, b = cuda.grid(2)
         if j < H and b < B:
             gru_reset_after_forward_elem(b, j, H, y, h_new, gates, xg, hg, b_ih, b_hh, h_prev,
-                                         lengths, t)
+                                         lengths, t, save)
 
     @sig.step_kernel(sig.GRU_RESET_AFTER_BACKWARD_STEP)
     def gru_reset_after_backward_step(B, H, dgx, dgh, dh_carry, dy, dh_rec, gates, h_prev,

@@ -10,7 +10,9 @@ calls alike.
 Time runs ``t = 0..T-1`` (``T-1..0`` when ``reverse``).  States are stored by time: ``hs`` has
 ``T+1`` slots in training, the state before step ``t`` in slot ``t`` and after it in slot
 ``t+1`` (swapped when ``reverse``); in inference two slots used in turn and one slot of saved
-gates, so memory does not grow with ``T`` (``time_slots``).
+gates, so memory does not grow with ``T`` (``time_slots``).  In inference the LSTM and the
+reset-after GRU store no gates (their kernels' ``save`` is 0: nothing reads them); the
+reset-before GRU's step reads its own.
 
 Every forward loop takes the same arguments, and every backward loop, whatever the cell uses
 (``None`` for what a cell has not: ``cs`` unless LSTM, ``gates`` for the RNN; ``relu`` is read by
@@ -96,7 +98,7 @@ def make_loops(matmul, kernels, slots):
             c_prev = cs[before] if c_carry is None else c_carry[step % 2]
             c_new = cs[after] if c_carry is None else c_carry[(step + 1) % 2]
             lstm_forward_step(B, H, y[t], hs[after], c_new, cs[after], gates[saved], xg[t], hg,
-                              b_ih, b_hh, hs[before], c_prev, lengths, t)
+                              b_ih, b_hh, hs[before], c_prev, lengths, t, int(training))
 
     def gru_reset_after_forward(y, hs, cs, gates, xg, hg, w_hh_t, b_ih, b_hh, lengths, reverse,
                                 training, relu, c_carry):
@@ -105,7 +107,7 @@ def make_loops(matmul, kernels, slots):
             t, before, after, saved = slots(T, step, reverse, training)
             matmul(hs[before], w_hh_t, hg)
             gru_reset_after_forward_step(B, H, y[t], hs[after], gates[saved], xg[t], hg, b_ih,
-                                         b_hh, hs[before], lengths, t)
+                                         b_hh, hs[before], lengths, t, int(training))
 
     def gru_reset_before_forward(y, hs, cs, gates, xg, hg, w_hh_t, b_ih, b_hh, lengths, reverse,
                                  training, relu, c_carry):

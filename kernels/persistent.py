@@ -85,20 +85,20 @@ def _cell_steps(dtype):
     # y [T, B, H]; hs, cs [S, B, H]; gates [T or 1, B, S*H]; xg [T, B, G*H]; hg [B, G*H]
     @_device
     def rnn_step(b, j, H, t, before, after, saved, y, hs, cs, gates, xg, hg, b_ih, b_hh,
-                 lengths, relu):
+                 lengths, relu, training):
         rnn(b, j, H, y[t], hs[after], xg[t], hg, b_ih, b_hh, hs[before], lengths, t, relu)
 
     @_device
     def lstm_step(b, j, H, t, before, after, saved, y, hs, cs, gates, xg, hg, b_ih, b_hh,
-                  lengths, relu):
+                  lengths, relu, training):
         lstm(b, j, H, y[t], hs[after], cs[after], cs[after], gates[saved], xg[t], hg, b_ih,
-             b_hh, hs[before], cs[before], lengths, t)
+             b_hh, hs[before], cs[before], lengths, t, training)
 
     @_device
     def gru_step(b, j, H, t, before, after, saved, y, hs, cs, gates, xg, hg, b_ih, b_hh,
-                 lengths, relu):
+                 lengths, relu, training):
         gru(b, j, H, y[t], hs[after], gates[saved], xg[t], hg, b_ih, b_hh, hs[before], lengths,
-            t)
+            t, training)
 
     # dg, dgh [T, B, G*H]; dh_carry, dc, dh_rec [B, H]; dy [T, B, H]; hs, cs [T+1, B, H];
     # gates [T, B, S*H]
@@ -226,7 +226,7 @@ def _forward_kernel(cell_step, zero, shared_type, slots_of, row_of, unit_of, pro
                 j = unit_of(local_slice * U + u, block, n_blocks, U, H, n_slices)
                 if j >= 0:
                     cell_step(b, j, H, t, before, after, saved, y, hs, cs, gates, xg, hg, b_ih,
-                              b_hh, lengths, relu)
+                              b_hh, lengths, relu, training)
             grid.sync()
 
     return persistent_forward

@@ -77,7 +77,7 @@ LSTM_FORWARD_STEP = _GRID + (
     _float("b_ih", 1), _float("b_hh", 1),  # [4H]
     _stored("h_prev", 2),
     _float("c_prev", 2),   # [B, H]
-) + _MASK
+) + _MASK + (_int("save"),)  # 1: store the gates (training); 0: inference, nothing reads them
 
 LSTM_BACKWARD_STEP = _GRID + (
     _stored("dg", 2),       # [B, 4H] out
@@ -95,7 +95,7 @@ GRU_RESET_AFTER_FORWARD_STEP = _GRID + (
     _float("xg", 2), _float("hg", 2),  # [B, 3H]
     _float("b_ih", 1), _float("b_hh", 1),  # [3H]
     _stored("h_prev", 2),  # [B, H]
-) + _MASK
+) + _MASK + (_int("save"),)  # as the LSTM's
 
 GRU_RESET_AFTER_BACKWARD_STEP = _GRID + (
     _stored("dgx", 2),  # [B, 3H] out: pre-activation gradients, input path
