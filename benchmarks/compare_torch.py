@@ -225,10 +225,11 @@ def main(argv=None):
           f"env {env}, load average {os.getloadavg()}\nBLAS of the gpurnn process: {blas}\n")
     print(_table(rows))
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump({"env": env, "blas": blas, "dtype": args.dtype, "threads": args.threads,
-                       "clock": args.clock, "rows": rows}, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        from gpurnn.engine.files import write_atomically  # the parent imports gpurnn only here
+
+        report = {"env": env, "blas": blas, "dtype": args.dtype, "threads": args.threads,
+                  "clock": args.clock, "rows": rows}
+        write_atomically(args.json, lambda f: f.write(json.dumps(report, indent=1).encode()))
 
 
 if __name__ == "__main__":

@@ -419,10 +419,9 @@ def main(argv=None):
     print()
     print(fmt_table(report["results"]))
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(tmp, args.json)
+        from gpurnn.engine.files import write_atomically
+
+        write_atomically(args.json, lambda f: f.write(json.dumps(report, indent=1).encode()))
     return 0
 
 

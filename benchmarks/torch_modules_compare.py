@@ -19,7 +19,6 @@ exits with status 2, measuring nothing.
 """
 import argparse
 import json
-import os
 import sys
 
 from gpu_compare import event_median, no_gpu_reason, torch_events  # this folder is on sys.path
@@ -117,9 +116,9 @@ def main(argv=None):
             rows.append(measure(*config, args.warmup, args.repeat))
             print(fmt_row(rows[-1]), flush=True)
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(rows, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        from gpurnn.engine.files import write_atomically
+
+        write_atomically(args.json, lambda f: f.write(json.dumps(rows, indent=1).encode()))
     return 0
 
 

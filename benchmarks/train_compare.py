@@ -154,9 +154,9 @@ def main(argv=None):
           f"{seq_s['torch']:.1f} seq/s, speed-up {report['speedup']:.2f} (first losses "
           f"{first['gpurnn']:.6f} and {first['torch']:.6f}; load {report['load'][0]:.2f})")
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        from gpurnn.engine.files import write_atomically
+
+        write_atomically(args.json, lambda f: f.write(json.dumps(report, indent=1).encode()))
     # the same model, the same first batch: the same loss, up to float32 summation order
     if not abs(first["gpurnn"] - first["torch"]) <= 1e-4 * max(1.0, abs(first["torch"])):
         print("train_compare: the first losses differ: the two models are not the same",
