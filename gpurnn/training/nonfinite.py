@@ -53,10 +53,10 @@ def require_finite(arrays, what):
 class NonFiniteGuard:
     """Checks a training step of ``model`` before its update and applies ``policy``.
 
-    ``check(loss, where)``, called after the backward: the global gradient norm (0-d device
-    array) when the loss and every gradient are finite, else None with the finding in
-    ``report`` (``failed`` is then True); ``where`` locates the step within a batch, e.g. a
-    tbptt chunk.  ``resolve(step, record)`` applies the policy to a step whose check failed.
+    ``check(loss, where, norm=None)``, called after the backward: the global gradient norm
+    (0-d device array; ``norm`` when the caller has it already) when the loss and every
+    gradient are finite, else None with the finding in ``report`` (``failed`` is then True);
+    ``where`` locates the step within a batch, e.g. a tbptt chunk.  ``resolve(step, record)`` applies the policy to a step whose check failed.
     The guard's state changes in these two methods only.
     """
 
@@ -72,8 +72,8 @@ class NonFiniteGuard:
         """Whether the last check found a NaN or Inf that ``resolve`` has not handled yet."""
         return self.report is not None
 
-    def check(self, loss, where=""):
-        norm = global_norm(self.model.grads)
+    def check(self, loss, where="", norm=None):
+        norm = global_norm(self.model.grads) if norm is None else norm
         norm_host = float(norm)  # the one scalar brought to the host per step
         if math.isfinite(loss) and math.isfinite(norm_host):
             self.report = None

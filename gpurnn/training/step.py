@@ -45,12 +45,14 @@ def update(model, optimizer, loss, batch, reduction="mean", clip_norm=None, clip
     """
     if data_parallel is not None:  # before clipping: the global norm is the summed gradients'
         loss = data_parallel.allreduce_grads(model.grads, loss, batch, reduction)
+    checked = None  # the global gradient norm, found once, reused by the guard and clipping
     # A non-finite loss is the guard's to report: no scale would have helped.
-    if scaler is not None and math.isfinite(loss) and scaler.unscale(model.grads) is None:
-        return loss, None
-    checked = None  # the guard's global gradient norm, reused by the norm clipping
+    if scaler is not None and math.isfinite(loss):
+        checked = scaler.unscale(model.grads)
+        if checked is None:
+            return loss, None
     if guard is not None:
-        checked = guard.check(loss, where)
+        checked = guard.check(loss, where, norm=checked)
         if checked is None:
             return loss, None
     norm = None
