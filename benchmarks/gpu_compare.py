@@ -19,10 +19,10 @@ gpurnn's output is checked against torch's with the same weights (relative error
 Also measured: host-side cost of one step-kernel launch per launch mode (``--launch-cost``),
 and the error of a TF32 GEMM against float64 (``--tf32-check``).
 
-Variants of gpurnn (``--variants``, comma-separated, each ``MODE[+persistent][+fp32]`` with
-MODE in lazy, eager, fast, or ``default[+fp32]``: what a user gets with no option set, the
-launch mode and the persistent kernels chosen by ``gpurnn/engine/dispatch.py``): each runs the
-whole table.  Precision, like for like: float32 GEMMs run TF32 on both sides by default
+Variants of gpurnn (``--variants``, comma-separated, each ``MODE[+persistent][+graphs][+fp32]``
+with MODE in lazy, eager, fast, or ``default[+fp32]``: what a user gets with no option set, the
+launch mode, the persistent kernels and the CUDA graphs chosen by
+``gpurnn/engine/dispatch.py``): each runs the whole table.  Precision, like for like: float32 GEMMs run TF32 on both sides by default
 (gpurnn's default and ``torch.backends.cudnn.allow_tf32``'s); ``+fp32`` switches both to
 strict float32.  Every row states which (``precision``).  Without a GPU the script prints why and
 exits with status 2, measuring nothing.
@@ -76,19 +76,20 @@ def parse_shape(text):
 
 
 def parse_variant(text):
-    """``{"name", "launch", "persistent", "tf32"}``; ``default`` leaves the launch mode (None)
-    and the persistent kernels ("auto") to gpurnn's dispatch rule; ``tf32`` is False with
-    ``+fp32`` (both sides strict float32)."""
+    """``{"name", "launch", "persistent", "graphs", "tf32"}``; ``default`` leaves the launch
+    mode (None), the persistent kernels and the CUDA graphs ("auto") to gpurnn's dispatch
+    rules; ``tf32`` is False with ``+fp32`` (both sides strict float32)."""
     parts = text.split("+")
     mode, flags = parts[0], set(parts[1:])
     if mode == "default" and flags <= {"fp32"}:
-        return {"name": text, "launch": None, "persistent": "auto", "tf32": "fp32" not in flags}
-    if mode not in ("lazy", "eager", "fast") or not flags <= {"persistent", "fp32"}:
+        return {"name": text, "launch": None, "persistent": "auto", "graphs": "auto",
+                "tf32": "fp32" not in flags}
+    if mode not in ("lazy", "eager", "fast") or not flags <= {"persistent", "graphs", "fp32"}:
         raise argparse.ArgumentTypeError(
-            f"a variant is MODE[+persistent][+fp32] with MODE lazy|eager|fast, or "
+            f"a variant is MODE[+persistent][+graphs][+fp32] with MODE lazy|eager|fast, or "
             f"default[+fp32], got {text!r}")
     return {"name": text, "launch": mode, "persistent": "persistent" in flags,
-            "tf32": "fp32" not in flags}
+            "graphs": "graphs" in flags, "tf32": "fp32" not in flags}
 
 
 def precision(dtype, tf32):
@@ -272,11 +273,17 @@ def launch_cost(n=2000):
             host = time.perf_counter() - t0
             cupy.cuda.Device().synchronize()
             out[mode] = host / n * 1e6
-        t0 = time.perf_counter()
-        for _ in range(n):
-            backend.matmul(h_prev, w_hh.T, out=y)  # [B, H] x [H, H]: one recurrent product
-        out["cupy_matmul"] = (time.perf_counter() - t0) / n * 1e6
-        cupy.cuda.Device().synchronize()
+        # one recurrent product [B, H] x [H, H]: gpurnn's cuBLAS call, then CuPy's matmul
+        for name, product in (("gemm", backend.matmul),
+                              ("cupy_matmul", lambda a, b, out: cupy.matmul(a, b, out=out))):
+            for _ in range(50):
+                product(h_prev, w_hh.T, out=y)
+            cupy.cuda.Device().synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                product(h_prev, w_hh.T, out=y)
+            out[name] = (time.perf_counter() - t0) / n * 1e6
+            cupy.cuda.Device().synchronize()
     finally:
         backend.launch = saved
     return out
@@ -332,7 +339,7 @@ def fmt_table(results):
     head = (f"{'variant':<18} {'prec':<8} {'cell':<5} {'T,B,H':<13} {'train ours':>10} "
             f"{'cuDNN':>8} "
             f"{'ratio':>6} {'infer ours':>10} {'cuDNN':>8} {'ratio':>6} {'tape MB':>8} "
-            f"{'kept MB':>8} {'cuDNN MB':>8} {'rel err':>8} {'persistent':>10}")
+            f"{'kept MB':>8} {'cuDNN MB':>8} {'rel err':>8} {'persistent':>10} {'graphs':>6}")
     lines = [head, "-" * len(head)]
     for r in results:
         mb = 1 / 2**20
@@ -345,7 +352,7 @@ def fmt_table(results):
             f"{r['ours_infer_ms'] / r['torch_infer_ms']:>6.2f} "
             f"{r['ours_tape_bytes'] * mb:>8.2f} {r['ours_kept_bytes'] * mb:>8.2f} "
             f"{r['torch_kept_bytes'] * mb:>8.2f} {r['rel_err']:>8.1e} "
-            f"{r['persistent_ran']:>10}")
+            f"{r['persistent_ran']:>10} {r.get('graphs', 0):>6}")
     return "\n".join(lines)
 
 
@@ -403,15 +410,17 @@ def main(argv=None):
         if variant["launch"] == "fast" and fast_launch_unavailable():
             print(f"skipping {variant['name']}: {fast_launch_unavailable()}", flush=True)
             continue
-        backend.launch, backend.persistent, backend.tf32 = (
+        backend.launch, backend.persistent, backend.graphs, backend.tf32 = (
             variant["launch"] or default_launch(simulator=False), variant["persistent"],
-            variant["tf32"])
+            variant["graphs"], variant["tf32"])
         torch.backends.cudnn.allow_tf32 = variant["tf32"]  # like for like
         for cell in args.cells:
             for T, B, H in args.shapes:
                 ran_persistent.clear()
+                backend.clear_graphs()
                 row = measure_cell(cell, T, B, H, args.dtype, args.warmup, args.repeat)
                 row.update(variant=variant["name"], cell=cell, shape=[T, B, H],
+                           graphs=backend.graph_count(),
                            precision=precision(args.dtype, variant["tf32"]),
                            persistent_ran="+".join(sorted(ran_persistent, reverse=True)) or "-")
                 report["results"].append(row)

@@ -1,64 +1,111 @@
 #!/usr/bin/env bash
-# The GPU checks in one device call (docs/gpu.md, "On a GPU session"): install gpurnn in place,
-# check that numba-cuda can compile and run a kernel here, run the test suite on the real GPU
-# with the default launch mode, with "eager" and with the persistent kernels forced on, then the
-# gpurnn-vs-cuDNN benchmark (float32, then bfloat16 and float16 at two shapes), a char-LM
-# training step against torch.nn, `gpurnn train` on the GPU and the CPU, and gpurnn.torch
-# against gpurnn's layers and torch.nn.  Logs and
-# JSON go under $OUT (the device tool's folder that comes back), else ./gpu_out.
+# The GPU checks in one device call (docs/gpu.md, "On a GPU session"): install gpurnn in place
+# (and the wheels carried in .whl: NumPy 2.4 for numba-cuda 0.30, nvmath-python for capturable
+# cuBLAS calls), check that numba-cuda can compile and run a kernel here, run the test suite on
+# the real GPU, then the gpurnn-vs-cuDNN benchmark (float32 with the defaults against the
+# per-step path without graphs, strict FP32 at the large shapes, bfloat16 and float16), the
+# char-LM training step against torch.nn, `gpurnn train` on the GPU and the CPU, and
+# gpurnn.torch against torch.nn.  Each part has a time limit, so one part that hangs costs its
+# limit, not the session.  Logs and JSON go under ./gpu_out; where $OUT is set (the device
+# tool's folder that comes back, at most eight files), they are also packed into
+# $OUT/gpu_session.tgz after every part, so a call stopped at its limit still brings back what
+# ran.
 #
 #   bash benchmarks/gpu_session.sh [all|tests|bench]
 set -u
 cd "$(dirname "$0")/.."
-out=${OUT:-gpu_out}
+out=gpu_out
 mkdir -p "$out"
 py=${PYTHON:-python3}
 what=${1:-all}
 case "$what" in all|tests|bench) ;; *) echo "usage: $0 [all|tests|bench], got '$what'" >&2; exit 2;; esac
 
+if ls .whl/*.whl > /dev/null 2>&1; then
+    $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    if ! $py -c "from nvmath.bindings import cublas; cublas.destroy(cublas.create())" 2> /dev/null \
+        && ls .whl/extra/*.whl > /dev/null 2>&1; then  # a newer cuda-pathfinder for nvmath
+        $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+            --upgrade .whl/extra/*.whl || exit 1
+    fi
+fi
 if ! $py -m pip install --no-deps --no-build-isolation -q -e . > "$out/install.txt" 2>&1; then
     echo "pip install -e . failed:"; tail -n 20 "$out/install.txt"; exit 1
 fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 git rev-parse --short HEAD 2>/dev/null | tee "$out/commit.txt"
+$py -c "
+import numpy, numba, numba_cuda, cupy, torch
+try:
+    from nvmath.bindings import cublas
+    cublas.destroy(cublas.create())
+    import nvmath
+    nv = nvmath.__version__
+except Exception as exc:
+    nv = f'unusable ({type(exc).__name__}: {exc})'
+print(f'numpy {numpy.__version__} numba {numba.__version__} numba-cuda {numba_cuda.__version__} '
+      f'cupy {cupy.__version__} torch {torch.__version__} cudnn {torch.backends.cudnn.version()} '
+      f'nvmath-python {nv}')" 2>&1 | tee "$out/versions.txt"
 reason=$(NUMBA_ENABLE_CUDASIM=0 $py -c "import gpurnn; print(gpurnn.cuda_unavailable_reason() or '')" 2>&1)
 if [ -n "$reason" ]; then
     echo "gpurnn cannot use this GPU, nothing run: $reason" | tee "$out/unavailable.txt"; exit 3
 fi
-# pytest-xdist where installed: the suite in parallel over the machine's cores
-parallel=$($py -c "import xdist; print('-n 8')" 2>/dev/null)
 
-run_tests() {  # $1: log name; the environment of the call picks the mode
-    $py -m pytest -q -p no:cacheprovider $parallel tests/ > "$out/pytest_$1.txt" 2>&1
-    echo "pytest $1: rc=$? $(tail -n 1 "$out/pytest_$1.txt")"
+part() {  # part SECONDS LOG COMMAND...: run with a time limit, log under $out, say how it ended
+    local limit=$1 log=$2
+    shift 2
+    timeout "$limit" "$@" > "$out/$log" 2>&1
+    local rc=$?
+    [ $rc = 124 ] && echo "$log: stopped at its limit of $limit s"
+    if [ -n "${OUT:-}" ]; then  # logs and JSON only (no checkpoints)
+        (cd "$out" && find . -type f \( -name '*.txt' -o -name '*.json' -o -name '*.csv' \) \
+            -size -4M -print0 | tar czf "$OUT/gpu_session.tgz" --null -T -)
+    fi
+    return $rc
 }
+
 if [ "$what" != bench ]; then
-    run_tests default
-    GPURNN_CUDA_LAUNCH=eager run_tests eager
-    GPURNN_PERSISTENT=1 run_tests persistent
+    # pytest-xdist where installed: the suite in parallel over the machine's cores
+    parallel=$($py -c "import xdist; print('-n 12')" 2>/dev/null)
+    part 150 pytest.txt $py -m pytest -q -p no:cacheprovider $parallel tests/
+    echo "pytest: rc=$? $(tail -n 1 "$out/pytest.txt")"
+    grep -E "^(FAILED|ERROR)" "$out/pytest.txt" | head -n 20
 fi
 if [ "$what" != tests ]; then
-    $py benchmarks/gpu_compare.py --json "$out/gpu_compare.json" > "$out/gpu_compare.txt" 2>&1
+    part 180 gpu_compare.txt $py benchmarks/gpu_compare.py --variants default,fast \
+        --warmup 3 --repeat 10 --json "$out/gpu_compare.json"
     echo "gpu_compare: rc=$?"
-    tail -n 45 "$out/gpu_compare.txt"
+    grep -E "^(host|GEMM|variant|---|default|fast)" "$out/gpu_compare.txt" | tail -n 28
+    # at small batch the default is the persistent kernels: against the graphs there
+    part 45 gpu_compare_graphs.txt $py benchmarks/gpu_compare.py --variants fast+graphs \
+        --shapes 1000,4,256 1000,1,128 --warmup 3 --repeat 10 --no-launch-cost \
+        --no-tf32-check --json "$out/gpu_compare_graphs.json"
+    echo "gpu_compare fast+graphs at small batch: rc=$?"
+    tail -n 6 "$out/gpu_compare_graphs.txt"
+    part 45 gpu_compare_fp32.txt $py benchmarks/gpu_compare.py --variants default+fp32 \
+        --shapes 100,64,512 100,256,1024 --warmup 3 --repeat 10 --no-launch-cost \
+        --no-tf32-check --json "$out/gpu_compare_fp32.json"
+    echo "gpu_compare strict fp32: rc=$?"
+    tail -n 6 "$out/gpu_compare_fp32.txt"
     for dtype in bfloat16 float16; do  # 16-bit against torch.nn in the same dtype
-        $py benchmarks/gpu_compare.py --dtype $dtype --shapes 100,64,512 100,256,1024 \
-            --variants default --no-launch-cost --no-tf32-check \
-            --json "$out/gpu_compare_$dtype.json" > "$out/gpu_compare_$dtype.txt" 2>&1
+        part 40 gpu_compare_$dtype.txt $py benchmarks/gpu_compare.py --dtype $dtype \
+            --shapes 100,64,512 100,256,1024 --variants default --warmup 3 --repeat 10 \
+            --no-launch-cost --no-tf32-check --json "$out/gpu_compare_$dtype.json"
         echo "gpu_compare $dtype: rc=$?"
-        tail -n 12 "$out/gpu_compare_$dtype.txt"
+        tail -n 6 "$out/gpu_compare_$dtype.txt"
     done
-    # the README's GPU-sized example against torch.nn, and the default task on both devices
-    $py benchmarks/train_compare.py --device cuda --task charlm --layers 2 --hidden 1024 \
-        --batch 256 --steps 20 --json "$out/train_compare.json" > "$out/train_compare.txt" 2>&1
-    echo "train_compare: rc=$? $(tail -n 1 "$out/train_compare.txt")"
     for device in cuda cpu; do
-        $py -m gpurnn train --device $device --quiet --out "$out/train_$device" \
-            > "$out/train_$device.txt" 2>&1
+        part 40 train_$device.txt $py -m gpurnn train --device $device --quiet \
+            --out "$out/train_$device"
         echo "gpurnn train --device $device: rc=$? $(grep '^done' "$out/train_$device.txt")"
     done
-    $py benchmarks/torch_modules_compare.py --json "$out/torch_modules.json" \
-        > "$out/torch_modules.txt" 2>&1
+    part 45 torch_modules.txt $py benchmarks/torch_modules_compare.py \
+        --json "$out/torch_modules.json"
     echo "torch_modules_compare: rc=$?"
-    cat "$out/torch_modules.txt"
+    grep -E "ratio|Error" "$out/torch_modules.txt"
+    # the README's GPU-sized example against torch.nn
+    part 45 train_compare.txt $py benchmarks/train_compare.py --device cuda --task charlm \
+        --layers 2 --hidden 1024 --batch 256 --steps 20 --json "$out/train_compare.json"
+    echo "train_compare: rc=$? $(tail -n 1 "$out/train_compare.txt")"
 fi

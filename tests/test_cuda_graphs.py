@@ -1,7 +1,10 @@
 """CUDABackend.run_graph's bookkeeping, with a stand-in for CuPy's streams and graphs (the
-capture itself needs a GPU and is untested on hardware: docs/gpu.md).  Captured once per key,
-replayed after; a failed capture is logged, remembered, and the work runs uncaptured."""
+capture itself needs a GPU: the suite on a real GPU runs it).  A key (the loop, its arrays'
+addresses, shapes, strides and dtypes, its other values, the backend's options) runs as it is
+the first time, is captured the second and replayed after; a failed capture is logged,
+remembered, and the work runs uncaptured."""
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +23,8 @@ class _FakeCuda:
         cuda = self
 
         class Stream:
+            ptr = "capture"
+
             def __init__(self, non_blocking=False):
                 assert non_blocking, "the legacy stream cannot capture"
 
@@ -56,27 +61,71 @@ class _FakeCuda:
         return self._origin
 
 
+class _FakeBlas:
+    capturable = True
+
+    def __init__(self, log):
+        self.log = log
+
+    def bind(self, stream_ptr):
+        self.log.append(f"bind {stream_ptr}")
+
+
+class _Array:
+    """What ``run_graph`` reads of a CuPy array to key a capture."""
+
+    def __init__(self, ptr, shape=(2, 3), dtype=np.float32):
+        self.data = SimpleNamespace(ptr=ptr)
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        self.strides = (shape[1] * self.dtype.itemsize, self.dtype.itemsize)
+
+
 @pytest.fixture
 def backend():
     be = CUDABackend(graphs=True)
     fake = _FakeCuda()
-    be.simulator, be.xp = False, type("cupy", (), {"cuda": fake})
+    be.simulator, be.xp, be.launch = False, type("cupy", (), {"cuda": fake}), "fast"
+    be._blas_ = _FakeBlas(fake.log)
     return be, fake
 
 
-def test_captured_once_then_replayed(backend):
+def test_seen_once_runs_then_captured_once_then_replayed(backend):
     be, fake = backend
     ran = []
 
     def enqueue():
         ran.append(fake.current)
 
-    for _ in range(3):
-        be.run_graph("key", enqueue)
-    assert ran == ["capture"]  # enqueued once, on the capturing stream
-    assert fake.log == ["wait", "begin", "end"] + ["launch on origin"] * 3
-    be.run_graph("other", enqueue)
-    assert ran == ["capture", "capture"]
+    args = (_Array(0x1000), 7, True, None)
+    for _ in range(4):
+        be.run_graph("lstm_forward", enqueue, args)
+    # the first call runs as it is (loads kernels, sizes buffers); the second is captured
+    assert ran == ["origin", "capture"]
+    assert fake.log == ["wait", "bind capture", "begin", "end"] + ["launch on origin"] * 3
+    be.run_graph("rnn_forward", enqueue, args)
+    assert ran == ["origin", "capture", "origin"]
+
+
+@pytest.mark.parametrize("change", ["address", "shape", "dtype", "value", "tf32"])
+def test_anything_that_changes_the_work_is_a_new_key(backend, change):
+    be, fake = backend
+    ran = []
+    args = [_Array(0x1000), 7]
+    be.run_graph("lstm_forward", lambda: ran.append(1), args)
+    be.run_graph("lstm_forward", lambda: ran.append(1), args)
+    assert len(ran) == 2 and fake.log.count("begin") == 1
+    if change == "address":
+        args[0] = _Array(0x2000)
+    elif change == "shape":
+        args[0] = _Array(0x1000, shape=(3, 2))
+    elif change == "dtype":
+        args[0] = _Array(0x1000, dtype=np.float64)
+    elif change == "value":
+        args[1] = 8
+    else:
+        be.tf32 = not be.tf32
+    be.run_graph("lstm_forward", lambda: ran.append(1), args)
+    assert len(ran) == 3 and fake.log.count("begin") == 1  # ran uncaptured, not replayed
 
 
 def test_failed_capture_falls_back_loudly_and_stays_fallen_back(backend, caplog):
@@ -89,30 +138,57 @@ def test_failed_capture_falls_back_loudly_and_stays_fallen_back(backend, caplog)
             raise RuntimeError("operation not permitted when stream is capturing")
 
     with caplog.at_level(logging.WARNING, logger="gpurnn"):
-        be.run_graph("key", enqueue)
-        be.run_graph("key", enqueue)
-    assert ran == ["capture", "origin", "origin"]
+        for _ in range(3):
+            be.run_graph("gru_reset_after_backward", enqueue, (3,))
+    assert ran == ["origin", "capture", "origin", "origin"]
     assert "launch on origin" not in fake.log
-    assert "CUDA graph capture failed (RuntimeError: operation not permitted" in caplog.text
+    assert ("CUDA graph capture failed (RuntimeError: operation not permitted when stream is "
+            "capturing); running gru_reset_after_backward without graphs") in caplog.text
     assert caplog.text.count("capture failed") == 1
 
 
-def test_graphs_off_or_simulated_just_runs(backend):
+def test_graphs_off_just_runs(backend):
     be, fake = backend
     be.graphs = False
     ran = []
-    be.run_graph("key", lambda: ran.append(1))
-    be.run_graph("key", lambda: ran.append(1))
-    assert ran == [1, 1] and fake.log == []
+    for _ in range(3):
+        be.run_graph("rnn_forward", lambda: ran.append(1), (1,))
+    assert ran == [1, 1, 1] and fake.log == []
+
+
+def test_graphs_on_need_fast_launches_and_a_capturable_blas(backend):
+    be, _ = backend
+    assert be.graphs_active()
+    be.launch = "eager"
+    with pytest.raises(RuntimeError, match="needs launch='fast', got launch='eager'"):
+        be.graphs_active()
+    be.launch = "fast"
+    be._blas_.capturable = False
+    with pytest.raises(RuntimeError, match="pip install nvmath-python"):
+        be.graphs_active()
+    be.graphs = "auto"  # the default: off where they cannot run, without an error
+    assert not be.graphs_active()
+    be._blas_.capturable = True
+    assert be.graphs_active()
+
+
+def test_graphs_option_is_checked(monkeypatch):
+    monkeypatch.setenv("GPURNN_CUDA_GRAPHS", "yes")
+    with pytest.raises(ValueError, match="GPURNN_CUDA_GRAPHS must be auto or 0 or 1, got 'yes'"):
+        CUDABackend()
+    with pytest.raises(ValueError, match="graphs must be 'auto', False or True, got 'on'"):
+        CUDABackend(graphs="on")
+    monkeypatch.delenv("GPURNN_CUDA_GRAPHS")
+    assert CUDABackend().graphs == "auto"
 
 
 @pytest.mark.skipif(not SIMULATOR, reason="the simulator's backend only")
 def test_simulated_backend_just_runs():
     ran = []
     sim = CUDABackend(graphs=True)
-    sim.run_graph("key", lambda: ran.append(2))
-    sim.run_graph("key", lambda: ran.append(2))
-    assert ran == [2, 2]
+    for _ in range(3):
+        sim.run_graph("rnn_forward", lambda: ran.append(2), (1,))
+    assert ran == [2, 2, 2]
 
 
 def test_tf32_is_on_by_default_as_in_pytorch(monkeypatch):

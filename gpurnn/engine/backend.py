@@ -8,6 +8,7 @@ The time-loop drivers (``drivers.py``) are written once against this interface:
   imported) the same CUDA kernels run on the CPU with NumPy arrays: that is how the CUDA path is
   tested on machines without a GPU.
 """
+import collections
 import functools
 import logging
 import os
@@ -85,10 +86,16 @@ class Backend:
         hold every step's gradients and ``dh_carry``, ``dc``, ``dh_rec`` what the loop leaves."""
         return False
 
-    def run_graph(self, key, enqueue):
-        """Run ``enqueue()``, a function that only puts work on the current stream.  A backend
-        with graphs on captures it once per ``key`` and replays the capture afterwards, so
-        every buffer ``enqueue`` touches must keep its address for a given ``key``."""
+    def graphs_active(self):
+        """Whether ``run_graph`` may replay captured work: the drivers then run their time loops
+        over buffers that keep their addresses from call to call (``drivers.py``)."""
+        return False
+
+    def run_graph(self, name, enqueue, args):
+        """Run ``enqueue()``, a function that only puts work on the current stream and whose
+        work is decided by ``name`` and ``args`` (its arrays' addresses, shapes, strides and
+        dtypes, and its other values).  A backend with graphs on captures it once per such
+        key and replays the capture afterwards."""
         enqueue()
 
     def __repr__(self):
@@ -134,8 +141,12 @@ class CUDABackend(Backend):
       True here): ``forward_sequence``/``backward_sequence`` run a whole direction as one
       persistent kernel where ``W_hh`` fits on chip: always (True), never (False), or where
       ``dispatch.persistent_by_default`` says it pays (``"auto"``, the default).
-    * ``graphs`` (``GPURNN_CUDA_GRAPHS=1``, default off): ``run_graph`` captures a sequence's
-      launches once per key as a CUDA graph and replays it.
+    * ``graphs`` (``GPURNN_CUDA_GRAPHS`` = ``auto``, ``0`` or ``1``; ``"auto"``, False or True
+      here): ``run_graph`` captures a direction's time loop (its GEMMs and step kernels) as a
+      CUDA graph, once per key, and replays it: always (True), never (False), or where
+      ``dispatch.graphs_by_default`` says (``"auto"``, the default).  Capture needs the ``fast``
+      launch mode and nvmath-python's cuBLAS binding (``cublas.Blas``); True without them
+      raises.
     * ``tf32`` (``GPURNN_TF32`` = ``1``, the default, or ``0``): float32 GEMMs on TF32 tensor
       cores: inputs rounded to a 10-bit mantissa (unit roundoff 2^-11, about 4.9e-4, against
       float32's 2^-24, about 6e-8), products accumulated in float32.  On by default as in
@@ -169,10 +180,16 @@ class CUDABackend(Backend):
         if persistent not in ("auto", False, True):
             raise ValueError(f"persistent must be 'auto', False or True, got {persistent!r}")
         self.persistent = persistent
-        self.graphs = _env_flag("GPURNN_CUDA_GRAPHS") if graphs is None else bool(graphs)
+        if graphs is None:
+            graphs = _env_choice("GPURNN_CUDA_GRAPHS", {"auto": "auto", "0": False, "1": True})
+        if graphs not in ("auto", False, True):
+            raise ValueError(f"graphs must be 'auto', False or True, got {graphs!r}")
+        self.graphs = graphs
         self.tf32 = _env_choice("GPURNN_TF32", {"1": True, "0": False}) if tf32 is None \
             else bool(tf32)
-        self._graph_cache = {}
+        self._graph_cache = collections.OrderedDict()  # key -> graph, _SEEN or _CAPTURE_FAILED
+        self._blas_ = None
+        self._capture_stream = None
         self.simulator = simulator
         if self.simulator:
             self.xp = np
@@ -202,33 +219,25 @@ class CUDABackend(Backend):
 
         return cuda.external_stream(cupy.cuda.get_current_stream().ptr)
 
-    def matmul_half(self, a, b, out):
-        """One ``cublasGemmEx`` on the GPU (``cublas.py``: float32 accumulation on tensor
-        cores) where it takes the dtypes; the base class's float32 products under the simulator
-        and for a float32 operand beside a 16-bit one (a token model's embedding gradient)."""
-        from .cublas import gemm_ex, takes
+    @property
+    def _blas(self):
+        if self._blas_ is None:
+            from .cublas import Blas
 
-        if self.simulator or not takes(a, b, out):
-            super().matmul_half(a, b, out)
-            return
-        from cupy_backends.cuda.libs import cublas as cupy_cublas
-
-        gemm_ex(a, b, out, cupy_cublas.gemmEx, self.xp.cuda.device.get_cublas_handle())
+            self._blas_ = Blas.create(self.xp)
+        return self._blas_
 
     def matmul(self, a, b, out):
-        if not (self.tf32 and a.dtype == b.dtype == out.dtype == np.float32
-                and not self.simulator):
-            super().matmul(a, b, out)
-            return
-        # CuPy's compute type is process-wide state: set it for this product only.
-        from cupy._core import _routines_linalg as linalg
+        """One ``cublasGemmEx`` on the GPU (``cublas.py``) where it takes the dtypes: float32
+        in TF32 where ``tf32`` is on, 16-bit operands accumulated in float32; the base class's
+        products under the simulator and for a float32 operand beside a 16-bit one (a token
+        model's embedding gradient)."""
+        from .cublas import takes
 
-        previous = linalg.get_compute_type(np.float32)
-        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32)
-        try:
-            self.xp.matmul(a, b, out=out)
-        finally:
-            linalg.set_compute_type(np.float32, previous)
+        if self.simulator or not takes(a, b, out):
+            super().matmul(a, b, out)
+        else:
+            self._blas.gemm(a, b, out, self.tf32)
 
     def forward_sequence(self, cell, w, xg, y, hs, cs, gates, hg, lengths, reverse, training):
         from ..kernels import persistent
@@ -298,31 +307,72 @@ class CUDABackend(Backend):
             return None
         return shape
 
-    def run_graph(self, key, enqueue):
-        if not self.graphs or self.simulator:
+    def graphs_active(self):
+        if self.graphs == "auto":
+            return dispatch.graphs_by_default(self.simulator, self.launch,
+                                              self.simulator or self._blas.capturable)
+        if self.graphs and not self.simulator:
+            if self.launch != "fast":
+                raise RuntimeError(f"graphs=True (GPURNN_CUDA_GRAPHS=1) needs launch='fast', got "
+                                   f"launch={self.launch!r}: Numba's other launches synchronise "
+                                   f"with the stream, which a capture forbids")
+            if not self._blas.capturable:
+                raise RuntimeError("graphs=True (GPURNN_CUDA_GRAPHS=1) needs nvmath-python for "
+                                   "cuBLAS calls that a CUDA graph can capture (CuPy refuses "
+                                   "them): pip install nvmath-python")
+        return bool(self.graphs)
+
+    def run_graph(self, name, enqueue, args):
+        """The first call of a key runs ``enqueue()`` as it is (it loads kernels and sizes
+        buffers, which a capture cannot do, and a key seen once may not come back); the second
+        captures it and launches the graph; later ones launch the graph.  A failed capture is
+        logged and the key runs uncaptured from then on: never wrong, at worst slower."""
+        if self.simulator or not self.graphs_active():
             enqueue()
             return
-        graph = self._graph_cache.get(key)
+        key = (name, self.launch, self.tf32) + tuple(_graph_key(a) for a in args)
+        cache = self._graph_cache
+        graph = cache.get(key)
         if graph is None:
+            cache[key] = _SEEN
+            while len(cache) > _MAX_GRAPHS:
+                cache.popitem(last=False)
+            enqueue()
+            return
+        cache.move_to_end(key)
+        if graph is _SEEN:
             try:
                 graph = self._capture(enqueue)
             except Exception as exc:  # noqa: BLE001 - any capture failure falls back, loudly
-                _log.warning("CUDA graph capture failed (%s: %s); running without graphs for "
-                             "%r", type(exc).__name__, exc, key)
+                _log.warning("CUDA graph capture failed (%s: %s); running %s without graphs for "
+                             "this shape", type(exc).__name__, exc, name)
                 graph = _CAPTURE_FAILED
-            self._graph_cache[key] = graph
+            cache[key] = graph
         if graph is _CAPTURE_FAILED:
             enqueue()
         else:
             graph.launch(self.xp.cuda.get_current_stream())
 
+    def graph_count(self):
+        """How many time loops this backend holds as captured CUDA graphs."""
+        return sum(1 for g in self._graph_cache.values() if g not in (_SEEN, _CAPTURE_FAILED))
+
+    def clear_graphs(self):
+        """Forget every captured graph (the next calls run as they are, then capture again)."""
+        self._graph_cache.clear()
+
     def _capture(self, enqueue):
         """A CUDA graph of everything ``enqueue()`` puts on the current stream (not run yet)."""
         cupy = self.xp
         origin = cupy.cuda.get_current_stream()
-        capture = cupy.cuda.Stream(non_blocking=True)  # the legacy stream cannot capture
+        if self._capture_stream is None:
+            # One stream for every capture: cuBLAS's workspace on it (cublas.Blas), whose
+            # address the graphs keep, is allocated once.  The legacy stream cannot capture.
+            self._capture_stream = cupy.cuda.Stream(non_blocking=True)
+        capture = self._capture_stream
         capture.wait_event(origin.record())
         with capture:  # the current stream while capturing: the kernels and GEMMs go there
+            self._blas.bind(capture.ptr)  # before capturing: cuBLAS's stream and workspace
             capture.begin_capture()
             try:
                 enqueue()
@@ -346,10 +396,20 @@ class CUDABackend(Backend):
 #: Shared memory a block gets without raising its dynamic limit (cudaFuncSetAttribute).
 _DEFAULT_SHARED_BYTES = 48 * 1024
 _CAPTURE_FAILED = object()
+_SEEN = object()
+#: Graphs kept per backend, the least recently used dropped first (a graph holds no buffers,
+#: only the addresses it was captured with).
+_MAX_GRAPHS = 256
 
 
-def _env_flag(name):
-    return _env_choice(name, {"0": False, "1": True})
+def _graph_key(arg):
+    """What of one argument decides the work a captured loop does: an array's address, shape,
+    strides and dtype; any other value itself."""
+    data = getattr(arg, "data", None)
+    ptr = getattr(data, "ptr", None)
+    if ptr is not None:
+        return (ptr, arg.shape, arg.strides, arg.dtype.str)
+    return arg
 
 
 def _env_choice(name, choices):

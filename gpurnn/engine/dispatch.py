@@ -49,6 +49,14 @@ def default_launch(simulator):
     return "eager"
 
 
+def graphs_by_default(simulator, launch, capturable):
+    """Whether the per-step time loops run as captured CUDA graphs by default: on a real GPU,
+    where the step kernels launch through cuda.core (``fast``: Numba's other launches
+    synchronise, which a capture forbids) and the GEMMs through a binding that can be
+    captured (``capturable``: nvmath-python's cuBLAS)."""
+    return not simulator and launch == "fast" and capturable
+
+
 def persistent_by_default(B):
     """Whether a direction with batch ``B`` runs as one persistent kernel when it fits."""
     return B <= PERSISTENT_MAX_BATCH

@@ -103,6 +103,13 @@ def _loops(be, dtype):
     return loops if loops is not None else make_loops(be.matmul, be.kernels(dtype), time_slots)
 
 
+def _run_loop(be, dtype, name, args):
+    """The time loop ``name`` over ``args``, through ``be.run_graph`` (a CUDA graph replay
+    where graphs are on).  The loops are made inside the enqueued function, so that their
+    kernels bind to the stream current then: the capturing one, during a capture."""
+    be.run_graph(name, lambda: _loops(be, dtype)[name](*args), args)
+
+
 def _loop_name(cell, direction):
     if cell.mode == "gru":
         return f"gru_reset_{'after' if cell.reset_after else 'before'}_{direction}"
@@ -127,7 +134,14 @@ def forward(be, cell, w, x, h0, c0, lengths, reverse, training, ws):
     # backward reuses this buffer for its pre-activation gradients
     xg = ws.get("preact", (T, B, G * H), compute)
     be.matmul(x.reshape(T * B, I), w.w_ih.T, out=xg.reshape(T * B, G * H))
-    y = be.empty((T, B, H), dtype)  # [T, B, H]
+    graphed = be.graphs_active()
+    if graphed:  # a replayed loop reads and writes the addresses it was captured with
+        y = ws.get("y", (T, B, H), dtype)  # [T, B, H], copied out below
+        staged = ws.get("lengths", lengths.shape, lengths.dtype)  # [B]
+        staged[...] = lengths
+        lengths = staged
+    else:
+        y = be.empty((T, B, H), dtype)  # [T, B, H]
     hs = ws.get("hs", (n_slots, B, H), dtype)  # [T+1 or 2, B, H]
     first = time_slots(T, 0, reverse, training)[1]
     hs[first] = h0
@@ -145,9 +159,9 @@ def forward(be, cell, w, x, h0, c0, lengths, reverse, training, ws):
     if not be.forward_sequence(cell, w, xg, y, hs, cs, gates, hg, lengths, reverse, training):
         w_hh_t = ws.get("w_hh_t", (H, G * H), dtype)  # [H, G*H] W_hh^T (kernels/loops.py)
         w_hh_t[...] = w.w_hh.T
-        loop = _loops(be, dtype)[_loop_name(cell, "forward")]
-        loop(y, hs, cs, gates, xg, hg, w_hh_t, w.b_ih, w.b_hh, lengths, reverse, training,
-             int(cell.relu), c_carry)
+        _run_loop(be, dtype, _loop_name(cell, "forward"),
+                  (y, hs, cs, gates, xg, hg, w_hh_t, w.b_ih, w.b_hh, lengths, reverse, training,
+                   int(cell.relu), c_carry))
 
     last = time_slots(T, T - 1, reverse, training)[2]
     h_last = hs[last].copy()
@@ -156,7 +170,7 @@ def forward(be, cell, w, x, h0, c0, lengths, reverse, training, ws):
         c_last = (cs[last] if c_carry is None else c_carry[T % 2]).copy()
     tape = Tape(x=x, hs=hs, cs=cs, gates=gates, lengths=lengths, reverse=reverse,
                 h_last=h_last, c_last=c_last)
-    return y, tape
+    return (y.copy() if graphed else y), tape
 
 
 def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
@@ -192,10 +206,14 @@ def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
     if cell.mode == "gru" and cell.reset_after:
         dgh = ws.get("dgh", (T, B, G * H), dtype)  # [T, B, 3H] recurrent path
 
+    if be.graphs_active():  # a replayed loop reads the address it was captured with
+        staged = ws.get("dy", (T, B, H), dtype)  # [T, B, H]
+        staged[...] = dy
+        dy = staged
     if not be.backward_sequence(cell, w, tape, dg, dgh, dh_carry, dc, dy, dh_rec):
-        loop = _loops(be, dtype)[_loop_name(cell, "backward")]
-        loop(dg, dgh, dh_carry, dc, dh_rec, dy, hs, cs, gates, w.w_hh, lengths, reverse,
-             int(cell.relu))
+        _run_loop(be, dtype, _loop_name(cell, "backward"),
+                  (dg, dgh, dh_carry, dc, dh_rec, dy, hs, cs, gates, w.w_hh, lengths, reverse,
+                   int(cell.relu)))
 
     dh0 = dh_carry + dh_rec
     dc0 = dc.copy() if cell.has_cell_state else None
