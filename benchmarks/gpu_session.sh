@@ -47,7 +47,8 @@ except Exception as exc:
 print(f'numpy {numpy.__version__} numba {numba.__version__} numba-cuda {numba_cuda.__version__} '
       f'cupy {cupy.__version__} torch {torch.__version__} cudnn {torch.backends.cudnn.version()} '
       f'nvmath-python {nv}')" 2>&1 | tee "$out/versions.txt"
-reason=$(NUMBA_ENABLE_CUDASIM=0 $py -c "import gpurnn; print(gpurnn.cuda_unavailable_reason() or '')" 2>&1)
+reason=$(NUMBA_ENABLE_CUDASIM=0 $py -W ignore -c "import gpurnn; print(gpurnn.cuda_unavailable_reason() or '')" 2> "$out/reason_stderr.txt") \
+    || reason="gpurnn failed to import: $(tail -n 3 "$out/reason_stderr.txt")"
 if [ -n "$reason" ]; then
     echo "gpurnn cannot use this GPU, nothing run: $reason" | tee "$out/unavailable.txt"; exit 3
 fi

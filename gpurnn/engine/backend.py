@@ -268,7 +268,9 @@ class CUDABackend(Backend):
     def _persistent_launch(self, cell, B, H, dtype, backward):
         """(kernel, launch shape, stream) of the persistent path, or None when it is off, the
         cell or dtype has none, or the shape does not fit."""
-        wanted = dispatch.persistent_by_default(B) if self.persistent == "auto" else self.persistent
+        wanted = self.persistent
+        if wanted == "auto":
+            wanted = dispatch.persistent_by_default(B, self.graphs_active())
         if not wanted or not self._persistent_cell(cell) or np.dtype(dtype).name in HALF_DTYPES:
             return None  # the persistent kernels are written for float32 and float64
         from ..kernels import persistent

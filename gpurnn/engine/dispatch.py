@@ -57,6 +57,7 @@ def graphs_by_default(simulator, launch, capturable):
     return not simulator and launch == "fast" and capturable
 
 
-def persistent_by_default(B):
-    """Whether a direction with batch ``B`` runs as one persistent kernel when it fits."""
-    return B <= PERSISTENT_MAX_BATCH
+def persistent_by_default(B, graphs):
+    """Whether a direction with batch ``B`` runs as one persistent kernel when it fits, where
+    ``graphs`` says whether its per-step loop would replay as a CUDA graph instead."""
+    return not graphs and B <= PERSISTENT_MAX_BATCH

@@ -330,6 +330,8 @@ class RNNBase:
         else:                                              # two state slots, one gate slot
             per_direction += 2 * B * H * item * (2 if lstm else 1)
             per_direction += B * self.cell.saved_gates * H * item
+        if self.backend.graphs_active():  # staged for CUDA graphs (drivers.py): y, lengths, dy
+            per_direction += T * B * H * item * (2 if training else 1) + B * 4
         outputs = L * T * B * D * H * (2 if self.dropout and training else 1) * item
         return L * D * per_direction + outputs
 
