@@ -145,16 +145,22 @@ def test_reset_before_gru_is_left_to_the_step_path(rng):
 
 @pytest.mark.parametrize("name", ["lstm", "gru"])
 def test_by_default_whole_sequences_run_persistent_at_small_batches_only(name, monkeypatch, rng):
+    """Where the per-step loops are not captured as CUDA graphs (graphs off, or the simulator);
+    where they are, the graphs run at every batch size (``dispatch.py``: they were faster)."""
     from gpurnn.engine.dispatch import PERSISTENT_MAX_BATCH
 
     monkeypatch.delenv("GPURNN_PERSISTENT")
-    backend = CUDABackend()
+    backend = CUDABackend(graphs=False)
     assert backend.persistent == "auto"
     cell = CELLS[name]
     for B, engaged in ((1, True), (PERSISTENT_MAX_BATCH, True), (PERSISTENT_MAX_BATCH + 1, False)):
         w, x, h0, c0, lengths = _problem(cell, "float64", 2, B, 3, 4, rng)
         bufs = _buffers(cell, w, x, h0, c0, True, False)
         assert backend.forward_sequence(cell, w, *bufs, lengths, False, True) == engaged, B
+    monkeypatch.setattr(backend, "graphs_active", lambda: True)
+    w, x, h0, c0, lengths = _problem(cell, "float64", 2, 1, 3, 4, rng)
+    bufs = _buffers(cell, w, x, h0, c0, True, False)
+    assert not backend.forward_sequence(cell, w, *bufs, lengths, False, True)
 
 
 def test_default_launch_is_fast_where_numba_cuda_has_it(monkeypatch, caplog):

@@ -3,8 +3,8 @@
 The time-loop drivers (``drivers.py``) are written once against this interface:
 
 * ``cpu``: NumPy arrays, NumPy (OpenBLAS) GEMMs, Numba CPU step kernels.
-* ``cuda``: CuPy arrays, cuBLAS GEMMs through CuPy, Numba CUDA step kernels launched on CuPy's
-  current stream.  Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1`` set before Numba is
+* ``cuda``: CuPy arrays, one cuBLAS call per GEMM (``cublas.py``), Numba CUDA step kernels
+  launched on CuPy's current stream, each direction's time loop replayed as a CUDA graph.  Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1`` set before Numba is
   imported) the same CUDA kernels run on the CPU with NumPy arrays: that is how the CUDA path is
   tested on machines without a GPU.
 """
@@ -128,7 +128,7 @@ class CPUBackend(Backend):
 
 
 class CUDABackend(Backend):
-    """CuPy arrays, cuBLAS GEMMs through CuPy, Numba CUDA kernels on CuPy's current stream.
+    """CuPy arrays, cuBLAS GEMMs, Numba CUDA kernels on CuPy's current stream.
 
     Options (see docs/gpu.md: what each does, what is tested where).  Each defaults to its
     environment variable, so ``device="cuda"`` picks them up; they may also be set on the
@@ -140,7 +140,8 @@ class CUDABackend(Backend):
     * ``persistent`` (``GPURNN_PERSISTENT`` = ``auto``, ``0`` or ``1``; ``"auto"``, False or
       True here): ``forward_sequence``/``backward_sequence`` run a whole direction as one
       persistent kernel where ``W_hh`` fits on chip: always (True), never (False), or where
-      ``dispatch.persistent_by_default`` says it pays (``"auto"``, the default).
+      ``dispatch.persistent_by_default`` says it pays (``"auto"``, the default: at small batch
+      where graphs are off).
     * ``graphs`` (``GPURNN_CUDA_GRAPHS`` = ``auto``, ``0`` or ``1``; ``"auto"``, False or True
       here): ``run_graph`` captures a direction's time loop (its GEMMs and step kernels) as a
       CUDA graph, once per key, and replays it: always (True), never (False), or where

@@ -1,31 +1,38 @@
 """Which CUDA path runs a layer by default, and the measurements that decided it.
 
-The CUDA backend has three ways to run a direction of a layer (docs/gpu.md): step kernels
+The CUDA backend has four ways to run a direction of a layer (docs/gpu.md): step kernels
 launched through Numba's dispatcher (``launch="eager"``), the same kernels launched through
-cuda.core with prepared arguments (``launch="fast"``), and one persistent kernel for the whole
+cuda.core with prepared arguments (``launch="fast"``), the ``fast`` per-step loop captured once
+per shape as a CUDA graph and replayed (``graphs``), and one persistent kernel for the whole
 sequence where ``W_hh`` fits on chip (``persistent``).  The defaults below pick, for a shape, the
-fastest of these that was measured; ``GPURNN_CUDA_LAUNCH`` and ``GPURNN_PERSISTENT`` override
-them, and so does setting the backend's attributes.
+fastest of these that was measured; ``GPURNN_CUDA_LAUNCH``, ``GPURNN_CUDA_GRAPHS`` and
+``GPURNN_PERSISTENT`` override them, and so does setting the backend's attributes.
 
-Measured on one NVIDIA H200 at commit 5c4fb45 (BENCHMARKS.md, "GPU"), float32, one layer,
-``benchmarks/gpu_compare.py --repeat 20``, training step in ms::
+Measured on one NVIDIA H200 (BENCHMARKS.md, "GPU"), float32, one layer,
+``benchmarks/gpu_compare.py``, training step in ms (eager and fast at 5c4fb45, ``--repeat
+20``, strict FP32 GEMMs; graphs and persistent in one run at 90625a7, ``--repeat 10``, TF32
+GEMMs, which change little at these sizes)::
 
-    T,    B,    H  cell     eager    fast   fast + persistent
-  100,   64,  512  LSTM     36.3    14.3   (does not fit)
-  100,  256, 1024  LSTM     48.8    32.4   (does not fit)
- 1000,    4,  256  LSTM    319.3   116.1   29.8
- 1000,    1,  128  LSTM    327.2   109.2   18.8
- 1000,    4,  256  GRU     312.2   111.4   24.6
- 1000,    1,  128  GRU     331.3   105.9   16.5
- 1000,    4,  256  RNN     276.5   194.8   15.9
- 1000,    1,  128  RNN     255.5   181.9   13.6
+    T,    B,    H  cell     eager    fast   graphs   persistent (graphs off)
+  100,   64,  512  LSTM     36.3    14.3     2.96    (does not fit)
+  100,  256, 1024  LSTM     48.8    32.4     9.31    (does not fit)
+ 1000,    4,  256  LSTM    319.3   116.1    16.87    28.55
+ 1000,    1,  128  LSTM    327.2   109.2     9.96    18.12
+ 1000,    4,  256  GRU     312.2   111.4    15.96    24.48
+ 1000,    1,  128  GRU     331.3   105.9     9.61    16.66
+ 1000,    4,  256  RNN     276.5   194.8    13.96    15.55
+ 1000,    1,  128  RNN     255.5   181.9     7.33    13.81
 
 * ``fast`` beat ``eager`` at every shape and cell, by 1.4-3.1x (host cost per launch: 104 us
-  eager, 21 us fast), with the same results (relative difference to cuDNN 3e-4 both, TF32 on
-  cuDNN's side).  So ``fast`` is the default wherever this numba-cuda has cuda.core's launch.
-* The persistent kernels engaged (fitted) at B = 1 and 4 and won every time, by 3.9-13x
-  (inference: 3.5-8x).
-  Batches above 4 where they fit were not measured, so those stay on the per-step path.
+  eager, 21-27 us fast), with the same results.  So ``fast`` is the default wherever this
+  numba-cuda has cuda.core's launch.
+* Graphs beat every other path at every shape and cell measured, training and inference
+  (inference at (1000, 4, 256) LSTM: 8.1 ms against 15.9 persistent).  So they are the default
+  wherever they can run: ``fast`` launches (the others synchronise, which a capture forbids)
+  and nvmath-python's cuBLAS binding (CuPy's refuses a capturing stream).
+* The persistent kernels beat the uncaptured per-step path by 3.9-13x where they fit (B = 1
+  and 4; batches above 4 where they fit were not measured), so they remain the default there
+  when graphs cannot run.
 """
 import logging
 
@@ -51,9 +58,8 @@ def default_launch(simulator):
 
 def graphs_by_default(simulator, launch, capturable):
     """Whether the per-step time loops run as captured CUDA graphs by default: on a real GPU,
-    where the step kernels launch through cuda.core (``fast``: Numba's other launches
-    synchronise, which a capture forbids) and the GEMMs through a binding that can be
-    captured (``capturable``: nvmath-python's cuBLAS)."""
+    where the step kernels launch through cuda.core (``fast``) and the GEMMs through a binding
+    that can be captured (``capturable``: nvmath-python's cuBLAS)."""
     return not simulator and launch == "fast" and capturable
 
 
