@@ -69,9 +69,13 @@ part() {  # part SECONDS LOG COMMAND...: run with a time limit, log under $out, 
 if [ "$what" != bench ]; then
     # pytest-xdist where installed: the suite in parallel over the machine's cores
     parallel=$($py -c "import xdist; print('-n 12')" 2>/dev/null)
-    part 150 pytest.txt $py -m pytest -q -p no:cacheprovider $parallel tests/
+    # -v: each result on its own line as it comes (a run stopped at its limit still names
+    # what failed); --tb=short: the tracebacks at the end
+    part 150 pytest.txt $py -m pytest -v --tb=short -rf -p no:cacheprovider -W ignore \
+        $parallel tests/
     echo "pytest: rc=$? $(tail -n 1 "$out/pytest.txt")"
-    grep -E "^(FAILED|ERROR)" "$out/pytest.txt" | head -n 20
+    grep -E "(FAILED|ERROR) tests/" "$out/pytest.txt" | sed 's/.*\(FAILED\|ERROR\)/\1/' \
+        | sort -u | head -n 20
 fi
 if [ "$what" != tests ]; then
     part 180 gpu_compare.txt $py benchmarks/gpu_compare.py --variants default,fast \

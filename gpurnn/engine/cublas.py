@@ -34,12 +34,27 @@ CUBLAS_COMPUTE_32F = 68
 CUBLAS_COMPUTE_64F = 70
 CUBLAS_COMPUTE_32F_FAST_TF32 = 77
 CUBLAS_GEMM_DEFAULT = -1
-#: alpha = 1, beta = 0 as host scalars of the compute type (double for COMPUTE_64F)
+#: alpha = 1, beta = 0 as host scalars of the compute type (double for COMPUTE_64F), and their
+#: addresses (the arrays live as long as the module)
 _SCALARS = {np.dtype(np.float32): (np.ones(1, np.float32), np.zeros(1, np.float32)),
             np.dtype(np.float64): (np.ones(1, np.float64), np.zeros(1, np.float64))}
+_SCALAR_PTRS = {CUBLAS_COMPUTE_32F: tuple(a.ctypes.data for a in _SCALARS[np.dtype(np.float32)]),
+                CUBLAS_COMPUTE_32F_FAST_TF32: tuple(a.ctypes.data
+                                                    for a in _SCALARS[np.dtype(np.float32)]),
+                CUBLAS_COMPUTE_64F: tuple(a.ctypes.data for a in _SCALARS[np.dtype(np.float64)])}
+#: dtype -> cudaDataType_t (-1: none), filled on first sight: ``dtype.name`` costs over a
+#: microsecond a call, a dict lookup by dtype a tenth of that, and every GEMM asks three times
+_CODES = {}
 #: cuBLAS workspace per stream: NVIDIA's recommendation for Hopper (cuBLAS docs,
 #: cublasSetWorkspace), and PyTorch's default there
 WORKSPACE_BYTES = 32 * 1024 * 1024
+
+
+def _code(dtype):
+    code = _CODES.get(dtype)
+    if code is None:
+        code = _CODES[dtype] = CUDA_TYPES.get(dtype.name, -1)
+    return code
 
 
 def takes(a, b, out):
@@ -47,7 +62,7 @@ def takes(a, b, out):
     float32, float16 or bfloat16), the result of that type, or float32 for 16-bit operands
     (cuBLAS's table of supported combinations; a float32 operand beside a 16-bit one is not
     there)."""
-    return (a.dtype == b.dtype and a.dtype.name in CUDA_TYPES
+    return (a.dtype == b.dtype and _code(a.dtype) >= 0
             and (out.dtype == a.dtype
                  or (a.itemsize == 2 and out.dtype == np.dtype(np.float32))))
 
@@ -96,10 +111,10 @@ def gemm_ex(a, b, out, gemm, handle, tf32=False):
         out[...] = 0
         return
     compute = compute_type(a.dtype, tf32)
-    one, zero = _SCALARS[np.dtype(np.float64 if compute == CUBLAS_COMPUTE_64F else np.float32)]
-    gemm(handle, tb, ta, N, M, K, one.ctypes.data, b.data.ptr, CUDA_TYPES[b.dtype.name], ldb,
-         a.data.ptr, CUDA_TYPES[a.dtype.name], lda, zero.ctypes.data, out.data.ptr,
-         CUDA_TYPES[out.dtype.name], ldo, compute, CUBLAS_GEMM_DEFAULT)
+    one, zero = _SCALAR_PTRS[compute]
+    gemm(handle, tb, ta, N, M, K, one, b.data.ptr, _code(b.dtype), ldb, a.data.ptr,
+         _code(a.dtype), lda, zero, out.data.ptr, _code(out.dtype), ldo, compute,
+         CUBLAS_GEMM_DEFAULT)
 
 
 class Blas:
