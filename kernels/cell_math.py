@@ -24,8 +24,12 @@ Numerics:
   ``exp`` is Cephes' ``expf`` polynomial on a range-reduced argument, scaled by ``2^n`` built
   from its bits in two halves, so subnormal results are right too: at most 3 ulp over the whole
   float32 range (tested).
-* Both are branch-free: clamps are ``min``/``max``, the sigmoid's two tails a select, and no
-  libm call, so a row of them compiles to packed SIMD instructions.  A NaN stays NaN.
+* Both are branch-free: clamps are ``at_least``/``at_most``, the sigmoid's two tails a select,
+  and no libm call, so a row of them compiles to packed SIMD instructions.  A NaN stays NaN on
+  every target: the clamps are Numba's ``min``/``max`` on the CPU (one ``vminps``/``vmaxps``,
+  which keep a NaN there) and a compare and a select on the GPU, where numba-cuda lowers
+  ``min``/``max`` to PTX ``min.f32``/``max.f32``, which return the number beside a NaN
+  (``tests/test_ptx.py`` holds every kernel free of them).
 * float64 keeps libm's ``tanh`` and ``exp`` (at most 1 ulp): a rational or polynomial form
   accurate to float64 needs far higher degrees, and the float64 kernels are the reference of the
   gradient checks, not the fast path.  Its sigmoid is the same select form, so it never
@@ -51,7 +55,56 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
+
+
+def at_least(x, low):
+    """``max(x, low)``, a NaN ``x`` staying NaN on every target (module docstring): Numba's
+    ``max`` on the CPU, this body (a compare and a select) on CUDA: the overloads below."""
+    return low if low > x else x
+
+
+def at_most(x, high):
+    """``min(x, high)``, and a NaN ``x`` stays NaN: as ``at_least``."""
+    return high if high < x else x
+
+
+def nan_as(n, low):
+    """``n``, or ``low`` where ``n`` is NaN, for an ``n`` never below ``low`` otherwise: on the
+    CPU Numba's ``max(low, n)``, which returns its first argument beside a NaN (one
+    ``vmaxps``); on the GPU a NaN test and a select (kept free of PTX ``max.f32``,
+    ``tests/test_ptx.py``)."""
+    return n if n == n else low
+
+
+@overload(at_least, target="cpu", inline="always")
+def _at_least_cpu(x, low):
+    return lambda x, low: max(x, low)
+
+
+@overload(at_least, target="cuda")
+def _at_least_cuda(x, low):
+    return at_least  # its body: a compare and a select
+
+
+@overload(at_most, target="cpu", inline="always")
+def _at_most_cpu(x, high):
+    return lambda x, high: min(x, high)
+
+
+@overload(at_most, target="cuda")
+def _at_most_cuda(x, high):
+    return at_most
+
+
+@overload(nan_as, target="cpu", inline="always")
+def _nan_as_cpu(n, low):
+    return lambda n, low: max(low, n)
+
+
+@overload(nan_as, target="cuda")
+def _nan_as_cuda(n, low):
+    return nan_as
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,7 +124,7 @@ def make_cell_math(dtype):
 
     @numba.njit(inline="always")
     def relu_or_tanh(a, relu):
-        return max(a, zero) if relu else tanh(a)
+        return at_least(a, zero) if relu else tanh(a)
 
     # ---------------------------------------------------------------- RNN (tanh or ReLU)
     @numba.njit(inline="always")
@@ -184,14 +237,14 @@ def _make_tanh(dtype):
 
     @numba.njit(inline="always")
     def tanh32(x):
-        c = min(max(x, -clamp), clamp)  # x first: a NaN stays NaN (min/max return their first)
+        c = at_most(at_least(x, -clamp), clamp)
         x2 = c * c
         p = (((((a13 * x2 + a11) * x2 + a9) * x2 + a7) * x2 + a5) * x2 + a3) * x2 + a1
         q = ((b6 * x2 + b4) * x2 + b2) * x2 + b0
         # c * (p/q), not (c*p)/q: c*p underflows into the subnormals for |x| < 2.4e-36 and
         # lost up to 100 ulp there; p/q is near 1.  Clamped: between 7.9 and 9 the form
         # overshoots 1 by an ulp or two.
-        return min(max(c * (p / q), -one), one)
+        return at_most(at_least(c * (p / q), -one), one)
 
     return tanh32
 
@@ -239,7 +292,7 @@ _ROUND = _F(12582912.0)  # 1.5 * 2**23: (t + _ROUND) - _ROUND is t rounded to an
 _LN2_HIGH, _LN2_LOW = _F(0.693359375), _F(-2.12194440e-4)  # ln 2 in two parts (Cephes)
 _EXP_P = (_F(1.9875691500e-4), _F(1.3981999507e-3), _F(8.3334519073e-3), _F(4.1665795894e-2),
           _F(1.6666665459e-1), _F(5.0000001201e-1))
-_N_LOW = _F(-160.0)  # below any n of an argument >= _EXP_LOW
+_N_LOW = _F(-160.0)  # n in place of a NaN (any number would do: the result is NaN by e)
 _ONE32, _HALF32 = _F(1.0), _F(0.5)
 
 
@@ -251,10 +304,10 @@ def _exp_nonpositive32(a):
     polynomial; ``2^n`` applied as ``2^n1 * 2^(n - n1)`` (n1 about n/2), so that each factor is
     a normal float32 and only the last product rounds into the subnormals."""
     p0, p1, p2, p3, p4, p5 = _EXP_P
-    a = max(a, _EXP_LOW)  # a first: a NaN stays NaN
+    a = at_least(a, _EXP_LOW)
     n = (a * _LOG2E + _ROUND) - _ROUND
     r = a - n * _LN2_HIGH - n * _LN2_LOW
     e = (((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5) * r * r + r + _ONE32
-    n = max(_N_LOW, n)  # the bound first: a NaN becomes a number, so its conversion is defined
+    n = nan_as(n, _N_LOW)  # a NaN n (of a NaN a) made a number: its conversion is defined
     n_half = (n * _HALF32 + _ROUND) - _ROUND
     return e * _pow2_32(n_half) * _pow2_32(n - n_half)

@@ -67,6 +67,7 @@ def test_special_values(dtype):
     x = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 100.0, -800.0], dtype)
     tanh, sigmoid = _apply(m.tanh, x), _apply(m.sigmoid, x)
     assert np.isnan(tanh[0]) and np.isnan(sigmoid[0])
+    assert np.isnan(m.rnn_forward(dtype(np.nan), 1))  # ReLU
     np.testing.assert_array_equal(tanh[1:], np.array([1, -1, 0, 0, 1, -1], dtype))
     np.testing.assert_array_equal(sigmoid[1:], np.array([1, 0, 0.5, 0.5, 1, 0], dtype))
 

@@ -1,8 +1,8 @@
 """Every CUDA kernel compiles to PTX for sm_80 and sm_90, in float32 and float64 (and the step
 kernels in float16 and bfloat16), on a machine without a GPU; the float32 and 16-bit PTX has no
 float64 instruction (a bare ``1.0`` in the math would add them); the 16-bit kernels move 16-bit
-values and compute in float32; and the fast launcher packs exactly the parameters each compiled
-kernel declares."""
+values and compute in float32; no kernel takes a float min or max (PTX's drop a NaN); and the
+fast launcher packs exactly the parameters each compiled kernel declares."""
 import os
 import re
 import subprocess
@@ -21,6 +21,7 @@ HALF_NAMES = sorted(all_kernels("float16"))
 _F64 = re.compile(r"\.f64\b")
 _F32_MATH = re.compile(r"\b(fma\.rn|mul\.rn|add\.rn|mul|add|sub)\.f32\b")
 _MOVE_16 = re.compile(r"\b(ld|st)\.global\.(u16|b16)\b")
+_FLOAT_MIN_MAX = re.compile(r"\b(?:min|max)(?:\.[a-zA-Z]+)*\.f(?:16|32|64)\b")
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,16 @@ def test_half_step_kernels_store_16_bits_and_compute_in_float32(ptx, name, dtype
     assert _F32_MATH.findall(text), f"{dtype} {name} does no float32 arithmetic"
     assert _MOVE_16.findall(text), f"{dtype} {name} loads or stores no 16-bit value"
     assert not _MOVE_16.findall(ptx[name, "float32", cc]), "float32 kernels move 16-bit values"
+
+
+@pytest.mark.parametrize("name", NAMES + [n for n in HALF_NAMES if n not in NAMES])
+def test_no_float_min_or_max_that_would_drop_a_nan(ptx, name):
+    """PTX ``min.f32``/``max.f32`` return the number beside a NaN: a clamp written with them
+    turns a NaN pre-activation into a finite gate (it did: the H200 ran NaN inputs to finite
+    outputs, which the NaN guard could not see).  ``cell_math``'s clamps compare and select."""
+    for (kernel, dtype, cc), text in ptx.items():
+        if kernel == name:
+            assert not _FLOAT_MIN_MAX.findall(text), f"{dtype} {name} for sm_{cc[0]}{cc[1]}"
 
 
 def _device_like(a):
