@@ -35,8 +35,10 @@ from numba.extending import intrinsic
 HALF_DTYPES = ("float16", "bfloat16")
 
 
+@functools.lru_cache(maxsize=None)
 def dtype_name(dtype):
-    """The name of a dtype given as a name, a NumPy dtype or a scalar type."""
+    """The name of a dtype given as a name, a NumPy dtype or a scalar type.  Cached: NumPy
+    builds ``dtype.name`` anew on each access (microseconds), and every layer call asks."""
     return dtype if isinstance(dtype, str) else np.dtype(dtype).name
 
 

@@ -156,6 +156,26 @@ def test_no_copy_of_parameters_or_input(monkeypatch):
     np.testing.assert_array_equal(layer.params["weight_hh_l1"], m.weight_hh_l1.detach().numpy())
 
 
+def test_a_parameter_given_new_memory_is_followed():
+    """The layer keeps its views of the parameters between calls; a parameter whose tensor is
+    replaced (``.data =``, a non-contiguous stand-in) is viewed, or copied, anew."""
+    torch.manual_seed(0)
+    ref, mine = twins("GRU", {}, 3, 4, num_layers=2)
+    x = torch.randn(5, 2, 3, dtype=F64)
+    compare(ref, mine, lambda m: m(x), [], seed=1)
+    with torch.no_grad():
+        for name in ("weight_hh_l0", "bias_ih_l1"):
+            new = torch.randn_like(getattr(ref, name))
+            getattr(ref, name).data = new.clone()
+            getattr(mine, name).data = new.clone()
+        new = torch.randn(3 * 4, 4, dtype=F64)
+        ref.weight_hh_l1.data = new.clone()
+        mine.weight_hh_l1.data = torch.empty(3 * 4, 8, dtype=F64)[:, ::2]  # strided, same values
+        mine.weight_hh_l1.data.copy_(new)
+        assert not mine.weight_hh_l1.is_contiguous()
+    compare(ref, mine, lambda m: m(x), [], seed=2)
+
+
 @pytest.mark.parametrize("cell,opts", CELLS, ids=IDS)
 def test_training_loop_same_losses(cell, opts):
     """torch.nn.X swapped for gpurnn.torch.X in a small training loop: the same losses, step

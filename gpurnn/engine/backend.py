@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from ..kernels.storage import HALF_DTYPES
+from ..kernels.storage import HALF_DTYPES, dtype_name
 from . import dispatch
 
 _log = logging.getLogger("gpurnn")
@@ -117,9 +117,9 @@ class CPUBackend(Backend):
         """The drivers' time loops compiled with Numba around NumPy's BLAS (``kernels/cpu.py``),
         or None where that BLAS cannot be called from Numba or has no GEMM of ``dtype`` (the
         16-bit dtypes): the drivers then loop in Python."""
-        dtype = np.dtype(dtype)
-        if dtype.name in HALF_DTYPES:
+        if dtype_name(dtype) in HALF_DTYPES:
             return None
+        dtype = np.dtype(dtype)
         if dtype not in self._loops:
             from ..kernels import cpu
 
@@ -272,7 +272,7 @@ class CUDABackend(Backend):
         wanted = self.persistent
         if wanted == "auto":
             wanted = dispatch.persistent_by_default(B, self.graphs_active())
-        if not wanted or not self._persistent_cell(cell) or np.dtype(dtype).name in HALF_DTYPES:
+        if not wanted or not self._persistent_cell(cell) or dtype_name(dtype) in HALF_DTYPES:
             return None  # the persistent kernels are written for float32 and float64
         from ..kernels import persistent
 

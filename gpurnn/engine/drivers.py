@@ -85,10 +85,9 @@ class Workspace:
         self._buffers = {}
 
     def get(self, name, shape, dtype):
-        shape = tuple(int(s) for s in shape)
         buf = self._buffers.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = self.backend.empty(shape, dtype)
+        if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
+            buf = self.backend.empty(tuple(map(int, shape)), dtype)
             self._buffers[name] = buf
         return buf
 

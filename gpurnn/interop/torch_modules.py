@@ -43,6 +43,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 import numpy as np
 
+from ..kernels.storage import dtype_name
 from ..nn import layers as _layers
 from ..nn.validation import bfloat16 as _bfloat16
 
@@ -73,7 +74,7 @@ def _array(t):
 
 def _tensor(a, device):
     """A tensor sharing the memory of gpurnn's array ``a``."""
-    bf16 = a.dtype.name == "bfloat16"
+    bf16 = dtype_name(a.dtype) == "bfloat16"
     if bf16:
         a = a.view(np.int16)
     t = torch.from_dlpack(a) if device.type == "cuda" else torch.from_numpy(a)
@@ -123,6 +124,7 @@ class _Engine:
     def __init__(self, layer):
         self.layer = layer
         self.free = []
+        self.bound = {}  # parameter name -> (data pointer, dtype, shape) its array views
 
     def take(self):
         return self.free.pop() if self.free else {}
@@ -137,10 +139,16 @@ class _Activations:
         weakref.finalize(self, engine.free.append, tape.workspaces)
 
 
-def _bind(layer, names, params):
-    """Point the gpurnn layer's ``params`` at the torch parameters' memory (no copy)."""
+def _bind(engine, names, params):
+    """Point the gpurnn layer's ``params`` at the torch parameters' memory (no copy).  A
+    contiguous parameter whose memory the layer already views (``engine.bound``) is left as it
+    is: the view stays valid as long as the tensor keeps its memory (the view holds it), and
+    making it again costs microseconds per parameter and call."""
     for name, p in zip(names, params):
-        layer.params[name] = _array(p)
+        key = (p.data_ptr(), p.dtype, p.shape) if p.is_contiguous() else None
+        if key is None or engine.bound.get(name) != key:
+            engine.layer.params[name] = _array(p)
+            engine.bound[name] = key
 
 
 _N_ARGS = 7  # engine, names, lengths, dropout, x, h0, c0; then the parameters
@@ -155,7 +163,7 @@ class _RNNFunction(torch.autograd.Function):
         keep = any(ctx.needs_input_grad) or dropout > 0  # gpurnn drops out in training forwards
         workspaces = engine.take()
         with _on_device(x.device):
-            _bind(layer, names, params)
+            _bind(engine, names, params)
             layer.dropout = dropout
             layer.train(keep)
             state = None
@@ -178,7 +186,7 @@ class _RNNFunction(torch.autograd.Function):
         x, h0, c0, *params = ctx.saved_tensors
         layer, acts = ctx.engine.layer, ctx.activations
         with _on_device(x.device):
-            _bind(layer, ctx.names, params)
+            _bind(ctx.engine, ctx.names, params)
             xp = layer.backend.xp
             tape = acts.tape
             dout = xp.zeros(tape.out_shape, layer.dtype) if dout is None else _array(dout)
