@@ -98,6 +98,25 @@ def test_info(capsys):
     assert (reason in out) if reason else ("cuda" in out)
 
 
+def test_info_says_how_the_cuda_backend_runs(monkeypatch):
+    """The line ``gpurnn info`` prints under a usable GPU: launch mode, graphs or why not, and
+    the GEMMs' precision (here through the simulator's backend, which captures nothing)."""
+    from gpurnn.cli.commands import _cuda_paths
+    from gpurnn.engine.backend import get_backend
+
+    be = get_backend("cuda")
+    monkeypatch.setattr(be, "tf32", True)
+    line = _cuda_paths()
+    assert line.startswith(f"launch={be.launch}, ")
+    if be.simulator:
+        assert "no CUDA graphs (Numba's CUDA simulator captures nothing)" in line
+    assert line.endswith("TF32 GEMMs (GPURNN_TF32=0: strict float32)")
+    monkeypatch.setattr(be, "graphs", False)
+    monkeypatch.setattr(be, "tf32", False)
+    line = _cuda_paths()
+    assert "no CUDA graphs" in line and line.endswith("strict float32 GEMMs")
+
+
 def test_console_script_is_declared():
     from importlib.metadata import entry_points
 

@@ -159,11 +159,14 @@ def test_graphs_off_just_runs(backend):
 def test_graphs_on_need_fast_launches_and_a_capturable_blas(backend):
     be, _ = backend
     assert be.graphs_active()
+    assert be.graphs_unavailable_reason() is None
     be.launch = "eager"
-    with pytest.raises(RuntimeError, match="needs launch='fast', got launch='eager'"):
+    with pytest.raises(RuntimeError, match="cannot run: launch='eager': Numba's dispatcher "
+                                           "synchronises"):
         be.graphs_active()
     be.launch = "fast"
     be._blas_.capturable = False
+    assert "pip install nvmath-python" in be.graphs_unavailable_reason()
     with pytest.raises(RuntimeError, match="pip install nvmath-python"):
         be.graphs_active()
     be.graphs = "auto"  # the default: off where they cannot run, without an error

@@ -656,10 +656,23 @@ def cmd_info(args):
             props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
             name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
             print(f"          cuda (CuPy + Numba CUDA kernels): available, GPU {name}")
+            print(f"          {_cuda_paths()}")
     else:
         print(f"          cuda: not used: {reason}")
     print(f"device='auto' picks: {'cuda' if reason is None else 'cpu'}")
     return 0
+
+
+def _cuda_paths():
+    """One line on how the CUDA backend runs a layer here: launches, graphs, GEMM precision."""
+    from ..engine.backend import get_backend
+
+    be = get_backend("cuda")
+    reason = be.graphs_unavailable_reason()
+    graphs = ("time loops replayed as CUDA graphs" if be.graphs_active()
+              else f"no CUDA graphs ({reason or 'GPURNN_CUDA_GRAPHS=0'})")
+    tf32 = "TF32 GEMMs (GPURNN_TF32=0: strict float32)" if be.tf32 else "strict float32 GEMMs"
+    return f"launch={be.launch}, {graphs}, {tf32}"
 
 
 def _blas_threads(n):

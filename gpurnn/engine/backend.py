@@ -310,19 +310,27 @@ class CUDABackend(Backend):
             return None
         return shape
 
+    def graphs_unavailable_reason(self):
+        """None when this backend can capture its time loops as CUDA graphs, else why not (what
+        ``graphs=True`` raises, and what ``graphs="auto"`` quietly falls back on)."""
+        if self.simulator:
+            return "Numba's CUDA simulator captures nothing"
+        if self.launch != "fast":
+            return (f"launch={self.launch!r}: Numba's dispatcher synchronises with the stream, "
+                    f"which a capture forbids; launch='fast' does not")
+        if not self._blas.capturable:
+            return ("nvmath-python is not installed or cannot run here: CuPy refuses cuBLAS "
+                    "calls while a stream captures (pip install nvmath-python)")
+        return None
+
     def graphs_active(self):
         if self.graphs == "auto":
             return dispatch.graphs_by_default(self.simulator, self.launch,
                                               self.simulator or self._blas.capturable)
         if self.graphs and not self.simulator:
-            if self.launch != "fast":
-                raise RuntimeError(f"graphs=True (GPURNN_CUDA_GRAPHS=1) needs launch='fast', got "
-                                   f"launch={self.launch!r}: Numba's other launches synchronise "
-                                   f"with the stream, which a capture forbids")
-            if not self._blas.capturable:
-                raise RuntimeError("graphs=True (GPURNN_CUDA_GRAPHS=1) needs nvmath-python for "
-                                   "cuBLAS calls that a CUDA graph can capture (CuPy refuses "
-                                   "them): pip install nvmath-python")
+            reason = self.graphs_unavailable_reason()
+            if reason is not None:
+                raise RuntimeError(f"graphs=True (GPURNN_CUDA_GRAPHS=1) cannot run: {reason}")
         return bool(self.graphs)
 
     def run_graph(self, name, enqueue, args):
