@@ -521,6 +521,26 @@ def _make_matmul(dtype):
     return matmul
 
 
+#: Square tile of ``transpose_into`` (16 and 32 measured alike, 8 slower)
+_TRANSPOSE_TILE = 32
+
+
+@numba.njit(cache=True)
+def transpose_into(src, dst):
+    """``dst[...] = src.T`` for ``src`` [R, C] and a C-contiguous ``dst`` [C, R], by square
+    tiles: each row of ``dst`` written in runs, ``src`` read down its columns within a tile.
+    NumPy's strided copy of a transposed view is far slower once the matrix leaves the caches:
+    on an Intel Xeon (family 6, model 167), float32, 1 MiB took 304 us against 175, 4 MiB
+    7740 us against 1151, 16 MiB 26786 us against 5565 (below 256 KiB NumPy's is as fast:
+    ``CPUBackend.transpose_into`` chooses)."""
+    R, C = src.shape
+    for j0 in range(0, C, _TRANSPOSE_TILE):
+        for i0 in range(0, R, _TRANSPOSE_TILE):
+            for j in range(j0, min(j0 + _TRANSPOSE_TILE, C)):
+                for i in range(i0, min(i0 + _TRANSPOSE_TILE, R)):
+                    dst[j, i] = src[i, j]
+
+
 def make_cpu_loops(dtype, kernels):
     """``kernels/loops.py``'s loops compiled for the CPU: ``{loop name: jitted loop}``, or None
     where NumPy's BLAS was not found (the drivers then run the loops as Python)."""

@@ -195,3 +195,38 @@ def test_a_gpu_whose_numba_cuda_cannot_compile_falls_back_to_the_cpu(
     assert "chose cpu" in caplog.text and "row_stack" in caplog.text
     with pytest.raises(RuntimeError, match="row_stack"):
         gpurnn.get_backend("cuda")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transpose_into_by_tiles(dtype, rng):
+    from gpurnn.kernels.cpu import transpose_into
+
+    for shape in [(1, 1), (3, 70), (97, 33), (128, 64)]:
+        src = rng.standard_normal(shape).astype(dtype)
+        for view in (src, src[:, ::-1], np.asfortranarray(src)):
+            dst = np.full(shape[::-1], np.nan, dtype)
+            transpose_into(view, dst)
+            np.testing.assert_array_equal(dst, view.T)
+
+
+@cell_params()
+def test_short_calls_use_the_transposed_view_with_the_same_results(cell, opts, monkeypatch, rng):
+    """Below ``TRANSPOSED_COPY_MIN_ROWS`` rows the CPU's time loops multiply by the transposed
+    view of W_hh instead of a copy made for the call: the same forward and backward, to float64
+    rounding (OpenBLAS may sum in another order)."""
+    from gpurnn.engine import backend
+
+    T, B, I, H = 3, 2, 4, 5
+    x = rng.standard_normal((T, B, I))
+    dout = rng.standard_normal((T, B, 2 * H))
+    results = []
+    for threshold in (0, 10**9):  # always the copy, then always the view
+        monkeypatch.setattr(backend, "TRANSPOSED_COPY_MIN_ROWS", threshold)
+        layer = make(cell, opts, I, H, num_layers=2, bidirectional=True, seed=2)
+        out, state = layer(x, lengths=[3, 2])
+        dx, _ = layer.backward(dout)
+        results.append([out, *state_tuple(state), dx, *layer.grads.values()])
+        buffers = {k for ws in layer._workspaces.values() for k in ws._buffers}
+        assert ("w_hh_t" in buffers) == (threshold == 0)
+    for got, want in zip(results[1], results[0]):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)

@@ -73,6 +73,16 @@ class Backend:
     def is_array(self, a):
         return isinstance(a, self.xp.ndarray)
 
+    def copies_transposed_weights(self, rows):
+        """Whether a forward of ``rows`` = T*B rows hands its time loop ``W_hh^T`` as a
+        C-contiguous copy (made on every forward) rather than as the transposed view of
+        ``W_hh``."""
+        return True
+
+    def transpose_into(self, src, dst):
+        """``dst[...] = src.T``, ``dst`` C-contiguous."""
+        dst[...] = src.T
+
     def forward_sequence(self, cell, w, xg, y, hs, cs, gates, hg, lengths, reverse, training):
         """Run a whole direction's forward loop in one go, if this backend can for this cell
         and shape; return whether it did (else the driver runs its per-step loop).  Arguments
@@ -107,6 +117,27 @@ class CPUBackend(Backend):
 
     def __init__(self):
         self._loops = {}
+
+    def copies_transposed_weights(self, rows):
+        """From ``TRANSPOSED_COPY_MIN_ROWS`` rows on.  OpenBLAS multiplies by a C-contiguous
+        ``W_hh^T`` faster than by the transposed view over enough steps (it packs the operand
+        on every call, a transposed one slower), but the copy, made on every forward, costs
+        more than a short call gains (a streamed step, T = 1, most of all).  The
+        measurements: ``TRANSPOSED_COPY_MIN_ROWS``."""
+        return rows >= TRANSPOSED_COPY_MIN_ROWS
+
+    def transpose_into(self, src, dst):
+        """By ``kernels.cpu.transpose_into``'s tiles from ``TILED_TRANSPOSE_MIN_BYTES`` on, where
+        NumPy's strided copy falls out of the caches; below, NumPy's copy (as fast, with fewer
+        instructions).  float32, Intel Xeon (family 6, model 167), NumPy / tiles: 64 KiB 12.1 /
+        9.3 us, 144 KiB 13.1 / 20.5, 256 KiB 72.1 / 38.0, 576 KiB 164.9 / 84.5, 1 MiB 335.6 /
+        188.9."""
+        if src.nbytes >= TILED_TRANSPOSE_MIN_BYTES and src.itemsize in (4, 8):  # Numba: no 16-bit
+            from ..kernels.cpu import transpose_into
+
+            transpose_into(src, dst)
+        else:
+            super().transpose_into(src, dst)
 
     def kernels(self, dtype):
         from .. import kernels
@@ -404,6 +435,27 @@ class CUDABackend(Backend):
         return "<gpurnn backend cuda (simulator)>" if self.simulator else "<gpurnn backend cuda>"
 
 
+#: T*B from which the CPU's time loops get a C-contiguous copy of W_hh^T
+#: (``CPUBackend.copies_transposed_weights``).  Measured on an Intel Xeon (family 6, model 167,
+#: AVX-512), one OpenBLAS thread, an LSTM inference forward, view time / copy time (the copy by
+#: ``kernels.cpu.transpose_into``); below 1 the view is faster:
+#:
+#:    H   B     T=1   T=4   T=16  T=64
+#:    64  1    0.60  0.72  0.89  0.89
+#:    64  4    0.71  0.79  0.90  1.14
+#:    64  32   0.81  1.05  1.20  1.32
+#:   256  1    0.30  0.53  0.65  0.77
+#:   256  4    0.63  0.97  1.47  1.81
+#:   256  32   0.76  0.97  1.08  1.18
+#:   512  1    0.46  0.86  1.25  1.49
+#:   512  4    0.56  0.89  1.24  1.37
+#:   512  32   0.64  0.93  0.98  1.01
+#:
+#: Copying from 64 rows on loses at most 30 % against the better choice in this grid (H=256,
+#: B=1, T=64); copying always lost up to 3.3x (H=256, B=1, T=1: a streamed step).
+TRANSPOSED_COPY_MIN_ROWS = 64
+#: Bytes of W_hh from which the CPU transposes it by tiles (``CPUBackend.transpose_into``)
+TILED_TRANSPOSE_MIN_BYTES = 256 * 1024
 #: Shared memory a block gets without raising its dynamic limit (cudaFuncSetAttribute).
 _DEFAULT_SHARED_BYTES = 48 * 1024
 _CAPTURE_FAILED = object()

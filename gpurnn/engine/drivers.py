@@ -156,8 +156,10 @@ def forward(be, cell, w, x, h0, c0, lengths, reverse, training, ws):
     hg = ws.get("hg", (B, G * H), compute)  # [B, G*H] recurrent product of one step
 
     if not be.forward_sequence(cell, w, xg, y, hs, cs, gates, hg, lengths, reverse, training):
-        w_hh_t = ws.get("w_hh_t", (H, G * H), dtype)  # [H, G*H] W_hh^T (kernels/loops.py)
-        w_hh_t[...] = w.w_hh.T
+        w_hh_t = w.w_hh.T  # [H, G*H] W_hh^T: a view, or a C-contiguous copy where it pays
+        if be.copies_transposed_weights(T * B):
+            w_hh_t = ws.get("w_hh_t", (H, G * H), dtype)
+            be.transpose_into(w.w_hh, w_hh_t)
         _run_loop(be, dtype, _loop_name(cell, "forward"),
                   (y, hs, cs, gates, xg, hg, w_hh_t, w.b_ih, w.b_hh, lengths, reverse, training,
                    int(cell.relu), c_carry))
