@@ -22,10 +22,11 @@ and the error of a TF32 GEMM against float64 (``--tf32-check``).
 Variants of gpurnn (``--variants``, comma-separated, each ``MODE[+persistent][+graphs][+fp32]``
 with MODE in lazy, eager, fast, or ``default[+fp32]``: what a user gets with no option set, the
 launch mode, the persistent kernels and the CUDA graphs chosen by
-``gpurnn/engine/dispatch.py``): each runs the whole table.  Precision, like for like: float32 GEMMs run TF32 on both sides by default
-(gpurnn's default and ``torch.backends.cudnn.allow_tf32``'s); ``+fp32`` switches both to
-strict float32.  Every row states which (``precision``).  Without a GPU the script prints why and
-exits with status 2, measuring nothing.
+``gpurnn/engine/dispatch.py``): each runs the whole table.  Precision, like for like: float32
+GEMMs run TF32 on both sides by default (gpurnn's default and
+``torch.backends.cudnn.allow_tf32``'s); ``+fp32`` switches both to strict float32.  Every
+row states which (``precision``).  Without a GPU the script prints why and exits with status 2,
+measuring nothing.
 
     python benchmarks/gpu_compare.py                      # the issue's shapes and cells
     python benchmarks/gpu_compare.py --shapes 1000,1,128 --cells lstm --variants fast+persistent

@@ -4,9 +4,10 @@ The time-loop drivers (``drivers.py``) are written once against this interface:
 
 * ``cpu``: NumPy arrays, NumPy (OpenBLAS) GEMMs, Numba CPU step kernels.
 * ``cuda``: CuPy arrays, one cuBLAS call per GEMM (``cublas.py``), Numba CUDA step kernels
-  launched on CuPy's current stream, each direction's time loop replayed as a CUDA graph.  Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1`` set before Numba is
-  imported) the same CUDA kernels run on the CPU with NumPy arrays: that is how the CUDA path is
-  tested on machines without a GPU.
+  launched on CuPy's current stream, each direction's time loop replayed as a CUDA graph.
+  Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1`` set before Numba is imported) the
+  same CUDA kernels run on the CPU with NumPy arrays: that is how the CUDA path is tested on
+  machines without a GPU.
 """
 import collections
 import functools
