@@ -4,9 +4,9 @@
 # cuBLAS calls), check that numba-cuda can compile and run a kernel here, run the test suite on
 # the real GPU, then the gpurnn-vs-cuDNN benchmark (float32 with the defaults against the
 # per-step path without graphs, strict FP32 at the large shapes, bfloat16 and float16), the
-# char-LM training step against torch.nn, `gpurnn train` on the GPU and the CPU, and
-# gpurnn.torch against torch.nn.  Each part has a time limit, so one part that hangs costs its
-# limit, not the session.  Logs and JSON go under ./gpu_out; where $OUT is set (the device
+# char-LM training step against torch.nn, `gpurnn train` on the GPU and the CPU, the adding
+# problem of length 100 learnt in bfloat16 and float32, and gpurnn.torch against torch.nn.
+# Each part has a time limit, so one part that hangs costs its limit, not the session.  Logs and JSON go under ./gpu_out; where $OUT is set (the device
 # tool's folder that comes back, at most eight files), they are also packed into
 # $OUT/gpu_session.tgz after every part, so a call stopped at its limit still brings back what
 # ran.
@@ -104,6 +104,13 @@ if [ "$what" != tests ]; then
         part 40 train_$device.txt $py -m gpurnn train --device $device --quiet \
             --out "$out/train_$device"
         echo "gpurnn train --device $device: rc=$? $(grep '^done' "$out/train_$device.txt")"
+    done
+    # issue 15's learning check: the adding problem of length 100 in bfloat16 and float32
+    for dtype in bfloat16 float32; do
+        part 60 train_adding100_$dtype.txt $py -m gpurnn train --device cuda --quiet \
+            --task adding --seq-len 100 --cell lstm --hidden 64 --lr 1e-2 --steps 3000 \
+            --eval-every 100 --stop-at 0.01 --dtype $dtype --out "$out/train_adding100_$dtype"
+        echo "adding 100 $dtype: rc=$? $(grep -E '^done|test mse' "$out/train_adding100_$dtype.txt" | tr '\n' ' ')"
     done
     part 45 torch_modules.txt $py benchmarks/torch_modules_compare.py \
         --json "$out/torch_modules.json"
