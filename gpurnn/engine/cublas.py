@@ -124,7 +124,9 @@ class Blas:
 
     ``bind(stream_ptr)`` points the own handle at a stream with that stream's workspace
     (``cublasSetStream`` resets the workspace, so both are set together, and only when the
-    stream changes).  A workspace per stream: two streams never share one.
+    stream changes).  A workspace per stream: two streams never share one.  The handle belongs
+    to the device current when it is made: one GPU per process, as for the ``fast`` launch
+    (docs/gpu.md).
     """
 
     def __init__(self, cupy, nvmath_cublas=None):
