@@ -34,14 +34,14 @@ CUBLAS_COMPUTE_32F = 68
 CUBLAS_COMPUTE_64F = 70
 CUBLAS_COMPUTE_32F_FAST_TF32 = 77
 CUBLAS_GEMM_DEFAULT = -1
-#: alpha = 1, beta = 0 as host scalars of the compute type (double for COMPUTE_64F), and their
-#: addresses (the arrays live as long as the module)
-_SCALARS = {np.dtype(np.float32): (np.ones(1, np.float32), np.zeros(1, np.float32)),
-            np.dtype(np.float64): (np.ones(1, np.float64), np.zeros(1, np.float64))}
-_SCALAR_PTRS = {CUBLAS_COMPUTE_32F: tuple(a.ctypes.data for a in _SCALARS[np.dtype(np.float32)]),
-                CUBLAS_COMPUTE_32F_FAST_TF32: tuple(a.ctypes.data
-                                                    for a in _SCALARS[np.dtype(np.float32)]),
-                CUBLAS_COMPUTE_64F: tuple(a.ctypes.data for a in _SCALARS[np.dtype(np.float64)])}
+#: alpha = 1, beta = 0 as host scalars of each scale type (double for COMPUTE_64F, else
+#: float), alive as long as the module, and their addresses by compute type
+_ALPHA_BETA = {np.float32: (np.ones(1, np.float32), np.zeros(1, np.float32)),
+               np.float64: (np.ones(1, np.float64), np.zeros(1, np.float64))}
+_SCALAR_PTRS = {compute: tuple(a.ctypes.data for a in _ALPHA_BETA[scale])
+                for compute, scale in ((CUBLAS_COMPUTE_32F, np.float32),
+                                       (CUBLAS_COMPUTE_32F_FAST_TF32, np.float32),
+                                       (CUBLAS_COMPUTE_64F, np.float64))}
 #: dtype -> cudaDataType_t (-1: none), filled on first sight: ``dtype.name`` costs over a
 #: microsecond a call, a dict lookup by dtype a tenth of that, and every GEMM asks three times
 _CODES = {}
