@@ -11,7 +11,7 @@
 # $OUT/gpu_session.tgz after every part, so a call stopped at its limit still brings back what
 # ran.
 #
-#   bash benchmarks/gpu_session.sh [all|tests|bench]
+#   [SUITE_LIMIT=seconds] bash benchmarks/gpu_session.sh [all|tests|bench]
 set -u
 cd "$(dirname "$0")/.."
 out=gpu_out
@@ -73,7 +73,7 @@ if [ "$what" != bench ]; then
     # what failed); --tb=short: the tracebacks at the end
     # alone (``tests``) the suite gets most of a call; beside the benchmarks, 150 s (on the
     # H200 at 1411d64 it had not finished by then)
-    limit=$([ "$what" = tests ] && echo 420 || echo 150)
+    limit=$([ "$what" = tests ] && echo "${SUITE_LIMIT:-420}" || echo 150)
     part "$limit" pytest.txt $py -m pytest -v --tb=short -rf -p no:cacheprovider -W ignore \
         $parallel tests/
     echo "pytest: rc=$? $(tail -n 1 "$out/pytest.txt")"
