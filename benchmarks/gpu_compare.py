@@ -19,8 +19,9 @@ gpurnn's output is checked against torch's with the same weights (relative error
 Also measured: host-side cost of one step-kernel launch per launch mode (``--launch-cost``),
 and the error of a TF32 GEMM against float64 (``--tf32-check``).
 
-Variants of gpurnn (``--variants``, comma-separated, each ``MODE[+persistent][+graphs][+fp32]``
-with MODE in lazy, eager, fast, or ``default[+fp32]``: what a user gets with no option set, the
+Variants of gpurnn (``--variants``, comma-separated, each
+``MODE[+persistent[N]][+graphs][+fp32]`` with MODE in lazy, eager, fast (N: the persistent
+kernels on at most N blocks), or ``default[+fp32]``: what a user gets with no option set, the
 launch mode, the persistent kernels and the CUDA graphs chosen by
 ``gpurnn/engine/dispatch.py``): each runs the whole table.  Precision, like for like: float32
 GEMMs run TF32 on both sides by default (gpurnn's default and
@@ -77,19 +78,26 @@ def parse_shape(text):
 
 
 def parse_variant(text):
-    """``{"name", "launch", "persistent", "graphs", "tf32"}``; ``default`` leaves the launch
-    mode (None), the persistent kernels and the CUDA graphs ("auto") to gpurnn's dispatch
-    rules; ``tf32`` is False with ``+fp32`` (both sides strict float32)."""
+    """``{"name", "launch", "persistent", "blocks", "graphs", "tf32"}``; ``default`` leaves the
+    launch mode (None), the persistent kernels and the CUDA graphs ("auto") to gpurnn's dispatch
+    rules; ``+persistentN`` caps the persistent kernels at N blocks (``blocks``; None:
+    gpurnn's choice); ``tf32`` is False with ``+fp32`` (both sides strict float32)."""
     parts = text.split("+")
     mode, flags = parts[0], set(parts[1:])
+    blocks = None
+    for flag in list(flags):
+        if flag.startswith("persistent") and flag[len("persistent"):].isdigit():
+            blocks = int(flag[len("persistent"):])
+            flags = (flags - {flag}) | {"persistent"}
     if mode == "default" and flags <= {"fp32"}:
-        return {"name": text, "launch": None, "persistent": "auto", "graphs": "auto",
-                "tf32": "fp32" not in flags}
-    if mode not in ("lazy", "eager", "fast") or not flags <= {"persistent", "graphs", "fp32"}:
+        return {"name": text, "launch": None, "persistent": "auto", "blocks": None,
+                "graphs": "auto", "tf32": "fp32" not in flags}
+    if (mode not in ("lazy", "eager", "fast") or not flags <= {"persistent", "graphs", "fp32"}
+            or blocks == 0):
         raise argparse.ArgumentTypeError(
-            f"a variant is MODE[+persistent][+graphs][+fp32] with MODE lazy|eager|fast, or "
+            f"a variant is MODE[+persistent[N]][+graphs][+fp32] with MODE lazy|eager|fast, or "
             f"default[+fp32], got {text!r}")
-    return {"name": text, "launch": mode, "persistent": "persistent" in flags,
+    return {"name": text, "launch": mode, "persistent": "persistent" in flags, "blocks": blocks,
             "graphs": "graphs" in flags, "tf32": "fp32" not in flags}
 
 
@@ -414,6 +422,7 @@ def main(argv=None):
         backend.launch, backend.persistent, backend.graphs, backend.tf32 = (
             variant["launch"] or default_launch(simulator=False), variant["persistent"],
             variant["graphs"], variant["tf32"])
+        backend.persistent_blocks = variant["blocks"]
         torch.backends.cudnn.allow_tf32 = variant["tf32"]  # like for like
         for cell in args.cells:
             for T, B, H in args.shapes:

@@ -15,9 +15,17 @@ the grid owns slices ``k, k + gridDim, ...``.  Per step, every block:
    ``lanes`` threads per dot product (strided partial sums, then summed from shared memory);
 3. after a block barrier, runs the cell's element function (``kernels/cuda.py``, the body of
    the step kernels) for its units: it reads only its own columns of ``hg``;
-4. waits at a grid-wide barrier (``cuda.cg.this_grid().sync()``, so the kernel is launched
-   cooperatively and every block must be resident), since the next step needs every unit of
+4. waits at a grid-wide barrier (``grid_barrier``), since the next step needs every unit of
    ``h``.
+
+The barrier.  ``cuda.cg.this_grid().sync()`` goes through the device runtime library (a call
+into ``cudadevrt`` per barrier), which cost several microseconds per step on an H200
+(BENCHMARKS.md, "GPU").  The step barrier here is Baidu's (Diamos et al.): one thread per block
+counts its block in at one global counter and spins until every block of the grid has arrived,
+with a memory fence on each side.  It is only safe when every block is resident at once, which
+a cooperative launch guarantees: the kernels still call ``grid.sync()`` once, at their start,
+which makes Numba launch them cooperatively and orders the counter's zeroing before any
+arrival.
 
 The states, saved gates and outputs land in exactly the slots the time loops use (the kernels
 compute them with the loops' own ``time_slots``), so either kernel combines with the per-step
@@ -36,7 +44,7 @@ from numba import cuda
 
 from .cuda import element_functions
 from .loops import time_slots
-from .signatures import FLOAT, INT, LENGTHS, Param, numba_signature
+from .signatures import COUNTER, FLOAT, INT, LENGTHS, Param, numba_signature
 
 #: Cells with persistent kernels; GRU only with ``reset_after``.
 PERSISTENT_MODES = ("rnn", "lstm", "gru")
@@ -69,6 +77,21 @@ def slice_unit(r, block, n_blocks, U, H, n_slices):
 
 def _device(fn):
     return cuda.jit(device=True, inline="always")(fn)
+
+
+def grid_barrier(arrivals, target):
+    """Wait until every block of the grid has passed ``target / gridDim.x`` barriers, this one
+    included: ``arrivals[0]`` (zero at the first barrier) counts the blocks' arrivals.  Every
+    thread of every block must call it, with the same ``target``."""
+    cuda.syncthreads()  # every thread of the block has issued this step's writes
+    if cuda.threadIdx.x == 0:
+        cuda.threadfence()  # release: the block's writes are visible GPU-wide before it counts
+        cuda.atomic.add(arrivals, 0, 1)
+        # An atomic read goes to L2: never a stale copy of the counter in this SM's L1.
+        while cuda.atomic.add(arrivals, 0, 0) < target:
+            pass
+        cuda.threadfence()  # acquire: the other blocks' writes are seen from here on
+    cuda.syncthreads()
 
 
 def _cell_steps(dtype):
@@ -139,8 +162,8 @@ def _make_block_products(row_of, unit_of):
         """``out[b, c(r)] = M[r, :] . v[b, :]`` for every local row ``r`` and batch row ``b``,
         with ``M`` [rows, K] at the start of ``smem``; ``v`` [B, K] is copied to ``smem`` at
         ``v_at`` first.  ``c(r)`` is the row of ``W_hh`` (forward) or the unit (backward) that
-        local row ``r`` holds.  ``lanes`` threads share each product (strided partial sums at
-        ``part_at``, summed by the first lane).  Every thread of the block must call it: it has
+        local row ``r`` holds.  ``lanes`` threads (a power of two) share each product: strided
+        partial sums at ``part_at``, summed as a tree.  Every thread of the block must call it: it has
         block barriers inside."""
         tid = cuda.threadIdx.x
         for idx in range(tid, B * K, cuda.blockDim.x):
@@ -162,16 +185,20 @@ def _make_block_products(row_of, unit_of):
                     acc += smem[r * K + i] * smem[v_at + b * K + i]
             smem[part_at + tid] = acc
             cuda.syncthreads()
+            # Tree sum of the group's partials: log2(lanes) levels, not lanes serial reads.
+            half = lanes // 2
+            while half > 0:
+                if lane < half:
+                    smem[part_at + tid] += smem[part_at + tid + half]
+                cuda.syncthreads()
+                half //= 2
             if lane == 0 and dot < n_dots:
                 if backward:
                     col = unit_of(r, block, n_blocks, U, H, n_slices)
                 else:
                     col = row_of(r, block, n_blocks, G, U, H, n_slices)
                 if col >= 0:
-                    total = zero
-                    for k in range(lanes):
-                        total += smem[part_at + tid + k]
-                    out[b, col] = total
+                    out[b, col] = smem[part_at + tid]
             cuda.syncthreads()
 
     return block_products
@@ -184,18 +211,19 @@ def make_persistent_python_kernels(dtype):
     zero = dtype.type(0)
     shared_type = numba.from_dtype(dtype)
     helpers = tuple(_device(f) for f in (time_slots, slice_row, slice_unit))
-    helpers += (_device(_make_block_products(*helpers[1:])),)
+    helpers += (_device(_make_block_products(*helpers[1:])), _device(grid_barrier))
     return {mode: (_forward_kernel(fwd, zero, shared_type, *helpers),
                    _backward_kernel(back, rec, zero, shared_type, *helpers))
             for mode, (fwd, back, rec) in _cell_steps(dtype).items()}
 
 
-def _forward_kernel(cell_step, zero, shared_type, slots_of, row_of, unit_of, products):
+def _forward_kernel(cell_step, zero, shared_type, slots_of, row_of, unit_of, products,
+                    barrier):
     def persistent_forward(T, B, H, n_slices, U, lanes, y, hs, cs, gates, xg, hg, w_hh, b_ih,
-                           b_hh, lengths, reverse, training, relu):
+                           b_hh, lengths, arrivals, reverse, training, relu):
         # y [T, B, H]; hs, cs [T+1 or 2, B, H] (cs: any such array unless LSTM);
         # gates [T or 1, B, S*H] (any 3-D array for RNN); xg [T, B, G*H] (no bias); hg [B, G*H]
-        # scratch; w_hh [G*H, H]; b_ih, b_hh [G*H]; lengths [B]
+        # scratch; w_hh [G*H, H]; b_ih, b_hh [G*H]; lengths [B]; arrivals [1] scratch
         G = w_hh.shape[0] // H
         tid = cuda.threadIdx.x
         n_threads = cuda.blockDim.x
@@ -210,8 +238,9 @@ def _forward_kernel(cell_step, zero, shared_type, slots_of, row_of, unit_of, pro
             r = idx // H
             w_row = row_of(r, block, n_blocks, G, U, H, n_slices)
             smem[idx] = w_hh[w_row, idx - r * H] if w_row >= 0 else zero
-        cuda.syncthreads()
-        grid = cuda.cg.this_grid()
+        if block == 0 and tid == 0:
+            arrivals[0] = 0
+        cuda.cg.this_grid().sync()  # the cooperative launch; the counter zero before any arrival
         for step in range(T):
             t, before, after, saved = slots_of(T, step, reverse, training)
             products(smem, rows, H, B, hs[before], h_at, part_at, hg, 0, block, n_blocks, G, U,
@@ -227,20 +256,20 @@ def _forward_kernel(cell_step, zero, shared_type, slots_of, row_of, unit_of, pro
                 if j >= 0:
                     cell_step(b, j, H, t, before, after, saved, y, hs, cs, gates, xg, hg, b_ih,
                               b_hh, lengths, relu, training)
-            grid.sync()
+            barrier(arrivals, (step + 1) * n_blocks)
 
     return persistent_forward
 
 
 def _backward_kernel(cell_back, recurrent_grad, zero, shared_type, slots_of, row_of, unit_of,
-                     products):
+                     products, barrier):
     def persistent_backward(T, B, H, n_slices, U, lanes, dg, dgh, dh_carry, dc, dy, dh_rec, hs,
-                            cs, gates, w_hh, lengths, reverse, relu):
+                            cs, gates, w_hh, lengths, arrivals, reverse, relu):
         # dg, dgh [T, B, G*H] (dgh: GRU's recurrent-path gradient, any such array otherwise);
         # dh_carry, dc, dh_rec [B, H] (in place; dc any such array unless LSTM; dh_rec zero on
         # entry, dg_first @ W_hh on exit); dy [T, B, H]; hs, cs [T+1, B, H]; gates
-        # [T, B, S*H]; w_hh [G*H, H]; lengths [B].  The same work, in the same order, as the
-        # time loop.
+        # [T, B, S*H]; w_hh [G*H, H]; lengths [B]; arrivals [1] scratch.  The same work, in
+        # the same order, as the time loop.
         G = w_hh.shape[0] // H
         K = G * H
         tid = cuda.threadIdx.x
@@ -256,8 +285,9 @@ def _backward_kernel(cell_back, recurrent_grad, zero, shared_type, slots_of, row
             r = idx // K
             j = unit_of(r, block, n_blocks, U, H, n_slices)
             smem[idx] = w_hh[idx - r * K, j] if j >= 0 else zero
-        cuda.syncthreads()
-        grid = cuda.cg.this_grid()
+        if block == 0 and tid == 0:
+            arrivals[0] = 0
+        cuda.cg.this_grid().sync()  # the cooperative launch; the counter zero before any arrival
         rec = recurrent_grad(dg, dgh)
         for it in range(T + 1):
             if it > 0:
@@ -273,7 +303,7 @@ def _backward_kernel(cell_back, recurrent_grad, zero, shared_type, slots_of, row
                     if j >= 0:
                         cell_back(idx - r * B, j, H, t, before, after, dg, dgh, dh_carry, dc, dy,
                                   dh_rec, hs, cs, gates, lengths, relu)
-            grid.sync()
+            barrier(arrivals, (it + 1) * n_blocks)
 
     return persistent_backward
 
@@ -288,14 +318,16 @@ _LAUNCH_SHAPE = tuple(Param(name, INT) for name in ("T", "B", "H", "n_slices", "
 PERSISTENT_FORWARD = _LAUNCH_SHAPE + (
     _float("y", 3), _float("hs", 3), _float("cs", 3), _float("gates", 3), _float("xg", 3),
     _float("hg", 2), _float("w_hh", 2), _float("b_ih", 1), _float("b_hh", 1),
-    Param("lengths", LENGTHS, 1), Param("reverse", INT), Param("training", INT),
+    Param("lengths", LENGTHS, 1), Param("arrivals", COUNTER, 1), Param("reverse", INT),
+    Param("training", INT),
     Param("relu", INT))
 
 #: Parameters of ``persistent_backward`` (shapes there).
 PERSISTENT_BACKWARD = _LAUNCH_SHAPE + (
     _float("dg", 3), _float("dgh", 3), _float("dh_carry", 2), _float("dc", 2), _float("dy", 3),
     _float("dh_rec", 2), _float("hs", 3), _float("cs", 3), _float("gates", 3),
-    _float("w_hh", 2), Param("lengths", LENGTHS, 1), Param("reverse", INT), Param("relu", INT))
+    _float("w_hh", 2), Param("lengths", LENGTHS, 1), Param("arrivals", COUNTER, 1),
+    Param("reverse", INT), Param("relu", INT))
 
 
 def persistent_signature(dtype, backward=False):
@@ -320,6 +352,8 @@ def plan(G, B, H, itemsize, max_blocks, smem_limit, lanes=32, max_groups=8, back
     ``smem_limit`` bytes of shared memory each.  One slice per block, as many blocks as useful
     (up to one per unit), ``lanes`` threads per dot product and up to ``max_groups`` dot
     products at a time."""
+    if lanes < 1 or lanes & (lanes - 1):
+        raise ValueError(f"lanes must be a power of two (a tree sum), got {lanes}")
     n_blocks = max(1, min(max_blocks, H))
     U = -(-H // n_blocks)
     n_slices = -(-H // U)
@@ -346,10 +380,11 @@ def persistent_kernels(dtype):
 
 
 def launch_persistent(kernel, shape, T, B, H, y, hs, cs, gates, xg, hg, w_hh, b_ih, b_hh,
-                      lengths, reverse, training, relu, stream=0):
+                      lengths, arrivals, reverse, training, relu, stream=0):
     """Run all ``T`` forward steps in one cooperative launch of ``kernel`` with ``shape`` from
     ``plan`` (array shapes as ``persistent_forward``'s; ``cs`` and ``gates`` None where the cell
-    has none)."""
+    has none; ``arrivals`` an int32 array of one element, used by no other kernel running at
+    the same time)."""
     n_blocks, n_slices, U, lanes, threads, nbytes = shape
     # An empty view stands in for a missing array: the kernel never touches it, and no alias
     # of a real argument is passed (the simulator copies each argument back after the launch).
@@ -357,14 +392,14 @@ def launch_persistent(kernel, shape, T, B, H, y, hs, cs, gates, xg, hg, w_hh, b_
     gates = y[:0] if gates is None else gates
     kernel[n_blocks, threads, stream, nbytes](
         T, B, H, n_slices, U, lanes, y, hs, cs, gates, xg, hg, w_hh, b_ih, b_hh, lengths,
-        int(reverse), int(training), int(relu))
+        arrivals, int(reverse), int(training), int(relu))
 
 
 def launch_persistent_backward(kernel, shape, T, B, H, dg, dgh, dh_carry, dc, dy, dh_rec, hs,
-                               cs, gates, w_hh, lengths, reverse, relu, stream=0):
+                               cs, gates, w_hh, lengths, arrivals, reverse, relu, stream=0):
     """Run all ``T`` backward steps in one cooperative launch (array shapes as
     ``persistent_backward``'s; ``dgh``, ``dc``, ``cs``, ``gates`` None where the cell has none,
-    and ``dgh`` None also when it is ``dg`` itself)."""
+    and ``dgh`` None also when it is ``dg`` itself; ``arrivals`` as ``launch_persistent``'s)."""
     n_blocks, n_slices, U, lanes, threads, nbytes = shape
     dgh = dg[:0] if dgh is None or dgh is dg else dgh
     dc = dh_carry[:0] if dc is None else dc
@@ -372,4 +407,4 @@ def launch_persistent_backward(kernel, shape, T, B, H, dg, dgh, dh_carry, dc, dy
     gates = dg[:0] if gates is None else gates
     kernel[n_blocks, threads, stream, nbytes](
         T, B, H, n_slices, U, lanes, dg, dgh, dh_carry, dc, dy, dh_rec, hs, cs, gates, w_hh,
-        lengths, int(reverse), int(relu))
+        lengths, arrivals, int(reverse), int(relu))

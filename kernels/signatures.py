@@ -12,7 +12,8 @@ Roles: ``STORED`` arrays of the layer's dtype, which the GEMMs read or which the
 the kernels compute in (GEMM outputs, biases, the LSTM cell state, carried gradients): the same
 dtype for float32 and float64 layers, float32 under 16-bit ``STORED`` arrays
 (``kernels/storage.py``).  All C-contiguous.  ``LENGTHS`` the int32 array of valid steps per
-sequence, ``INT`` an int64 scalar.  Shapes: ``G`` gate blocks of ``H`` units
+sequence, ``COUNTER`` an int32 array the kernel counts in (the persistent kernels' barrier),
+``INT`` an int64 scalar.  Shapes: ``G`` gate blocks of ``H`` units
 along the last axis (gate ``k`` of unit ``j`` at column ``k*H + j``), ``S`` saved blocks.
 """
 import inspect
@@ -23,13 +24,13 @@ import numpy as np
 
 from .storage import compute_dtype, kernel_dtype
 
-STORED, FLOAT, LENGTHS, INT = "stored", "float", "lengths", "int"
+STORED, FLOAT, LENGTHS, COUNTER, INT = "stored", "float", "lengths", "counter", "int"
 
 
 @dataclass(frozen=True)
 class Param:
     name: str
-    role: str  # STORED, FLOAT, LENGTHS or INT
+    role: str  # STORED, FLOAT, LENGTHS, COUNTER or INT
     rank: int = 0
 
 
@@ -157,8 +158,8 @@ def numba_type(param, dtype):
     """The Numba type of one parameter for kernels of layers of ``dtype``."""
     if param.role == INT:
         return numba.int64
-    element = {LENGTHS: np.dtype(np.int32), STORED: kernel_dtype(dtype),
-               FLOAT: compute_dtype(dtype)}[param.role]
+    element = {LENGTHS: np.dtype(np.int32), COUNTER: np.dtype(np.int32),
+               STORED: kernel_dtype(dtype), FLOAT: compute_dtype(dtype)}[param.role]
     return numba.types.Array(numba.from_dtype(element), param.rank, "C")
 
 

@@ -31,10 +31,11 @@ def test_without_a_gpu_it_says_so_and_measures_nothing():
 @pytest.mark.skipif(SIMULATOR, reason="needs a GPU")
 def test_tiny_run_on_the_gpu_completes():
     done = _run("--shapes", "3,2,8", "--cells", "gru", "lstm", "--variants",
-                "default,fast+persistent,fast+graphs", "--warmup", "1", "--repeat", "3")
+                "default,fast+persistent,fast+persistent2,fast+graphs", "--warmup", "1",
+                "--repeat", "3")
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith(("default ", "fast+"))]
-    assert len(rows) == 2 * 6  # printed as measured, then again in the final table
+    assert len(rows) == 2 * 8  # printed as measured, then again in the final table
     graphed = [line for line in rows if line.startswith("fast+graphs")]
     # captured: the training forward, its backward and the inference forward
     assert all(int(line.split()[-1]) == 3 for line in graphed), graphed
@@ -44,7 +45,10 @@ def test_bad_arguments_are_refused():
     done = _run("--shapes", "3,2")
     assert done.returncode == 2 and "a shape is T,B,H (three ints), got '3,2'" in done.stderr
     done = _run("--variants", "turbo")
-    assert done.returncode == 2 and "a variant is MODE[+persistent][+graphs][+fp32]" in done.stderr
+    assert done.returncode == 2
+    assert "a variant is MODE[+persistent[N]][+graphs][+fp32]" in done.stderr
+    done = _run("--variants", "fast+persistent0")  # at least one block
+    assert done.returncode == 2 and "got 'fast+persistent0'" in done.stderr
     done = _run("--variants", "default+persistent")  # the default decides persistence itself
     assert done.returncode == 2 and "or default[+fp32], got 'default+persistent'" in done.stderr
     done = _run("--variants", "fast+tf32")  # TF32 is the default on both sides now

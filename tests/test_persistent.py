@@ -113,7 +113,8 @@ def test_persistent_kernel_matches_cpu(name, dtype, training, reverse, n_slices,
              persistent.shared_bytes(cell.gates, U, n_slices, 1, B, H, threads, x.itemsize))
     kernel = persistent.persistent_kernels(dtype)[cell.mode][0]
     persistent.launch_persistent(kernel, shape, T, B, H, y, hs, cs, gates, xg, hg, w.w_hh,
-                                 w.b_ih, w.b_hh, lengths, reverse, training, cell.relu)
+                                 w.b_ih, w.b_hh, lengths, np.full(1, 7, np.int32), reverse,
+                                 training, cell.relu)
     _check(cell, dtype, training, reverse, (y, hs, cs, gates), want_y, tape, lengths)
 
 
@@ -184,6 +185,20 @@ def test_bad_option_values_are_refused(monkeypatch):
         CUDABackend(launch="quick", persistent=False)
     with pytest.raises(ValueError, match="persistent must be 'auto', False or True, got 'on'"):
         CUDABackend(persistent="on")
+    monkeypatch.delenv("GPURNN_PERSISTENT")
+    for blocks in ("0", "-2", "many"):
+        monkeypatch.setenv("GPURNN_PERSISTENT_BLOCKS", blocks)
+        with pytest.raises(ValueError, match=f"GPURNN_PERSISTENT_BLOCKS must be a positive "
+                                             f"integer, got '{blocks}'"):
+            CUDABackend()
+    monkeypatch.setenv("GPURNN_PERSISTENT_BLOCKS", "16")
+    assert CUDABackend().persistent_blocks == 16
+
+
+def test_plan_refuses_lanes_that_are_not_a_power_of_two():
+    with pytest.raises(ValueError, match="lanes must be a power of two .*, got 24"):
+        persistent.plan(4, 1, 128, 4, 16, 48 * 1024, lanes=24)
+    assert persistent.plan(4, 1, 128, 4, 16, 48 * 1024, lanes=16)[0] == 16
 
 
 def _backward_reference(cell, dtype, training_reverse, rng):
@@ -243,7 +258,8 @@ def test_persistent_backward_matches_cpu(name, dtype, reverse, n_slices, rng):
     kernel = persistent.persistent_kernels(dtype)[cell.mode][1]
     persistent.launch_persistent_backward(kernel, shape, T, B, H, dg, dgh, dh_carry, dc, dy,
                                           dh_rec, tape.hs, tape.cs, tape.gates, w.w_hh,
-                                          tape.lengths, reverse, cell.relu)
+                                          tape.lengths, np.full(1, 7, np.int32), reverse,
+                                          cell.relu)
     _check_backward(cell, dtype, (dg, dgh, dh_carry, dc, dh_rec), left)
 
 

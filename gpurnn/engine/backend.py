@@ -174,6 +174,9 @@ class CUDABackend(Backend):
       persistent kernel where ``W_hh`` fits on chip: always (True), never (False), or where
       ``dispatch.persistent_by_default`` says it pays (``"auto"``, the default: at small batch
       where graphs are off).
+    * ``persistent_blocks`` (``GPURNN_PERSISTENT_BLOCKS``; None, the default, or a positive
+      int): the most blocks a persistent kernel spreads a direction over; None takes
+      ``dispatch.persistent_blocks``.
     * ``graphs`` (``GPURNN_CUDA_GRAPHS`` = ``auto``, ``0`` or ``1``; ``"auto"``, False or True
       here): ``run_graph`` captures a direction's time loop (its GEMMs and step kernels) as a
       CUDA graph, once per key, and replays it: always (True), never (False), or where
@@ -213,6 +216,11 @@ class CUDABackend(Backend):
         if persistent not in ("auto", False, True):
             raise ValueError(f"persistent must be 'auto', False or True, got {persistent!r}")
         self.persistent = persistent
+        blocks = os.environ.get("GPURNN_PERSISTENT_BLOCKS")
+        if blocks is not None and not (blocks.isdigit() and int(blocks) > 0):
+            raise ValueError(
+                f"GPURNN_PERSISTENT_BLOCKS must be a positive integer, got {blocks!r}")
+        self.persistent_blocks = None if blocks is None else int(blocks)
         if graphs is None:
             graphs = _env_choice("GPURNN_CUDA_GRAPHS", {"auto": "auto", "0": False, "1": True})
         if graphs not in ("auto", False, True):
@@ -280,9 +288,10 @@ class CUDABackend(Backend):
         if launch is None:
             return False
         kernel, shape, stream = launch
+        arrivals = self.xp.empty(1, np.int32)  # the kernel's barrier counter, zeroed there
         persistent.launch_persistent(kernel, shape, T, B, H, y, hs, cs, gates, xg, hg, w.w_hh,
-                                     w.b_ih, w.b_hh, lengths, reverse, training, cell.relu,
-                                     stream)
+                                     w.b_ih, w.b_hh, lengths, arrivals, reverse, training,
+                                     cell.relu, stream)
         return True
 
     def backward_sequence(self, cell, w, tape, dg, dgh, dh_carry, dc, dy, dh_rec):
@@ -293,9 +302,10 @@ class CUDABackend(Backend):
         if launch is None:
             return False
         kernel, shape, stream = launch
+        arrivals = self.xp.empty(1, np.int32)
         persistent.launch_persistent_backward(
             kernel, shape, T, B, H, dg, dgh, dh_carry, dc, dy, dh_rec, tape.hs, tape.cs,
-            tape.gates, w.w_hh, tape.lengths, tape.reverse, cell.relu, stream)
+            tape.gates, w.w_hh, tape.lengths, arrivals, tape.reverse, cell.relu, stream)
         return True
 
     def _persistent_launch(self, cell, B, H, dtype, backward):
@@ -331,8 +341,9 @@ class CUDABackend(Backend):
                                    max_groups=2, backward=backward)
         from numba import cuda
 
-        sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
-        shape = persistent.plan(G, B, H, itemsize, sms, _DEFAULT_SHARED_BYTES,
+        blocks = self.persistent_blocks or dispatch.persistent_blocks(
+            cuda.get_current_device().MULTIPROCESSOR_COUNT)
+        shape = persistent.plan(G, B, H, itemsize, blocks, _DEFAULT_SHARED_BYTES,
                                 backward=backward)
         if shape is None:
             return None

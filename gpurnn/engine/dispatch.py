@@ -67,3 +67,9 @@ def persistent_by_default(B, graphs):
     """Whether a direction with batch ``B`` runs as one persistent kernel when it fits, where
     ``graphs`` says whether its per-step loop would replay as a CUDA graph instead."""
     return not graphs and B <= PERSISTENT_MAX_BATCH
+
+
+def persistent_blocks(sms):
+    """The most blocks a persistent kernel spreads one direction over, on a GPU of ``sms``
+    multiprocessors: one per multiprocessor (the kernels plan at most one block per unit)."""
+    return sms
