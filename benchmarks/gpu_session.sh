@@ -11,14 +11,17 @@
 # $OUT/gpu_session.tgz after every part, so a call stopped at its limit still brings back what
 # ran.
 #
-#   [SUITE_LIMIT=seconds] bash benchmarks/gpu_session.sh [all|tests|bench]
+#   [SUITE=paths] [SUITE_LIMIT=seconds] bash benchmarks/gpu_session.sh [all|tests|bench|setup]
+#
+# ``setup`` installs and checks only (then PYTHONPATH=/tmp/site gives later commands the wheels);
+# SUITE: the test files to run (default tests/).
 set -u
 cd "$(dirname "$0")/.."
 out=gpu_out
 mkdir -p "$out"
 py=${PYTHON:-python3}
 what=${1:-all}
-case "$what" in all|tests|bench) ;; *) echo "usage: $0 [all|tests|bench], got '$what'" >&2; exit 2;; esac
+case "$what" in all|tests|bench|setup) ;; *) echo "usage: $0 [all|tests|bench|setup], got '$what'" >&2; exit 2;; esac
 
 if ls .whl/*.whl > /dev/null 2>&1; then
     $py -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
@@ -52,6 +55,7 @@ reason=$(NUMBA_ENABLE_CUDASIM=0 $py -W ignore -c "import gpurnn; print(gpurnn.cu
 if [ -n "$reason" ]; then
     echo "gpurnn cannot use this GPU, nothing run: $reason" | tee "$out/unavailable.txt"; exit 3
 fi
+[ "$what" = setup ] && exit 0
 
 part() {  # part SECONDS LOG COMMAND...: run with a time limit, log under $out, say how it ended
     local limit=$1 log=$2
@@ -75,7 +79,7 @@ if [ "$what" != bench ]; then
     # H200 at 1411d64 it had not finished by then)
     limit=$([ "$what" = tests ] && echo "${SUITE_LIMIT:-420}" || echo 150)
     part "$limit" pytest.txt $py -m pytest -v --tb=short -rf -p no:cacheprovider -W ignore \
-        $parallel tests/
+        $parallel ${SUITE:-tests/}
     echo "pytest: rc=$? $(tail -n 1 "$out/pytest.txt")"
     grep -E "(FAILED|ERROR) tests/" "$out/pytest.txt" | sed 's/.*\(FAILED\|ERROR\)/\1/' \
         | sort -u | head -n 20
