@@ -2,8 +2,8 @@
 # The GPU checks in one device call (docs/gpu.md, "On a GPU session"): install gpurnn in place
 # (and the wheels carried in .whl: NumPy 2.4 for numba-cuda 0.30, nvmath-python for capturable
 # cuBLAS calls), check that numba-cuda can compile and run a kernel here, run the test suite on
-# the real GPU, then the gpurnn-vs-cuDNN benchmark (float32 with the defaults against the
-# per-step path without graphs, strict FP32 at the large shapes, bfloat16 and float16), the
+# the real GPU, then the gpurnn-vs-cuDNN benchmark (float32 with the defaults, TF32 and strict
+# FP32; the persistent kernels at small batch; bfloat16 and float16), the
 # char-LM training step against torch.nn, `gpurnn train` on the GPU and the CPU, the adding
 # problem of length 100 learnt in bfloat16 and float32, and gpurnn.torch against torch.nn.
 # Each part has a time limit, so one part that hangs costs its limit, not the session.  Logs and JSON go under ./gpu_out; where $OUT is set (the device
@@ -85,21 +85,17 @@ if [ "$what" != bench ]; then
         | sort -u | head -n 20
 fi
 if [ "$what" != tests ]; then
-    part 180 gpu_compare.txt $py benchmarks/gpu_compare.py --variants default,fast \
+    # the defaults, TF32 and strict FP32 on both sides, at every shape of the issue
+    part 180 gpu_compare.txt $py benchmarks/gpu_compare.py --variants default,default+fp32 \
         --warmup 3 --repeat 10 --json "$out/gpu_compare.json"
     echo "gpu_compare: rc=$?"
-    grep -E "^(host|GEMM|variant|---|default|fast)" "$out/gpu_compare.txt" | tail -n 28
-    # at small batch the default is the persistent kernels: against the graphs there
-    part 45 gpu_compare_graphs.txt $py benchmarks/gpu_compare.py --variants fast+graphs \
+    grep -E "^(host|GEMM|variant|---|default)" "$out/gpu_compare.txt" | tail -n 28
+    # the persistent kernels against the default (graphs) at small batch
+    part 45 gpu_compare_persistent.txt $py benchmarks/gpu_compare.py --variants fast+persistent \
         --shapes 1000,4,256 1000,1,128 --warmup 3 --repeat 10 --no-launch-cost \
-        --no-tf32-check --json "$out/gpu_compare_graphs.json"
-    echo "gpu_compare fast+graphs at small batch: rc=$?"
-    tail -n 6 "$out/gpu_compare_graphs.txt"
-    part 45 gpu_compare_fp32.txt $py benchmarks/gpu_compare.py --variants default+fp32 \
-        --shapes 100,64,512 100,256,1024 --warmup 3 --repeat 10 --no-launch-cost \
-        --no-tf32-check --json "$out/gpu_compare_fp32.json"
-    echo "gpu_compare strict fp32: rc=$?"
-    tail -n 6 "$out/gpu_compare_fp32.txt"
+        --no-tf32-check --json "$out/gpu_compare_persistent.json"
+    echo "gpu_compare fast+persistent at small batch: rc=$?"
+    tail -n 6 "$out/gpu_compare_persistent.txt"
     for dtype in bfloat16 float16; do  # 16-bit against torch.nn in the same dtype
         part 40 gpu_compare_$dtype.txt $py benchmarks/gpu_compare.py --dtype $dtype \
             --shapes 100,64,512 100,256,1024 --variants default --warmup 3 --repeat 10 \
