@@ -25,8 +25,11 @@ def _installed_copy(tmp_path):
 
 
 def _lint(site):
-    """lint-imports in ``site``: it reads the contracts from the pyproject.toml there."""
-    env = {**os.environ, "PYTHONPATH": str(site)}
+    """lint-imports in ``site``: it reads the contracts from the pyproject.toml there.  ``site``
+    comes first on the path; what PYTHONPATH held stays behind it (where import-linter itself
+    may be installed)."""
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     return subprocess.run([sys.executable, "-c", LINT, "--no-cache"], cwd=site, env=env,
                           capture_output=True, text=True, timeout=300)
 

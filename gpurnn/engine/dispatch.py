@@ -33,6 +33,23 @@ GEMMs, which change little at these sizes)::
 * The persistent kernels beat the uncaptured per-step path by 3.9-13x where they fit (B = 1
   and 4; batches above 4 where they fit were not measured), so they remain the default there
   when graphs cannot run.
+* With their step barrier a global counter instead of ``grid.sync()`` (0f93856; the same H200,
+  ``--repeat 5``, TF32), the persistent kernels ran 7-15 % faster than the column above, and
+  still slower than the graphs except the RNN's training step at (1000, 4, 256)::
+
+    T,    B,    H  cell     graphs    persistent, blocks:  16      32      64     132 (all SMs)
+ 1000,    4,  256  LSTM     16.33                      (no fit)   67.94   34.44   25.42
+ 1000,    1,  128  LSTM      8.67                        17.57   14.82   14.35   16.95
+ 1000,    4,  256  GRU      16.04                      (no fit)   43.51   29.04   22.20
+ 1000,    1,  128  GRU       9.41                        15.43   13.64   13.15   15.18
+ 1000,    4,  256  RNN      14.08                        35.81   22.66   16.91   13.25
+ 1000,    1,  128  RNN       7.45                        10.93   10.51   11.20   11.96
+
+  (ms, training step; inference likewise: at (1000, 4, 256) RNN 7.00 persistent against 6.65
+  graphs).  So the graphs stay the default everywhere they run.  A persistent kernel takes
+  one block per multiprocessor (``persistent_blocks``): fewer were far slower at B = 4; at
+  B = 1, 32 or 64 blocks were 4-15 % faster than 128, a difference kept out of the rule
+  since that path runs only where graphs cannot.
 """
 import logging
 
@@ -71,5 +88,6 @@ def persistent_by_default(B, graphs):
 
 def persistent_blocks(sms):
     """The most blocks a persistent kernel spreads one direction over, on a GPU of ``sms``
-    multiprocessors: one per multiprocessor (the kernels plan at most one block per unit)."""
+    multiprocessors: one per multiprocessor (the kernels plan at most one block per unit; the
+    measurements above)."""
     return sms
