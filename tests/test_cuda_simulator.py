@@ -105,3 +105,35 @@ def test_repeated_calls_match_cpu(cell, opts, graphs, rng, monkeypatch, caplog):
         kinds = {type(g).__name__ for g in be._graph_cache.values()}
         assert backend_module._SEEN not in be._graph_cache.values(), "a loop was not captured"
         assert kinds == {"Graph"} and len(be._graph_cache) == 2 * 2 * 3, kinds
+
+
+@pytest.mark.parametrize("reset_after", [False, True], ids=["gru_reset_before", "gru_reset_after"])
+def test_a_fresh_backends_capturing_step_sees_its_own_input(reset_after, monkeypatch):
+    """In a backend that has captured nothing yet, the second training step of a shape is the
+    one that captures its loops (and makes the capture stream and its cuBLAS workspace): it must
+    compute with its own input.  A NaN put into that step's input reaches the loss and every
+    gradient of the recurrent layer, as on the CPU (checked first).  On the H200,
+    tests/test_nonfinite.py's guard test saw a finite loss and NaN in ``weight_ih``'s gradient
+    alone when its NaN step was a fresh process's first capture; under the simulator nothing is
+    captured and this checks the staged path."""
+    from gpurnn.engine import backend as backend_module
+    from gpurnn.engine.backend import CUDABackend
+    from gpurnn.nn.optim import Adam
+    from gpurnn.training.step import forward_backward, train_step
+    from gpurnn.training.tasks import make_task, model_for_task
+
+    monkeypatch.setitem(backend_module._BACKENDS, "cuda", CUDABackend())
+    for device in ("cpu", "cuda"):
+        task = make_task("adding", 4)
+        model = model_for_task(task, "gru", hidden_size=3, seed=0, device=device,
+                               reset_after=reset_after)
+        opt = Adam(model.params, model.grads, lr=1e-2)
+        batch = task.batch(np.random.default_rng(0), 2)
+        train_step(model, task, opt, batch, clip_norm=1.0)
+        batch.x[1, 0, 1] = np.nan
+        loss, _ = forward_backward(model, task, batch)
+        grads = {k: model.backend.to_numpy(g) for k, g in model.grads.items()
+                 if k.startswith("rnn.")}
+        assert np.isnan(loss), (device, loss)
+        assert all(np.isnan(g).any() for g in grads.values()), \
+            (device, {k: int(np.isnan(g).sum()) for k, g in grads.items()})
