@@ -12,20 +12,20 @@ the grid owns slices ``k, k + gridDim, ...``.  Per step, every block:
 
 1. copies ``h_prev`` [B, H] into shared memory;
 2. computes its units' recurrent products ``hg[b, g*H + j] = W_hh[g*H + j, :] . h_prev[b, :]``,
-   ``lanes`` threads per dot product (strided partial sums, then summed from shared memory);
+   ``lanes`` threads per dot product (strided partial sums, then a tree sum in shared memory);
 3. after a block barrier, runs the cell's element function (``kernels/cuda.py``, the body of
    the step kernels) for its units: it reads only its own columns of ``hg``;
 4. waits at a grid-wide barrier (``grid_barrier``), since the next step needs every unit of
    ``h``.
 
 The barrier.  ``cuda.cg.this_grid().sync()`` goes through the device runtime library (a call
-into ``cudadevrt`` per barrier), which cost several microseconds per step on an H200
-(BENCHMARKS.md, "GPU").  The step barrier here is Baidu's (Diamos et al.): one thread per block
-counts its block in at one global counter and spins until every block of the grid has arrived,
-with a memory fence on each side.  It is only safe when every block is resident at once, which
-a cooperative launch guarantees: the kernels still call ``grid.sync()`` once, at their start,
-which makes Numba launch them cooperatively and orders the counter's zeroing before any
-arrival.
+into ``cudadevrt`` per barrier); with it at every step, a training step at the small-batch
+shapes took 7-15 % longer on an H200 than with the counter here (BENCHMARKS.md, "GPU").  The
+step barrier here is Baidu's (Diamos et al.): one thread per block counts its block in at one
+global counter and spins until every block of the grid has arrived, with a memory fence on
+each side.  It is only safe when every block is resident at once, which a cooperative launch
+guarantees: the kernels still call ``grid.sync()`` once, at their start, which makes Numba
+launch them cooperatively and orders the counter's zeroing before any arrival.
 
 The states, saved gates and outputs land in exactly the slots the time loops use (the kernels
 compute them with the loops' own ``time_slots``), so either kernel combines with the per-step
@@ -163,8 +163,8 @@ def _make_block_products(row_of, unit_of):
         with ``M`` [rows, K] at the start of ``smem``; ``v`` [B, K] is copied to ``smem`` at
         ``v_at`` first.  ``c(r)`` is the row of ``W_hh`` (forward) or the unit (backward) that
         local row ``r`` holds.  ``lanes`` threads (a power of two) share each product: strided
-        partial sums at ``part_at``, summed as a tree.  Every thread of the block must call it: it has
-        block barriers inside."""
+        partial sums at ``part_at``, summed as a tree.  Every thread of the block must call it:
+        it has block barriers inside."""
         tid = cuda.threadIdx.x
         for idx in range(tid, B * K, cuda.blockDim.x):
             b = idx // K
@@ -319,8 +319,7 @@ PERSISTENT_FORWARD = _LAUNCH_SHAPE + (
     _float("y", 3), _float("hs", 3), _float("cs", 3), _float("gates", 3), _float("xg", 3),
     _float("hg", 2), _float("w_hh", 2), _float("b_ih", 1), _float("b_hh", 1),
     Param("lengths", LENGTHS, 1), Param("arrivals", COUNTER, 1), Param("reverse", INT),
-    Param("training", INT),
-    Param("relu", INT))
+    Param("training", INT), Param("relu", INT))
 
 #: Parameters of ``persistent_backward`` (shapes there).
 PERSISTENT_BACKWARD = _LAUNCH_SHAPE + (

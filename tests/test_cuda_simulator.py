@@ -107,7 +107,8 @@ def test_repeated_calls_match_cpu(cell, opts, graphs, rng, monkeypatch, caplog):
         assert kinds == {"Graph"} and len(be._graph_cache) == 2 * 2 * 3, kinds
 
 
-@pytest.mark.parametrize("reset_after", [False, True], ids=["gru_reset_before", "gru_reset_after"])
+@pytest.mark.parametrize("reset_after", [False, True],
+                         ids=["gru_reset_before", "gru_reset_after"])
 def test_a_fresh_backends_capturing_step_sees_its_own_input(reset_after, monkeypatch):
     """In a backend that has captured nothing yet, the second training step of a shape is the
     one that captures its loops (and makes the capture stream and its cuBLAS workspace): it must
