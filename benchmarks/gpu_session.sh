@@ -97,7 +97,7 @@ if [ "$what" != tests ]; then
     echo "gpu_compare fast+persistent at small batch: rc=$?"
     tail -n 6 "$out/gpu_compare_persistent.txt"
     for dtype in bfloat16 float16; do  # 16-bit against torch.nn in the same dtype
-        part 40 gpu_compare_$dtype.txt $py benchmarks/gpu_compare.py --dtype $dtype \
+        part 60 gpu_compare_$dtype.txt $py benchmarks/gpu_compare.py --dtype $dtype \
             --shapes 100,64,512 100,256,1024 --variants default --warmup 3 --repeat 10 \
             --no-launch-cost --no-tf32-check --json "$out/gpu_compare_$dtype.json"
         echo "gpu_compare $dtype: rc=$?"
