@@ -413,7 +413,9 @@ def make_cpu_kernels(dtype):
 
 
 def numpy_blas():
-    """``(path, (sgemm symbol, dgemm symbol), int type)`` of the OpenBLAS NumPy uses, or None.
+    """``(path, (sgemm symbol, dgemm symbol), int type, core)`` of the OpenBLAS NumPy uses, or
+    None; ``core`` is the kernel set OpenBLAS chose for this CPU, as threadpoolctl reports it
+    (``"SkylakeX"``, ``"Haswell"``, ...; None where it does not say).
 
     NumPy's wheels bundle ``scipy_openblas`` with ILP64 symbols (``scipy_cblas_sgemm64_``,
     64-bit ints); other builds export plain ``cblas_sgemm``.  Anything else (MKL, Accelerate, no
@@ -438,7 +440,7 @@ def numpy_blas():
                                       ("cblas_", "", types.int32)):
             symbols = (f"{prefix}sgemm{suffix}", f"{prefix}dgemm{suffix}")
             if all(hasattr(lib, symbol) for symbol in symbols):
-                return d["filepath"], symbols, int_t
+                return d["filepath"], symbols, int_t, d.get("architecture")
     return None
 
 
@@ -466,7 +468,35 @@ models.register_default(_BlasFunction)(models.OpaqueModel)  # as the base class'
 
 
 _BLAS = numpy_blas()
-_sgemm, _dgemm = _external_gemm(*_BLAS) if _BLAS is not None else (None, None)
+_sgemm, _dgemm = _external_gemm(*_BLAS[:3]) if _BLAS is not None else (None, None)
+
+#: OpenBLAS cores whose small-matrix GEMM kernels (no packing) the float32 products of at most
+#: ``SMALL_GEMM_MAX_ROWS`` rows are cut to reach (``_make_matmul``).  OpenBLAS has them for
+#: SkylakeX (AVX-512) only, and takes them while M*N*K <= 100**3
+#: (``kernel/x86_64/sgemm_small_kernel_permit_skylakex.c``); above that it packs the whole
+#: ``[K, N]`` operand on every call, which is most of a call at few rows.
+SMALL_GEMM_CORES = ("SkylakeX",)
+#: Rows (M) up to which a float32 product is cut into column blocks of M*N*K <= 100**3.
+#: Measured on an Intel Xeon (family 6, model 167, OpenBLAS 0.3.31 SkylakeX), one thread,
+#: us per product, whole / cut, W^T C-contiguous then the transposed view of W:
+#: [4, 256] @ [256, 1024] 53 / 23, 115 / 109; [2, 512] @ [512, 1536] 342 / 117, 416 / 298;
+#: [4, 512] @ [512, 2048] 331 / 196, 581 / 523; [2, 1024] @ [1024, 3072] 1493 / 718,
+#: 1698 / 455; [4, 1024] @ [1024, 4096] 1714 / 1371, 2317 / 611.  At 8 rows and more some
+#: products got slower ([8, 1024] @ [1024, 3072] 1401 / 1654, [16, 1024] @ [1024, 3072] 1855
+#: / 4342), so they stay whole.
+SMALL_GEMM_MAX_ROWS = 4
+_SMALL_GEMM_MNK = 100 ** 3
+
+
+@numba.njit(cache=True)
+def small_gemm_width(M, N, K):
+    """Columns per call of a float32 product [M, K] @ [K, N] on a ``SMALL_GEMM_CORES``
+    OpenBLAS: ``N`` (one call), or, for at most ``SMALL_GEMM_MAX_ROWS`` rows and M*N*K above
+    the small-matrix kernels' bound, the widest multiple of 16 columns within it."""
+    if M > SMALL_GEMM_MAX_ROWS or M * N * K <= _SMALL_GEMM_MNK:
+        return N
+    width = _SMALL_GEMM_MNK // (M * K) // 16 * 16
+    return width if width >= 16 else N
 
 
 _operand_layout = numba.njit(inline="always")(operand_layout)
@@ -484,7 +514,9 @@ def _operand(x):
 
 
 def _make_matmul(dtype):
-    """A jitted ``matmul(a, b, out)``: ``out = a @ b`` by one ``cblas_?gemm`` call.
+    """A jitted ``matmul(a, b, out)``: ``out = a @ b`` by one ``cblas_?gemm`` call, or, for a
+    float32 product of at most ``SMALL_GEMM_MAX_ROWS`` rows on a ``SMALL_GEMM_CORES`` OpenBLAS,
+    one call per block of columns small enough for its small-matrix kernels.
 
     a [M, K], b [K, N], out [M, N] (unit stride along rows); ``a`` and ``b`` may be transposed
     views (unit stride along the first axis), as ``w.T`` is.
@@ -492,8 +524,10 @@ def _make_matmul(dtype):
     dtype = np.dtype(dtype)
     single = dtype == np.float32
     one, zero = dtype.type(1), dtype.type(0)
+    cut = single and _BLAS[3] in SMALL_GEMM_CORES
+    item = dtype.itemsize
     # The symbol in the message also puts it in the cache key: another BLAS build recompiles.
-    error = f"matmul by {_BLAS[1][0 if single else 1]}: shapes must " \
+    error = f"matmul by {_BLAS[1][0 if single else 1]} (cut: {cut}): shapes must " \
             "be a [M, K], b [K, N], out [M, N], each with unit stride along one axis"
 
     @numba.njit(cache=True)
@@ -512,8 +546,11 @@ def _make_matmul(dtype):
             out[...] = zero
             return
         if single:
-            _sgemm(_ROW_MAJOR, ta, tb, M, N, K, one, a.ctypes.data, lda, b.ctypes.data, ldb,
-                   zero, out.ctypes.data, ldo)
+            width = small_gemm_width(M, N, K) if cut else N  # columns per call
+            b_step = item if tb == _NO_TRANS else ldb * item  # column j of b: j steps on
+            for j in range(0, N, width):
+                _sgemm(_ROW_MAJOR, ta, tb, M, min(width, N - j), K, one, a.ctypes.data, lda,
+                       b.ctypes.data + j * b_step, ldb, zero, out.ctypes.data + j * item, ldo)
         else:
             _dgemm(_ROW_MAJOR, ta, tb, M, N, K, one, a.ctypes.data, lda, b.ctypes.data, ldb,
                    zero, out.ctypes.data, ldo)

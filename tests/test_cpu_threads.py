@@ -154,6 +154,28 @@ def test_blas_matmul_of_views(dtype, M, K, N):
             np.testing.assert_allclose(out, a_.astype(np.float64) @ b_, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("M,K,N", [(1, 1024, 1200), (4, 256, 1100), (3, 700, 600), (4, 8, 40000)])
+def test_float32_products_of_few_rows_cut_into_column_blocks(M, K, N):
+    """Past the small-matrix kernels' bound (M*N*K > 100**3) a float32 product of at most
+    ``SMALL_GEMM_MAX_ROWS`` rows runs as calls on blocks of 16k columns, each within the bound,
+    the last one shorter (here wherever OpenBLAS's core has those kernels).  Every layout gives
+    the product within float32's bound for a sum of K products, K * 2^-24 * (|a| @ |b|)."""
+    width = cpu.small_gemm_width(M, N, K)
+    assert width % 16 == 0 and M * width * K <= 100 ** 3 < M * N * K
+    assert N % width, "the shapes above leave a shorter last block"
+    assert cpu.small_gemm_width(cpu.SMALL_GEMM_MAX_ROWS + 1, N, K) == N  # more rows: one call
+    assert cpu.small_gemm_width(M, 100 ** 3 // (M * K), K) == 100 ** 3 // (M * K)  # in bound
+    rng = np.random.default_rng(M + K + N)
+    matmul = cpu._make_matmul(np.float32)
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    bound = K * 2.0 ** -24 * (np.abs(a).astype(np.float64) @ np.abs(w).T)
+    for b in (np.ascontiguousarray(w.T), w.T):  # W^T copied, and the transposed view of W
+        out = np.full((M, N), np.nan, np.float32)
+        matmul(a, b, out)
+        assert np.all(np.abs(out - a.astype(np.float64) @ w.T) <= bound)
+
+
 def test_blas_matmul_refuses_bad_shapes():
     matmul = cpu._make_matmul(np.float64)
     with pytest.raises(ValueError, match="shapes must be"):
