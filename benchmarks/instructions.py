@@ -33,7 +33,10 @@ What makes a count repeatable to the instruction:
   FMA): valgrind hides AVX-512 from CPUID, so code compiled for the host would differ inside and
   outside valgrind.  A native run of the same driver first compiles into a private
   ``NUMBA_CACHE_DIR``; the run under valgrind loads that code, so nothing compiles under
-  valgrind (which takes minutes) and both runs execute the same code.
+  valgrind (which takes minutes) and both runs execute the same code.  For the same reason
+  OpenBLAS runs its Haswell kernels in both (``OPENBLAS_CORETYPE=Haswell``, what it picks under
+  valgrind anyway): the compiled products depend on its core (``kernels/cpu.py``,
+  ``SMALL_GEMM_CORES``).
 * ``PYTHONHASHSEED=0``; one BLAS thread (OpenBLAS's threads spin for a time-dependent count);
   the garbage collector off during the counted calls.
 
@@ -130,7 +133,7 @@ def _environment(pythonpath, numba_cache):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "NUMBA_"))}
     env.update(PYTHONHASHSEED="0", NUMBA_CACHE_DIR=str(numba_cache), NUMBA_CPU_NAME="haswell",
                NUMBA_CPU_FEATURES="", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
-               MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+               MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1", OPENBLAS_CORETYPE="Haswell")
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
     return env

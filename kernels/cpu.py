@@ -527,7 +527,7 @@ def _make_matmul(dtype):
     cut = single and _BLAS[3] in SMALL_GEMM_CORES
     item = dtype.itemsize
     # The symbol in the message also puts it in the cache key: another BLAS build recompiles.
-    error = f"matmul by {_BLAS[1][0 if single else 1]} (cut: {cut}): shapes must " \
+    error = f"matmul by {_BLAS[1][0 if single else 1]}: shapes must " \
             "be a [M, K], b [K, N], out [M, N], each with unit stride along one axis"
 
     @numba.njit(cache=True)
