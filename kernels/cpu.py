@@ -470,30 +470,32 @@ models.register_default(_BlasFunction)(models.OpaqueModel)  # as the base class'
 _BLAS = numpy_blas()
 _sgemm, _dgemm = _external_gemm(*_BLAS[:3]) if _BLAS is not None else (None, None)
 
-#: OpenBLAS cores whose small-matrix GEMM kernels (no packing) the float32 products of at most
-#: ``SMALL_GEMM_MAX_ROWS`` rows are cut to reach (``_make_matmul``).  OpenBLAS has them for
-#: SkylakeX (AVX-512) only, and takes them while M*N*K <= 100**3
-#: (``kernel/x86_64/sgemm_small_kernel_permit_skylakex.c``); above that it packs the whole
-#: ``[K, N]`` operand on every call, which is most of a call at few rows.
+#: OpenBLAS cores whose small-matrix GEMM kernels (no packing) the float32 products of few rows
+#: are cut to reach (``_make_matmul``).  OpenBLAS has them for SkylakeX (AVX-512) only, and
+#: takes them while M*N*K <= 100**3 (``kernel/x86_64/sgemm_small_kernel_permit_skylakex.c``);
+#: above that it packs the whole ``[K, N]`` operand on every call, which is most of a call at
+#: few rows.
 SMALL_GEMM_CORES = ("SkylakeX",)
-#: Rows (M) up to which a float32 product is cut into column blocks of M*N*K <= 100**3.
-#: Measured on an Intel Xeon (family 6, model 167, OpenBLAS 0.3.31 SkylakeX), one thread,
-#: us per product, whole / cut, W^T C-contiguous then the transposed view of W:
-#: [4, 256] @ [256, 1024] 53 / 23, 115 / 109; [2, 512] @ [512, 1536] 342 / 117, 416 / 298;
-#: [4, 512] @ [512, 2048] 331 / 196, 581 / 523; [2, 1024] @ [1024, 3072] 1493 / 718,
-#: 1698 / 455; [4, 1024] @ [1024, 4096] 1714 / 1371, 2317 / 611.  At 8 rows and more some
-#: products got slower ([8, 1024] @ [1024, 3072] 1401 / 1654, [16, 1024] @ [1024, 3072] 1855
-#: / 4342), so they stay whole.
-SMALL_GEMM_MAX_ROWS = 4
+#: Products with M*K (rows times depth) up to this are cut into column blocks of M*N*K <=
+#: 100**3.  Measured on an Intel Xeon (family 6, model 167, OpenBLAS 0.3.31 SkylakeX), one
+#: thread, us per product [M, K] @ [K, N], whole / cut, W^T C-contiguous then the transposed
+#: view of W.  M*K <= 4096, all as fast or faster: [4, 256] @ [256, 1024] 53 / 23, 115 / 109;
+#: [8, 256] @ [256, 1024] 66 / 41, 129 / 122; [16, 256] @ [256, 1024] 93 / 88, 164 / 166;
+#: [2, 512] @ [512, 1536] 342 / 117, 416 / 298; [8, 512] @ [512, 2048] 496 / 343, 655 / 581;
+#: [2, 1024] @ [1024, 3072] 1493 / 718, 1698 / 455; [4, 1024] @ [1024, 4096] 1714 / 1371,
+#: 2317 / 611.  Above, mostly slower: [8, 1024] @ [1024, 3072] 1401 / 1654; [16, 512] @
+#: [512, 2048] 477 / 777; [16, 1024] @ [1024, 3072] 1855 / 4342 (but [16, 512] @ [512, 1536]
+#: 582 / 359).
+SMALL_GEMM_MAX_MK = 4096
 _SMALL_GEMM_MNK = 100 ** 3
 
 
 @numba.njit(cache=True)
 def small_gemm_width(M, N, K):
     """Columns per call of a float32 product [M, K] @ [K, N] on a ``SMALL_GEMM_CORES``
-    OpenBLAS: ``N`` (one call), or, for at most ``SMALL_GEMM_MAX_ROWS`` rows and M*N*K above
-    the small-matrix kernels' bound, the widest multiple of 16 columns within it."""
-    if M > SMALL_GEMM_MAX_ROWS or M * N * K <= _SMALL_GEMM_MNK:
+    OpenBLAS: ``N`` (one call), or, for M*K up to ``SMALL_GEMM_MAX_MK`` and M*N*K above the
+    small-matrix kernels' bound, the widest multiple of 16 columns within it."""
+    if M * K > SMALL_GEMM_MAX_MK or M * N * K <= _SMALL_GEMM_MNK:
         return N
     width = _SMALL_GEMM_MNK // (M * K) // 16 * 16
     return width if width >= 16 else N
@@ -515,8 +517,8 @@ def _operand(x):
 
 def _make_matmul(dtype):
     """A jitted ``matmul(a, b, out)``: ``out = a @ b`` by one ``cblas_?gemm`` call, or, for a
-    float32 product of at most ``SMALL_GEMM_MAX_ROWS`` rows on a ``SMALL_GEMM_CORES`` OpenBLAS,
-    one call per block of columns small enough for its small-matrix kernels.
+    float32 product of few rows (``small_gemm_width``) on a ``SMALL_GEMM_CORES`` OpenBLAS, one
+    call per block of columns small enough for its small-matrix kernels.
 
     a [M, K], b [K, N], out [M, N] (unit stride along rows); ``a`` and ``b`` may be transposed
     views (unit stride along the first axis), as ``w.T`` is.

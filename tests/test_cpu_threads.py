@@ -154,16 +154,18 @@ def test_blas_matmul_of_views(dtype, M, K, N):
             np.testing.assert_allclose(out, a_.astype(np.float64) @ b_, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("M,K,N", [(1, 1024, 1200), (4, 256, 1100), (3, 700, 600), (4, 8, 40000)])
+@pytest.mark.parametrize("M,K,N", [(1, 1024, 1200), (4, 256, 1100), (3, 700, 600),
+                                   (4, 8, 40000), (8, 512, 300)])
 def test_float32_products_of_few_rows_cut_into_column_blocks(M, K, N):
-    """Past the small-matrix kernels' bound (M*N*K > 100**3) a float32 product of at most
-    ``SMALL_GEMM_MAX_ROWS`` rows runs as calls on blocks of 16k columns, each within the bound,
-    the last one shorter (here wherever OpenBLAS's core has those kernels).  Every layout gives
-    the product within float32's bound for a sum of K products, K * 2^-24 * (|a| @ |b|)."""
+    """Past the small-matrix kernels' bound (M*N*K > 100**3) a float32 product with M*K up to
+    ``SMALL_GEMM_MAX_MK`` runs as calls on blocks of 16k columns, each within the bound, the
+    last one shorter (here wherever OpenBLAS's core has those kernels).  Every layout gives the
+    product within float32's bound for a sum of K products, K * 2^-24 * (|a| @ |b|)."""
     width = cpu.small_gemm_width(M, N, K)
     assert width % 16 == 0 and M * width * K <= 100 ** 3 < M * N * K
     assert N % width, "the shapes above leave a shorter last block"
-    assert cpu.small_gemm_width(cpu.SMALL_GEMM_MAX_ROWS + 1, N, K) == N  # more rows: one call
+    deep = cpu.SMALL_GEMM_MAX_MK // M + 1
+    assert cpu.small_gemm_width(M, N, deep) == N  # M*K past SMALL_GEMM_MAX_MK: one call
     assert cpu.small_gemm_width(M, 100 ** 3 // (M * K), K) == 100 ** 3 // (M * K)  # in bound
     rng = np.random.default_rng(M + K + N)
     matmul = cpu._make_matmul(np.float32)
