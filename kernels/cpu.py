@@ -31,7 +31,9 @@ spinning against OpenBLAS's threads cost 60x on these machines.  The cores belon
 
 Sequence loops: ``kernels/loops.py`` compiled with Numba, the per-step recurrent GEMM a direct
 call of ``cblas_?gemm`` in the OpenBLAS NumPy uses (so one BLAS thread pool, the one
-threadpoolctl limits for NumPy).  No Python runs between steps.
+threadpoolctl limits for NumPy), or, at few rows on OpenBLAS's SkylakeX core, one call per
+block of columns that its small-matrix kernels take without packing ``W_hh``
+(``small_gemm_width``).  No Python runs between steps.
 
 Numba's on-disk cache (``cache=True``) keys a closure by the pickled contents of its cells.  A
 Numba dispatcher pickles with a random per-process UUID, so every closure over a dispatcher
