@@ -138,3 +138,31 @@ def test_a_fresh_backends_capturing_step_sees_its_own_input(reset_after, monkeyp
         assert np.isnan(loss), (device, loss)
         assert all(np.isnan(g).any() for g in grads.values()), \
             (device, {k: int(np.isnan(g).sum()) for k, g in grads.items()})
+
+
+@pytest.mark.parametrize("reset_after", [False, True],
+                         ids=["gru_reset_before", "gru_reset_after"])
+def test_a_fresh_backends_capturing_step_computes_the_cpus_loss(reset_after, monkeypatch):
+    """The same sequence without a NaN: in a backend that has captured nothing yet, the
+    capturing step, given new data, computes the CPU's loss and gradients (SGD, so the first
+    step's rounding differences stay small; strict float32 GEMMs).  A capturing call that read
+    the previous step's input would give the previous data's loss."""
+    from gpurnn.engine import backend as backend_module
+    from gpurnn.engine.backend import CUDABackend
+    from gpurnn.nn.optim import SGD
+    from gpurnn.training.step import forward_backward, train_step
+    from gpurnn.training.tasks import make_task, model_for_task
+
+    monkeypatch.setitem(backend_module._BACKENDS, "cuda", CUDABackend(tf32=False))
+    got = {}
+    for device in ("cpu", "cuda"):
+        task = make_task("adding", 4)
+        model = model_for_task(task, "gru", hidden_size=3, seed=0, device=device,
+                               reset_after=reset_after)
+        train_step(model, task, SGD(model.params, model.grads, lr=1e-2),
+                   task.batch(np.random.default_rng(0), 2), clip_norm=1.0)
+        loss, _ = forward_backward(model, task, task.batch(np.random.default_rng(1), 2))
+        got[device] = (loss, {k: model.backend.to_numpy(g) for k, g in model.grads.items()})
+    np.testing.assert_allclose(got["cuda"][0], got["cpu"][0], rtol=1e-5)
+    for k, g in got["cpu"][1].items():
+        np.testing.assert_allclose(got["cuda"][1][k], g, rtol=1e-4, atol=1e-6, err_msg=k)
