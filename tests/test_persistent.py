@@ -193,6 +193,10 @@ def test_bad_option_values_are_refused(monkeypatch):
             CUDABackend()
     monkeypatch.setenv("GPURNN_PERSISTENT_BLOCKS", "16")
     assert CUDABackend().persistent_blocks == 16
+    assert CUDABackend(persistent_blocks=8).persistent_blocks == 8  # the argument wins
+    with pytest.raises(ValueError, match="persistent_blocks must be a positive int or None, "
+                                         "got 0"):
+        CUDABackend(persistent_blocks=0)
 
 
 def test_plan_refuses_lanes_that_are_not_a_power_of_two():

@@ -193,7 +193,8 @@ class CUDABackend(Backend):
 
     name = "cuda"
 
-    def __init__(self, launch=None, persistent=None, graphs=None, tf32=None):
+    def __init__(self, launch=None, persistent=None, graphs=None, tf32=None,
+                 persistent_blocks=None):
         from numba import cuda
 
         from ..kernels.cuda import LAUNCH_MODES
@@ -216,11 +217,16 @@ class CUDABackend(Backend):
         if persistent not in ("auto", False, True):
             raise ValueError(f"persistent must be 'auto', False or True, got {persistent!r}")
         self.persistent = persistent
-        blocks = os.environ.get("GPURNN_PERSISTENT_BLOCKS")
-        if blocks is not None and not (blocks.isdigit() and int(blocks) > 0):
-            raise ValueError(
-                f"GPURNN_PERSISTENT_BLOCKS must be a positive integer, got {blocks!r}")
-        self.persistent_blocks = None if blocks is None else int(blocks)
+        if persistent_blocks is None:
+            blocks = os.environ.get("GPURNN_PERSISTENT_BLOCKS")
+            if blocks is not None and not (blocks.isdigit() and int(blocks) > 0):
+                raise ValueError(
+                    f"GPURNN_PERSISTENT_BLOCKS must be a positive integer, got {blocks!r}")
+            persistent_blocks = None if blocks is None else int(blocks)
+        elif not (isinstance(persistent_blocks, int) and persistent_blocks > 0):
+            raise ValueError(f"persistent_blocks must be a positive int or None, got "
+                             f"{persistent_blocks!r}")
+        self.persistent_blocks = persistent_blocks
         if graphs is None:
             graphs = _env_choice("GPURNN_CUDA_GRAPHS", {"auto": "auto", "0": False, "1": True})
         if graphs not in ("auto", False, True):
@@ -287,8 +293,7 @@ class CUDABackend(Backend):
         launch = self._persistent_launch(cell, B, H, y.dtype, backward=False)
         if launch is None:
             return False
-        kernel, shape, stream = launch
-        arrivals = self.xp.empty(1, np.int32)  # the kernel's barrier counter, zeroed there
+        kernel, shape, stream, arrivals = launch
         persistent.launch_persistent(kernel, shape, T, B, H, y, hs, cs, gates, xg, hg, w.w_hh,
                                      w.b_ih, w.b_hh, lengths, arrivals, reverse, training,
                                      cell.relu, stream)
@@ -301,16 +306,16 @@ class CUDABackend(Backend):
         launch = self._persistent_launch(cell, B, H, dy.dtype, backward=True)
         if launch is None:
             return False
-        kernel, shape, stream = launch
-        arrivals = self.xp.empty(1, np.int32)
+        kernel, shape, stream, arrivals = launch
         persistent.launch_persistent_backward(
             kernel, shape, T, B, H, dg, dgh, dh_carry, dc, dy, dh_rec, tape.hs, tape.cs,
             tape.gates, w.w_hh, tape.lengths, arrivals, tape.reverse, cell.relu, stream)
         return True
 
     def _persistent_launch(self, cell, B, H, dtype, backward):
-        """(kernel, launch shape, stream) of the persistent path, or None when it is off, the
-        cell or dtype has none, or the shape does not fit."""
+        """(kernel, launch shape, stream, barrier counter) of the persistent path, or None when
+        it is off, the cell or dtype has none, or the shape does not fit.  The counter, an int32
+        array of one element, is the launch's own: the kernel zeroes it."""
         wanted = self.persistent
         if wanted == "auto":
             wanted = dispatch.persistent_by_default(B, self.graphs_active())
@@ -322,7 +327,8 @@ class CUDABackend(Backend):
         shape = self._persistent_shape(kernel, cell.gates, B, H, dtype, backward)
         if shape is None:
             return None
-        return kernel, shape, 0 if self.simulator else self._numba_stream()
+        stream = 0 if self.simulator else self._numba_stream()
+        return kernel, shape, stream, self.xp.empty(1, np.int32)
 
     @staticmethod
     def _persistent_cell(cell):
