@@ -107,34 +107,46 @@ def test_repeated_calls_match_cpu(cell, opts, graphs, rng, monkeypatch, caplog):
         assert kinds == {"Graph"} and len(be._graph_cache) == 2 * 2 * 3, kinds
 
 
-@pytest.mark.parametrize("reset_after", [False, True],
-                         ids=["gru_reset_before", "gru_reset_after"])
-def test_a_fresh_backends_capturing_step_sees_its_own_input(reset_after, monkeypatch):
-    """In a backend that has captured nothing yet, the second training step of a shape is the
-    one that captures its loops (and makes the capture stream and its cuBLAS workspace): it must
-    compute with its own input.  A NaN put into that step's input reaches the loss and every
-    gradient of the recurrent layer, as on the CPU (checked first).  On the H200,
-    tests/test_nonfinite.py's guard test saw a finite loss and NaN in ``weight_ih``'s gradient
-    alone when its NaN step was a fresh process's first capture; under the simulator nothing is
-    captured and this checks the staged path."""
+def _second_steps(reset_after, optimizer, second_batch, monkeypatch, **backend_options):
+    """On the CPU and on a fresh CUDA backend (nothing captured yet: the second step of a shape
+    captures its loops, and makes the capture stream and its cuBLAS workspace), a GRU model's
+    training step on one batch, then the forward and backward of ``second_batch(first)``:
+    ``{device: (loss, {parameter: gradient})}``."""
     from gpurnn.engine import backend as backend_module
     from gpurnn.engine.backend import CUDABackend
-    from gpurnn.nn.optim import Adam
     from gpurnn.training.step import forward_backward, train_step
     from gpurnn.training.tasks import make_task, model_for_task
 
-    monkeypatch.setitem(backend_module._BACKENDS, "cuda", CUDABackend())
+    monkeypatch.setitem(backend_module._BACKENDS, "cuda", CUDABackend(**backend_options))
+    got = {}
     for device in ("cpu", "cuda"):
         task = make_task("adding", 4)
         model = model_for_task(task, "gru", hidden_size=3, seed=0, device=device,
                                reset_after=reset_after)
-        opt = Adam(model.params, model.grads, lr=1e-2)
-        batch = task.batch(np.random.default_rng(0), 2)
-        train_step(model, task, opt, batch, clip_norm=1.0)
-        batch.x[1, 0, 1] = np.nan
-        loss, _ = forward_backward(model, task, batch)
-        grads = {k: model.backend.to_numpy(g) for k, g in model.grads.items()
-                 if k.startswith("rnn.")}
+        first = task.batch(np.random.default_rng(0), 2)
+        train_step(model, task, optimizer(model.params, model.grads, lr=1e-2), first,
+                   clip_norm=1.0)
+        loss, _ = forward_backward(model, task, second_batch(task, first))
+        got[device] = (loss, {k: model.backend.to_numpy(g) for k, g in model.grads.items()})
+    return got
+
+
+@pytest.mark.parametrize("reset_after", [False, True],
+                         ids=["gru_reset_before", "gru_reset_after"])
+def test_a_fresh_backends_capturing_step_sees_its_own_input(reset_after, monkeypatch):
+    """The capturing step must compute with its own input: a NaN put into it reaches the loss
+    and every gradient of the recurrent layer, as on the CPU (checked first).  On the H200,
+    tests/test_nonfinite.py's guard test saw a finite loss and NaN in ``weight_ih``'s gradient
+    alone when its NaN step was a fresh process's first capture; under the simulator nothing is
+    captured and this checks the staged path."""
+    from gpurnn.nn.optim import Adam
+
+    def with_nan(task, first):
+        first.x[1, 0, 1] = np.nan
+        return first
+
+    for device, (loss, grads) in _second_steps(reset_after, Adam, with_nan, monkeypatch).items():
+        grads = {k: g for k, g in grads.items() if k.startswith("rnn.")}
         assert np.isnan(loss), (device, loss)
         assert all(np.isnan(g).any() for g in grads.values()), \
             (device, {k: int(np.isnan(g).sum()) for k, g in grads.items()})
@@ -143,26 +155,14 @@ def test_a_fresh_backends_capturing_step_sees_its_own_input(reset_after, monkeyp
 @pytest.mark.parametrize("reset_after", [False, True],
                          ids=["gru_reset_before", "gru_reset_after"])
 def test_a_fresh_backends_capturing_step_computes_the_cpus_loss(reset_after, monkeypatch):
-    """The same sequence without a NaN: in a backend that has captured nothing yet, the
-    capturing step, given new data, computes the CPU's loss and gradients (SGD, so the first
-    step's rounding differences stay small; strict float32 GEMMs).  A capturing call that read
-    the previous step's input would give the previous data's loss."""
-    from gpurnn.engine import backend as backend_module
-    from gpurnn.engine.backend import CUDABackend
+    """The same sequence without a NaN: given new data, the capturing step computes the CPU's
+    loss and gradients (SGD, so the first step's rounding differences stay small; strict
+    float32 GEMMs).  A capturing call that read the previous step's input would give the
+    previous data's loss."""
     from gpurnn.nn.optim import SGD
-    from gpurnn.training.step import forward_backward, train_step
-    from gpurnn.training.tasks import make_task, model_for_task
 
-    monkeypatch.setitem(backend_module._BACKENDS, "cuda", CUDABackend(tf32=False))
-    got = {}
-    for device in ("cpu", "cuda"):
-        task = make_task("adding", 4)
-        model = model_for_task(task, "gru", hidden_size=3, seed=0, device=device,
-                               reset_after=reset_after)
-        train_step(model, task, SGD(model.params, model.grads, lr=1e-2),
-                   task.batch(np.random.default_rng(0), 2), clip_norm=1.0)
-        loss, _ = forward_backward(model, task, task.batch(np.random.default_rng(1), 2))
-        got[device] = (loss, {k: model.backend.to_numpy(g) for k, g in model.grads.items()})
+    got = _second_steps(reset_after, SGD, lambda task, first: task.batch(
+        np.random.default_rng(1), 2), monkeypatch, tf32=False)
     np.testing.assert_allclose(got["cuda"][0], got["cpu"][0], rtol=1e-5)
     for k, g in got["cpu"][1].items():
         np.testing.assert_allclose(got["cuda"][1][k], g, rtol=1e-4, atol=1e-6, err_msg=k)
