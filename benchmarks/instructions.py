@@ -36,7 +36,7 @@ What makes a count repeatable to the instruction:
   valgrind (which takes minutes) and both runs execute the same code.  For the same reason
   OpenBLAS runs its Haswell kernels in both (``OPENBLAS_CORETYPE=Haswell``, what it picks under
   valgrind anyway): the compiled products depend on its core (``kernels/cpu.py``,
-  ``SMALL_GEMM_CORES``).
+  ``SMALL_GEMM_RULES``).
 * ``PYTHONHASHSEED=0``; one BLAS thread (OpenBLAS's threads spin for a time-dependent count);
   the garbage collector off during the counted calls.
 

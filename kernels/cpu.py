@@ -472,35 +472,73 @@ models.register_default(_BlasFunction)(models.OpaqueModel)  # as the base class'
 _BLAS = numpy_blas()
 _sgemm, _dgemm = _external_gemm(*_BLAS[:3]) if _BLAS is not None else (None, None)
 
-#: OpenBLAS cores whose small-matrix GEMM kernels (no packing) the float32 products of few rows
-#: are cut to reach (``_make_matmul``).  OpenBLAS has them for SkylakeX (AVX-512) only, and
-#: takes them while M*N*K <= 100**3 (``kernel/x86_64/sgemm_small_kernel_permit_skylakex.c``);
-#: above that it packs the whole ``[K, N]`` operand on every call, which is most of a call at
-#: few rows.
-SMALL_GEMM_CORES = ("SkylakeX",)
-#: Products with M*K (rows times depth) up to this are cut into column blocks of M*N*K <=
-#: 100**3.  Measured on an Intel Xeon (family 6, model 167, OpenBLAS 0.3.31 SkylakeX), one
-#: thread, us per product [M, K] @ [K, N], whole / cut, W^T C-contiguous then the transposed
-#: view of W.  M*K <= 4096, all as fast or faster: [4, 256] @ [256, 1024] 53 / 23, 115 / 109;
-#: [8, 256] @ [256, 1024] 66 / 41, 129 / 122; [16, 256] @ [256, 1024] 93 / 88, 164 / 166;
-#: [2, 512] @ [512, 1536] 342 / 117, 416 / 298; [8, 512] @ [512, 2048] 496 / 343, 655 / 581;
-#: [2, 1024] @ [1024, 3072] 1493 / 718, 1698 / 455; [4, 1024] @ [1024, 4096] 1714 / 1371,
-#: 2317 / 611.  Above, mostly slower: [8, 1024] @ [1024, 3072] 1401 / 1654; [16, 512] @
-#: [512, 2048] 477 / 777; [16, 1024] @ [1024, 3072] 1855 / 4342 (but [16, 512] @ [512, 1536]
-#: 582 / 359).
-SMALL_GEMM_MAX_MK = 4096
-_SMALL_GEMM_MNK = 100 ** 3
+#: OpenBLAS has small-matrix GEMM kernels, which do not pack their operands, for its SkylakeX
+#: core (AVX-512) only, and takes them while M*N*K <= 100**3
+#: (``kernel/x86_64/sgemm_small_kernel_permit_skylakex.c``); above that it packs the whole
+#: ``[K, N]`` operand on every call, which is most of a call at few rows.  So a float32 product
+#: of few rows is cut into blocks of columns within that bound (``small_gemm_width``), by a rule
+#: measured per CPU: ``SMALL_GEMM_RULES[(OpenBLAS core, LLVM's host CPU name)]``, the second
+#: ``None`` for any CPU with that core, = ``(max M*K, unit, most columns)``: products with M*K
+#: (rows times depth) up to the first are cut into blocks of the widest multiple of ``unit``
+#: within the bound, at most ``most columns``.
+#:
+#: ``("SkylakeX", None)``, measured on an Intel Xeon (family 6, model 167), one thread, us per
+#: product [M, K] @ [K, N], whole / cut, W^T C-contiguous then the transposed view of W.  M*K <=
+#: 4096, all as fast or faster: [4, 256] @ [256, 1024] 53 / 23, 115 / 109; [8, 256] @ [256, 1024]
+#: 66 / 41, 129 / 122; [16, 256] @ [256, 1024] 93 / 88, 164 / 166; [2, 512] @ [512, 1536]
+#: 342 / 117, 416 / 298; [8, 512] @ [512, 2048] 496 / 343, 655 / 581; [2, 1024] @ [1024, 3072]
+#: 1493 / 718, 1698 / 455; [4, 1024] @ [1024, 4096] 1714 / 1371, 2317 / 611.  Above, mostly
+#: slower: [8, 1024] @ [1024, 3072] 1401 / 1654; [16, 512] @ [512, 2048] 477 / 777; [16, 1024] @
+#: [1024, 3072] 1855 / 4342 (but [16, 512] @ [512, 1536] 582 / 359).
+#:
+#: ``("SkylakeX", "znver4")``, measured on an AMD EPYC (family 25, model 17: Zen 4), one thread,
+#: W^T C-contiguous, us per product, whole / blocks of 64 / of 32 / of the Intel rule's width:
+#: there blocks of 64 and 128 columns ran alike and faster than any width between (the kernel's
+#: widest step is 64 columns; [32, 256] @ [256, 1024] in blocks of 48, 80, 96, 112: 290, 221,
+#: 193, 235), and blocks of 16 lost up to 2.6x beside winning elsewhere:
+#: [4, 256] @ [256, 1024] 102 / 20 / 104 / 30; [8, 256] @ [256, 1024] 156 / 39 / 83 / 42;
+#: [16, 256] @ [256, 1024] 162 / 75 / 158 / 107; [32, 256] @ [256, 1024] 280 / 154 / 199;
+#: [32, 256] @ [256, 768] 143 / 110 / 115; [32, 768] @ [768, 256] 146 / - / 115;
+#: [64, 256] @ [256, 1024] 405 / - / 396; [16, 512] @ [512, 2048] 649 / 309 / 669;
+#: [32, 512] @ [512, 2048] 1105 / - / 836; [8, 2048] @ [2048, 512] 315 / - / 221;
+#: [64, 256] @ [256, 256] 123 / - / 85; [2, 512] @ [512, 2048] 525 / 102 / 217 / 110.
+#: Blocks of 16 (M*K past 31250): [32, 1024] @ [1024, 256] 194 / 162 but [16, 2048] @
+#: [2048, 512] 520 / 1011 and [64, 512] @ [512, 2048] 1700 / 4494: not taken.
+SMALL_GEMM_RULES = {("SkylakeX", "znver4"): (31250, 32, 64),
+                    ("SkylakeX", None): (4096, 16, 1 << 30)}
+#: M*N*K up to which OpenBLAS takes its small-matrix kernels
+SMALL_GEMM_MNK = 100 ** 3
+#: ``(max M*K, unit, most columns)`` of a rule that never cuts
+NO_CUT = (0, 16, 1 << 30)
+
+
+def small_gemm_rule(core, host_cpu):
+    """The cut rule (``SMALL_GEMM_RULES``) for OpenBLAS core ``core`` on the CPU LLVM names
+    ``host_cpu``: that CPU's own, else its core's, else ``NO_CUT``."""
+    return SMALL_GEMM_RULES.get((core, host_cpu), SMALL_GEMM_RULES.get((core, None), NO_CUT))
+
+
+def _host_cpu():
+    import llvmlite.binding as llvm
+
+    return llvm.get_host_cpu_name()
+
+
+#: This machine's rule: by the core NumPy's OpenBLAS runs and the CPU under it
+SMALL_GEMM_RULE = small_gemm_rule(_BLAS[3] if _BLAS is not None else None, _host_cpu())
 
 
 @numba.njit(cache=True)
-def small_gemm_width(M, N, K):
-    """Columns per call of a float32 product [M, K] @ [K, N] on a ``SMALL_GEMM_CORES``
-    OpenBLAS: ``N`` (one call), or, for M*K up to ``SMALL_GEMM_MAX_MK`` and M*N*K above the
-    small-matrix kernels' bound, the widest multiple of 16 columns within it."""
-    if M * K > SMALL_GEMM_MAX_MK or M * N * K <= _SMALL_GEMM_MNK:
+def small_gemm_width(M, N, K, rule):
+    """Columns per call of a float32 product [M, K] @ [K, N] under ``rule`` = ``(max M*K, unit,
+    most columns)`` (``SMALL_GEMM_RULES``): ``N`` (one call), or, for M*K up to the first and
+    M*N*K above the small-matrix kernels' bound, the widest multiple of ``unit`` columns within
+    it, at most ``most columns``."""
+    max_mk, unit, most = rule
+    if M * K > max_mk or M * N * K <= SMALL_GEMM_MNK:
         return N
-    width = _SMALL_GEMM_MNK // (M * K) // 16 * 16
-    return width if width >= 16 else N
+    width = min(SMALL_GEMM_MNK // (M * K) // unit * unit, most)
+    return width if width >= unit else N
 
 
 _operand_layout = numba.njit(inline="always")(operand_layout)
@@ -517,10 +555,11 @@ def _operand(x):
     return (_TRANS if transposed else _NO_TRANS), ld
 
 
-def _make_matmul(dtype):
+def _make_matmul(dtype, rule=None):
     """A jitted ``matmul(a, b, out)``: ``out = a @ b`` by one ``cblas_?gemm`` call, or, for a
-    float32 product of few rows (``small_gemm_width``) on a ``SMALL_GEMM_CORES`` OpenBLAS, one
-    call per block of columns small enough for its small-matrix kernels.
+    float32 product of few rows, one call per block of columns small enough for OpenBLAS's
+    small-matrix kernels (``small_gemm_width`` under ``rule``; None: this machine's,
+    ``SMALL_GEMM_RULE``).
 
     a [M, K], b [K, N], out [M, N] (unit stride along rows); ``a`` and ``b`` may be transposed
     views (unit stride along the first axis), as ``w.T`` is.
@@ -528,7 +567,7 @@ def _make_matmul(dtype):
     dtype = np.dtype(dtype)
     single = dtype == np.float32
     one, zero = dtype.type(1), dtype.type(0)
-    cut = single and _BLAS[3] in SMALL_GEMM_CORES
+    rule = SMALL_GEMM_RULE if rule is None else tuple(rule)
     item = dtype.itemsize
     # The symbol in the message also puts it in the cache key: another BLAS build recompiles.
     error = f"matmul by {_BLAS[1][0 if single else 1]}: shapes must " \
@@ -550,7 +589,7 @@ def _make_matmul(dtype):
             out[...] = zero
             return
         if single:
-            width = small_gemm_width(M, N, K) if cut else N  # columns per call
+            width = small_gemm_width(M, N, K, rule)  # columns per call
             b_step = item if tb == _NO_TRANS else ldb * item  # column j of b: j steps on
             for j in range(0, N, width):
                 _sgemm(_ROW_MAJOR, ta, tb, M, min(width, N - j), K, one, a.ctypes.data, lda,

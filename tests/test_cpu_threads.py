@@ -154,21 +154,28 @@ def test_blas_matmul_of_views(dtype, M, K, N):
             np.testing.assert_allclose(out, a_.astype(np.float64) @ b_, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("rule", sorted(set(cpu.SMALL_GEMM_RULES.values())))
 @pytest.mark.parametrize("M,K,N", [(1, 1024, 1200), (4, 256, 1100), (3, 700, 600),
-                                   (4, 8, 40000), (8, 512, 300)])
-def test_float32_products_of_few_rows_cut_into_column_blocks(M, K, N):
+                                   (4, 8, 40001), (8, 512, 300), (32, 768, 300)])
+def test_float32_products_of_few_rows_cut_into_column_blocks(rule, M, K, N):
     """Past the small-matrix kernels' bound (M*N*K > 100**3) a float32 product with M*K up to
-    ``SMALL_GEMM_MAX_MK`` runs as calls on blocks of 16k columns, each within the bound, the
-    last one shorter (here wherever OpenBLAS's core has those kernels).  Every layout gives the
-    product within float32's bound for a sum of K products, K * 2^-24 * (|a| @ |b|)."""
-    width = cpu.small_gemm_width(M, N, K)
-    assert width % 16 == 0 and M * width * K <= 100 ** 3 < M * N * K
-    assert N % width, "the shapes above leave a shorter last block"
-    deep = cpu.SMALL_GEMM_MAX_MK // M + 1
-    assert cpu.small_gemm_width(M, N, deep) == N  # M*K past SMALL_GEMM_MAX_MK: one call
-    assert cpu.small_gemm_width(M, 100 ** 3 // (M * K), K) == 100 ** 3 // (M * K)  # in bound
+    the rule's first figure runs as calls on blocks of a multiple of its unit of columns, each
+    within the bound, the last one shorter; a deeper product runs as one call.  Every rule of
+    ``SMALL_GEMM_RULES`` is checked on every machine (the cut is the same code whichever kernels
+    OpenBLAS then takes), and every layout gives the product within float32's bound for a sum of
+    K products, K * 2^-24 * (|a| @ |b|)."""
+    max_mk, unit, most = rule
+    width = cpu.small_gemm_width(M, N, K, rule)
+    if M * K > max_mk:
+        assert width == N
+    else:
+        assert width % unit == 0 and width <= most and M * width * K <= 100 ** 3 < M * N * K
+        assert N % width, "the shapes above leave a shorter last block"
+        assert cpu.small_gemm_width(M, N, max_mk // M + 1, rule) == N  # M*K past it: one call
+        in_bound = 100 ** 3 // (M * K)
+        assert cpu.small_gemm_width(M, in_bound, K, rule) == in_bound  # one call takes them
     rng = np.random.default_rng(M + K + N)
-    matmul = cpu._make_matmul(np.float32)
+    matmul = cpu._make_matmul(np.float32, rule)
     a = rng.standard_normal((M, K)).astype(np.float32)
     w = rng.standard_normal((N, K)).astype(np.float32)
     bound = K * 2.0 ** -24 * (np.abs(a).astype(np.float64) @ np.abs(w).T)
@@ -176,6 +183,18 @@ def test_float32_products_of_few_rows_cut_into_column_blocks(M, K, N):
         out = np.full((M, N), np.nan, np.float32)
         matmul(a, b, out)
         assert np.all(np.abs(out - a.astype(np.float64) @ w.T) <= bound)
+
+
+def test_the_cut_rule_is_the_cpus_own_else_its_cores():
+    """A CPU measured on its own gets its rule; another CPU with that OpenBLAS core the core's;
+    a core without small-matrix kernels none (one call per product)."""
+    zen4 = cpu.SMALL_GEMM_RULES[("SkylakeX", "znver4")]
+    assert cpu.small_gemm_rule("SkylakeX", "znver4") == zen4
+    assert cpu.small_gemm_rule("SkylakeX", "sapphirerapids") == cpu.SMALL_GEMM_RULES[
+        ("SkylakeX", None)] != zen4
+    assert cpu.small_gemm_rule("Haswell", "znver4") == cpu.small_gemm_rule(None, "x") == \
+        cpu.NO_CUT
+    assert cpu.small_gemm_width(1, 10 ** 6, 16, cpu.NO_CUT) == 10 ** 6
 
 
 def test_blas_matmul_refuses_bad_shapes():
