@@ -33,7 +33,7 @@ Sequence loops: ``kernels/loops.py`` compiled with Numba, the per-step recurrent
 call of ``cblas_?gemm`` in the OpenBLAS NumPy uses (so one BLAS thread pool, the one
 threadpoolctl limits for NumPy), or, at few rows on OpenBLAS's SkylakeX core, one call per
 block of columns that its small-matrix kernels take without packing ``W_hh``
-(``small_gemm_width``).  No Python runs between steps.
+(``small_gemm_blocks``).  No Python runs between steps.
 
 Numba's on-disk cache (``cache=True``) keys a closure by the pickled contents of its cells.  A
 Numba dispatcher pickles with a random per-process UUID, so every closure over a dispatcher
@@ -415,9 +415,10 @@ def make_cpu_kernels(dtype):
 
 
 def numpy_blas():
-    """``(path, (sgemm symbol, dgemm symbol), int type, core)`` of the OpenBLAS NumPy uses, or
-    None; ``core`` is the kernel set OpenBLAS chose for this CPU, as threadpoolctl reports it
-    (``"SkylakeX"``, ``"Haswell"``, ...; None where it does not say).
+    """``(path, (sgemm symbol, dgemm symbol), int type, core, threads symbol)`` of the OpenBLAS
+    NumPy uses, or None; ``core`` is the kernel set OpenBLAS chose for this CPU, as threadpoolctl
+    reports it (``"SkylakeX"``, ``"Haswell"``, ...; None where it does not say); ``threads
+    symbol`` its ``openblas_get_num_threads`` (None where it has none).
 
     NumPy's wheels bundle ``scipy_openblas`` with ILP64 symbols (``scipy_cblas_sgemm64_``,
     64-bit ints); other builds export plain ``cblas_sgemm``.  Anything else (MKL, Accelerate, no
@@ -442,7 +443,9 @@ def numpy_blas():
                                       ("cblas_", "", types.int32)):
             symbols = (f"{prefix}sgemm{suffix}", f"{prefix}dgemm{suffix}")
             if all(hasattr(lib, symbol) for symbol in symbols):
-                return d["filepath"], symbols, int_t, d.get("architecture")
+                threads = prefix.replace("cblas_", "openblas_") + "get_num_threads" + suffix
+                return (d["filepath"], symbols, int_t, d.get("architecture"),
+                        threads if hasattr(lib, threads) else None)
     return None
 
 
@@ -471,16 +474,30 @@ models.register_default(_BlasFunction)(models.OpaqueModel)  # as the base class'
 
 _BLAS = numpy_blas()
 _sgemm, _dgemm = _external_gemm(*_BLAS[:3]) if _BLAS is not None else (None, None)
+#: ``openblas_get_num_threads``: how many threads OpenBLAS's next call may use (None: unknown)
+_blas_threads = _BlasFunction(_BLAS[4], types.int32()) if _BLAS and _BLAS[4] else None
+
+
+@numba.njit(cache=True)
+def _blas_threads_unknown():
+    return 0
 
 #: OpenBLAS has small-matrix GEMM kernels, which do not pack their operands, for its SkylakeX
 #: core (AVX-512) only, and takes them while M*N*K <= 100**3
 #: (``kernel/x86_64/sgemm_small_kernel_permit_skylakex.c``); above that it packs the whole
 #: ``[K, N]`` operand on every call, which is most of a call at few rows.  So a float32 product
-#: of few rows is cut into blocks of columns within that bound (``small_gemm_width``), by a rule
-#: measured per CPU: ``SMALL_GEMM_RULES[(OpenBLAS core, LLVM's host CPU name)]``, the second
-#: ``None`` for any CPU with that core, = ``(max M*K, unit, most columns)``: products with M*K
-#: (rows times depth) up to the first are cut into blocks of the widest multiple of ``unit``
-#: within the bound, at most ``most columns``.
+#: is cut into blocks within that bound (``small_gemm_blocks``), by a rule measured per CPU:
+#: ``SMALL_GEMM_RULES[(OpenBLAS core, LLVM's host CPU name)]``, the second ``None`` for any CPU
+#: with that core, = ``(max M*K, unit, most columns, least rows, most rows threaded)``:
+#:
+#: * rows per call: all ``M`` where ``least rows`` is 0, else the most rows, a power of two,
+#:   that a block of ``most columns`` holds within the bound (no cut if that is below ``least
+#:   rows``);
+#: * columns per call: the widest multiple of ``unit`` within the bound, at most ``most
+#:   columns``;
+#: * a product with M*K above ``max M*K`` is not cut, nor, where OpenBLAS runs more than one
+#:   thread, one of more than ``most rows threaded`` rows: its small-matrix kernels run on one
+#:   thread, the whole product on all.
 #:
 #: ``("SkylakeX", None)``, measured on an Intel Xeon (family 6, model 167), one thread, us per
 #: product [M, K] @ [K, N], whole / cut, W^T C-contiguous then the transposed view of W.  M*K <=
@@ -492,24 +509,26 @@ _sgemm, _dgemm = _external_gemm(*_BLAS[:3]) if _BLAS is not None else (None, Non
 #: [1024, 3072] 1855 / 4342 (but [16, 512] @ [512, 1536] 582 / 359).
 #:
 #: ``("SkylakeX", "znver4")``, measured on an AMD EPYC (family 25, model 17: Zen 4), one thread,
-#: W^T C-contiguous, us per product, whole / blocks of 64 / of 32 / of the Intel rule's width:
-#: there blocks of 64 and 128 columns ran alike and faster than any width between (the kernel's
-#: widest step is 64 columns; [32, 256] @ [256, 1024] in blocks of 48, 80, 96, 112: 290, 221,
-#: 193, 235), and blocks of 16 lost up to 2.6x beside winning elsewhere:
-#: [4, 256] @ [256, 1024] 102 / 20 / 104 / 30; [8, 256] @ [256, 1024] 156 / 39 / 83 / 42;
-#: [16, 256] @ [256, 1024] 162 / 75 / 158 / 107; [32, 256] @ [256, 1024] 280 / 154 / 199;
-#: [32, 256] @ [256, 768] 143 / 110 / 115; [32, 768] @ [768, 256] 146 / - / 115;
-#: [64, 256] @ [256, 1024] 405 / - / 396; [16, 512] @ [512, 2048] 649 / 309 / 669;
-#: [32, 512] @ [512, 2048] 1105 / - / 836; [8, 2048] @ [2048, 512] 315 / - / 221;
-#: [64, 256] @ [256, 256] 123 / - / 85; [2, 512] @ [512, 2048] 525 / 102 / 217 / 110.
-#: Blocks of 16 (M*K past 31250): [32, 1024] @ [1024, 256] 194 / 162 but [16, 2048] @
-#: [2048, 512] 520 / 1011 and [64, 512] @ [512, 2048] 1700 / 4494: not taken.
-SMALL_GEMM_RULES = {("SkylakeX", "znver4"): (31250, 32, 64),
-                    ("SkylakeX", None): (4096, 16, 1 << 30)}
+#: W^T C-contiguous.  Blocks of 64 or 128 columns ran alike and faster than any width between
+#: (64 columns is the kernel's widest step; [32, 256] @ [256, 1024], us per product, in blocks
+#: of 48, 64, 80, 96, 112 columns: 290, 180, 221, 193, 235); whole / blocks of 64 columns and
+#: all rows / of 32 and all rows / the Intel rule: [4, 256] @ [256, 1024] 102 / 20 / 104 / 30;
+#: [8, 256] @ [256, 1024] 156 / 39 / 83 / 42; [16, 256] @ [256, 1024] 162 / 75 / 158 / 107;
+#: [32, 256] @ [256, 1024] 280 / 154 / 199; [2, 512] @ [512, 2048] 525 / 102 / 217 / 110.  Where
+#: 64 columns of all rows pass the bound, blocks of fewer rows (the columns outer, so a block
+#: of W^T is read once): whole / best blocks (rows x columns): [64, 512] @ [512, 2048] 1722 /
+#: 1222 (16 x 64); [64, 2048] @ [2048, 512] 1451 / 1374 (4 x 64); [64, 512] @ [512, 1536] 1062 /
+#: 892 (4 x 128, 895 at 16 x 64); [64, 1536] @ [1536, 512] 1072 / 929 (8 x 64); [64, 512] @
+#: [512, 512] 343 / 293; [256, 128] @ [128, 512] 333 / 296 (32 x 64); [256, 512] @ [512, 128]
+#: 330 / 292 (8 x 64); [256, 128] @ [128, 384] 249 / 221 (64 x 64); [32, 1024] @ [1024, 256]
+#: 187 / 145 (8 x 64); [16, 2048] @ [2048, 512] 515 / 345 (4 x 64), where blocks of 8 x 32 took
+#: 458 and of 16 rows and 16 columns 1011.
+SMALL_GEMM_RULES = {("SkylakeX", "znver4"): (1 << 62, 64, 64, 4, 16),
+                    ("SkylakeX", None): (4096, 16, 1 << 30, 0, 1 << 30)}
 #: M*N*K up to which OpenBLAS takes its small-matrix kernels
 SMALL_GEMM_MNK = 100 ** 3
-#: ``(max M*K, unit, most columns)`` of a rule that never cuts
-NO_CUT = (0, 16, 1 << 30)
+#: a rule that never cuts
+NO_CUT = (0, 16, 1 << 30, 0, 0)
 
 
 def small_gemm_rule(core, host_cpu):
@@ -529,16 +548,33 @@ SMALL_GEMM_RULE = small_gemm_rule(_BLAS[3] if _BLAS is not None else None, _host
 
 
 @numba.njit(cache=True)
-def small_gemm_width(M, N, K, rule):
-    """Columns per call of a float32 product [M, K] @ [K, N] under ``rule`` = ``(max M*K, unit,
-    most columns)`` (``SMALL_GEMM_RULES``): ``N`` (one call), or, for M*K up to the first and
-    M*N*K above the small-matrix kernels' bound, the widest multiple of ``unit`` columns within
-    it, at most ``most columns``."""
-    max_mk, unit, most = rule
-    if M * K > max_mk or M * N * K <= SMALL_GEMM_MNK:
-        return N
-    width = min(SMALL_GEMM_MNK // (M * K) // unit * unit, most)
-    return width if width >= unit else N
+def small_gemm_blocks(M, N, K, rule, one_thread):
+    """``(rows, columns)`` per call of a float32 product [M, K] @ [K, N] under ``rule``
+    (``SMALL_GEMM_RULES``): ``(M, N)``, one call, within the small-matrix kernels' bound or where
+    the rule does not cut; else blocks within it.  Rows are split only where OpenBLAS runs
+    ``one_thread``: its small-matrix kernels run on one, and blocks of fewer rows lost to the
+    whole threaded product at two (Zen 4, 2 threads, us, whole / best blocks: [64, 512] @
+    [512, 2048] 872 / 1265; [256, 128] @ [128, 512] 212 / 301; [32, 1024] @ [1024, 256] 117 /
+    157).  At two threads the whole products of 32 rows won inside the time loops too (Zen 4,
+    ms per forward, whole / blocks of 64 columns: LSTM (100, 32, 256, 256) 31.1 / 34.8, GRU 19.6
+    / 24.0), those of 16 and 8 rows lost (LSTM (100, 16, 256, 256) 18.6 / 15.2, (100, 8, 512,
+    512) 44.7 / 31.5; GRU (100, 16, 256, 256) 15.6 / 13.5): ``most rows threaded``."""
+    max_mk, unit, most, least_rows, threaded_rows = rule
+    if M * N * K <= SMALL_GEMM_MNK or M * K > max_mk or (M > threaded_rows and not one_thread):
+        return M, N
+    rows = M
+    if least_rows > 0:
+        fit = SMALL_GEMM_MNK // (min(most, N) * K)  # rows a block of the widest columns holds
+        power = 1
+        while power * 2 <= fit:
+            power *= 2
+        if power < least_rows or (M > power and not one_thread):
+            return M, N
+        rows = min(M, power)
+    cols = min(SMALL_GEMM_MNK // (rows * K) // unit * unit, most)
+    if cols < unit:
+        return M, N
+    return rows, min(cols, N)
 
 
 _operand_layout = numba.njit(inline="always")(operand_layout)
@@ -557,9 +593,8 @@ def _operand(x):
 
 def _make_matmul(dtype, rule=None):
     """A jitted ``matmul(a, b, out)``: ``out = a @ b`` by one ``cblas_?gemm`` call, or, for a
-    float32 product of few rows, one call per block of columns small enough for OpenBLAS's
-    small-matrix kernels (``small_gemm_width`` under ``rule``; None: this machine's,
-    ``SMALL_GEMM_RULE``).
+    float32 product, one call per block small enough for OpenBLAS's small-matrix kernels
+    (``small_gemm_blocks`` under ``rule``; None: this machine's, ``SMALL_GEMM_RULE``).
 
     a [M, K], b [K, N], out [M, N] (unit stride along rows); ``a`` and ``b`` may be transposed
     views (unit stride along the first axis), as ``w.T`` is.
@@ -568,6 +603,7 @@ def _make_matmul(dtype, rule=None):
     single = dtype == np.float32
     one, zero = dtype.type(1), dtype.type(0)
     rule = SMALL_GEMM_RULE if rule is None else tuple(rule)
+    blas_threads = _blas_threads if _blas_threads is not None else _blas_threads_unknown
     item = dtype.itemsize
     # The symbol in the message also puts it in the cache key: another BLAS build recompiles.
     error = f"matmul by {_BLAS[1][0 if single else 1]}: shapes must " \
@@ -589,11 +625,14 @@ def _make_matmul(dtype, rule=None):
             out[...] = zero
             return
         if single:
-            width = small_gemm_width(M, N, K, rule)  # columns per call
+            rows, width = small_gemm_blocks(M, N, K, rule, blas_threads() == 1)  # per call
+            a_step = lda * item if ta == _NO_TRANS else item  # row i of a: i steps on
             b_step = item if tb == _NO_TRANS else ldb * item  # column j of b: j steps on
-            for j in range(0, N, width):
-                _sgemm(_ROW_MAJOR, ta, tb, M, min(width, N - j), K, one, a.ctypes.data, lda,
-                       b.ctypes.data + j * b_step, ldb, zero, out.ctypes.data + j * item, ldo)
+            for j in range(0, N, width):  # columns outer: a block of b is read once
+                for i in range(0, M, rows):
+                    _sgemm(_ROW_MAJOR, ta, tb, min(rows, M - i), min(width, N - j), K, one,
+                           a.ctypes.data + i * a_step, lda, b.ctypes.data + j * b_step, ldb,
+                           zero, out.ctypes.data + (i * ldo + j) * item, ldo)
         else:
             _dgemm(_ROW_MAJOR, ta, tb, M, N, K, one, a.ctypes.data, lda, b.ctypes.data, ldb,
                    zero, out.ctypes.data, ldo)

@@ -12,6 +12,7 @@ import textwrap
 import numba
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 from gpurnn.engine import drivers
 from gpurnn.engine.backend import CPUBackend
@@ -156,33 +157,54 @@ def test_blas_matmul_of_views(dtype, M, K, N):
 
 @pytest.mark.parametrize("rule", sorted(set(cpu.SMALL_GEMM_RULES.values())))
 @pytest.mark.parametrize("M,K,N", [(1, 1024, 1200), (4, 256, 1100), (3, 700, 600),
-                                   (4, 8, 40001), (8, 512, 300), (32, 768, 300)])
-def test_float32_products_of_few_rows_cut_into_column_blocks(rule, M, K, N):
-    """Past the small-matrix kernels' bound (M*N*K > 100**3) a float32 product with M*K up to
-    the rule's first figure runs as calls on blocks of a multiple of its unit of columns, each
-    within the bound, the last one shorter; a deeper product runs as one call.  Every rule of
-    ``SMALL_GEMM_RULES`` is checked on every machine (the cut is the same code whichever kernels
-    OpenBLAS then takes), and every layout gives the product within float32's bound for a sum of
-    K products, K * 2^-24 * (|a| @ |b|)."""
-    max_mk, unit, most = rule
-    width = cpu.small_gemm_width(M, N, K, rule)
-    if M * K > max_mk:
-        assert width == N
-    else:
-        assert width % unit == 0 and width <= most and M * width * K <= 100 ** 3 < M * N * K
-        assert N % width, "the shapes above leave a shorter last block"
-        assert cpu.small_gemm_width(M, N, max_mk // M + 1, rule) == N  # M*K past it: one call
-        in_bound = 100 ** 3 // (M * K)
-        assert cpu.small_gemm_width(M, in_bound, K, rule) == in_bound  # one call takes them
+                                   (4, 8, 40001), (8, 512, 300), (32, 768, 300),
+                                   (37, 512, 200), (100, 96, 130)])
+def test_float32_products_cut_into_blocks(rule, M, K, N):
+    """Past the small-matrix kernels' bound (M*N*K > 100**3) a float32 product runs as calls on
+    blocks within it, of a multiple of the rule's unit of columns and, where the rule splits
+    rows and OpenBLAS runs one thread, of a power of two of rows, the last ones shorter; a
+    product the rule does not cut runs as one call.  Every rule of ``SMALL_GEMM_RULES`` is
+    checked on every machine (the cut is the same code whichever kernels OpenBLAS then takes),
+    at one BLAS thread and at two, and every layout gives the product within float32's bound
+    for a sum of K products, K * 2^-24 * (|a| @ |b|)."""
+    max_mk, unit, most, least_rows, threaded_rows = rule
+    for one_thread in (True, False):
+        rows, cols = cpu.small_gemm_blocks(M, N, K, rule, one_thread)
+        if (rows, cols) != (M, N):
+            assert M * K <= max_mk and rows * cols * K <= 100 ** 3 < M * N * K
+            assert one_thread or M <= threaded_rows
+            assert cols % unit == 0 and cols <= most
+            assert rows == M or (one_thread and least_rows <= rows == 2 ** (rows.bit_length() - 1))
+        elif least_rows == 0 and (one_thread or M <= threaded_rows):
+            assert M * K > max_mk or M * N * K <= 100 ** 3
+    assert cpu.small_gemm_blocks(M, 100 ** 3 // (M * K), K, rule, True) == (
+        M, 100 ** 3 // (M * K))  # within the bound: one call takes it
     rng = np.random.default_rng(M + K + N)
     matmul = cpu._make_matmul(np.float32, rule)
     a = rng.standard_normal((M, K)).astype(np.float32)
     w = rng.standard_normal((N, K)).astype(np.float32)
     bound = K * 2.0 ** -24 * (np.abs(a).astype(np.float64) @ np.abs(w).T)
-    for b in (np.ascontiguousarray(w.T), w.T):  # W^T copied, and the transposed view of W
-        out = np.full((M, N), np.nan, np.float32)
-        matmul(a, b, out)
-        assert np.all(np.abs(out - a.astype(np.float64) @ w.T) <= bound)
+    for threads in (1, 2):
+        with threadpool_limits(threads):
+            for a_ in (a, np.asfortranarray(a)):  # rows contiguous, and a transposed layout
+                for b in (np.ascontiguousarray(w.T), w.T):  # W^T copied, and the view of W
+                    out = np.full((M, N + 3), np.nan, np.float32)[:, :N]  # row stride > N
+                    matmul(a_, b, out)
+                    assert np.all(np.abs(out - a.astype(np.float64) @ w.T) <= bound)
+
+
+def test_each_rule_cuts_where_measured():
+    """The shapes behind each rule's table (``kernels/cpu.py``) get the blocks measured best."""
+    intel, zen4 = cpu.SMALL_GEMM_RULES[("SkylakeX", None)], cpu.SMALL_GEMM_RULES[
+        ("SkylakeX", "znver4")]
+    assert cpu.small_gemm_blocks(4, 1024, 256, intel, True) == (4, 976)
+    assert cpu.small_gemm_blocks(16, 2048, 512, intel, True) == (16, 2048)  # M*K past 4096
+    assert cpu.small_gemm_blocks(32, 1024, 256, zen4, True) == (32, 64)
+    assert cpu.small_gemm_blocks(64, 2048, 512, zen4, True) == (16, 64)
+    assert cpu.small_gemm_blocks(64, 2048, 512, zen4, False) == (64, 2048)  # threaded: whole
+    assert cpu.small_gemm_blocks(8, 2048, 512, zen4, False) == (8, 64)  # all rows fit
+    assert cpu.small_gemm_blocks(32, 1024, 256, zen4, False) == (32, 1024)  # threaded, 32 rows
+    assert cpu.small_gemm_blocks(16, 512, 2048, zen4, True) == (4, 64)
 
 
 def test_the_cut_rule_is_the_cpus_own_else_its_cores():
@@ -194,7 +216,7 @@ def test_the_cut_rule_is_the_cpus_own_else_its_cores():
         ("SkylakeX", None)] != zen4
     assert cpu.small_gemm_rule("Haswell", "znver4") == cpu.small_gemm_rule(None, "x") == \
         cpu.NO_CUT
-    assert cpu.small_gemm_width(1, 10 ** 6, 16, cpu.NO_CUT) == 10 ** 6
+    assert cpu.small_gemm_blocks(1, 10 ** 6, 16, cpu.NO_CUT, True) == (1, 10 ** 6)
 
 
 def test_blas_matmul_refuses_bad_shapes():
