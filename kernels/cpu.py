@@ -44,6 +44,7 @@ holds the functions' code and constants, so a change of the math still misses.
 import ctypes
 import inspect
 import os
+from typing import Any, NamedTuple, Optional
 
 import numba
 import numpy as np
@@ -414,11 +415,25 @@ def make_cpu_kernels(dtype):
     return kernels
 
 
+class BlasLibrary(NamedTuple):
+    """NumPy's OpenBLAS, as the compiled loops call it (``numpy_blas``)."""
+
+    path: str
+    #: ``(sgemm symbol, dgemm symbol)``
+    gemm: tuple
+    #: Numba type of its ``blasint`` (int64 for the ILP64 builds)
+    int_type: Any
+    #: the kernel set OpenBLAS chose for this CPU, as threadpoolctl reports it (``"SkylakeX"``,
+    #: ``"Haswell"``, ...; None where it does not say)
+    core: Optional[str]
+    #: ``(sgemv symbol, dgemv symbol)``, None where it has none
+    gemv: Optional[tuple]
+    #: its ``openblas_get_num_threads``, None where it has none
+    threads: Optional[str]
+
+
 def numpy_blas():
-    """``(path, (sgemm symbol, dgemm symbol), int type, core, threads symbol)`` of the OpenBLAS
-    NumPy uses, or None; ``core`` is the kernel set OpenBLAS chose for this CPU, as threadpoolctl
-    reports it (``"SkylakeX"``, ``"Haswell"``, ...; None where it does not say); ``threads
-    symbol`` its ``openblas_get_num_threads`` (None where it has none).
+    """The ``BlasLibrary`` of the OpenBLAS NumPy uses, or None.
 
     NumPy's wheels bundle ``scipy_openblas`` with ILP64 symbols (``scipy_cblas_sgemm64_``,
     64-bit ints); other builds export plain ``cblas_sgemm``.  Anything else (MKL, Accelerate, no
@@ -441,23 +456,32 @@ def numpy_blas():
                                       ("cblas_", "64_", types.int64),
                                       ("scipy_cblas_", "", types.int32),
                                       ("cblas_", "", types.int32)):
-            symbols = (f"{prefix}sgemm{suffix}", f"{prefix}dgemm{suffix}")
-            if all(hasattr(lib, symbol) for symbol in symbols):
+            gemm = (f"{prefix}sgemm{suffix}", f"{prefix}dgemm{suffix}")
+            if all(hasattr(lib, symbol) for symbol in gemm):
+                gemv = tuple(symbol.replace("gemm", "gemv") for symbol in gemm)
                 threads = prefix.replace("cblas_", "openblas_") + "get_num_threads" + suffix
-                return (d["filepath"], symbols, int_t, d.get("architecture"),
-                        threads if hasattr(lib, threads) else None)
+                return BlasLibrary(d["filepath"], gemm, int_t, d.get("architecture"),
+                                   gemv if all(hasattr(lib, s) for s in gemv) else None,
+                                   threads if hasattr(lib, threads) else None)
     return None
 
 
-def _external_gemm(path, symbols, int_t):
-    """``(sgemm, dgemm)`` as Numba external functions, resolved by name at link time (also for
-    code loaded from Numba's cache); a ctypes pointer instead would make the loops uncachable."""
+def _external_blas(blas):
+    """``(sgemm, dgemm, sgemv, dgemv, get_num_threads)`` of ``blas`` as Numba external
+    functions (None for what it lacks), resolved by name at link time (also for code loaded from
+    Numba's cache); a ctypes pointer instead would make the loops uncachable."""
     import llvmlite.binding as llvm
 
-    llvm.load_library_permanently(path)
-    e, i, p = types.int32, int_t, types.intp  # CBLAS enum, blasint, pointer (as an address)
-    return tuple(_BlasFunction(symbol, types.void(e, e, e, i, i, i, s, p, i, p, i, s, p, i))
-                 for symbol, s in zip(symbols, (types.float32, types.float64)))
+    llvm.load_library_permanently(blas.path)
+    e, i, p = types.int32, blas.int_type, types.intp  # CBLAS enum, blasint, pointer (address)
+    scalars = (types.float32, types.float64)
+    gemm = tuple(_BlasFunction(symbol, types.void(e, e, e, i, i, i, s, p, i, p, i, s, p, i))
+                 for symbol, s in zip(blas.gemm, scalars))
+    gemv = (None, None) if blas.gemv is None else tuple(
+        _BlasFunction(symbol, types.void(e, e, i, i, s, p, i, p, i, s, p, i))
+        for symbol, s in zip(blas.gemv, scalars))
+    threads = None if blas.threads is None else _BlasFunction(blas.threads, types.int32())
+    return gemm + gemv + (threads,)
 
 
 class _BlasFunction(types.ExternalFunction):
@@ -473,9 +497,9 @@ models.register_default(_BlasFunction)(models.OpaqueModel)  # as the base class'
 
 
 _BLAS = numpy_blas()
-_sgemm, _dgemm = _external_gemm(*_BLAS[:3]) if _BLAS is not None else (None, None)
-#: ``openblas_get_num_threads``: how many threads OpenBLAS's next call may use (None: unknown)
-_blas_threads = _BlasFunction(_BLAS[4], types.int32()) if _BLAS and _BLAS[4] else None
+#: ``_blas_threads``: how many threads OpenBLAS's next call may use (None: unknown)
+_sgemm, _dgemm, _sgemv, _dgemv, _blas_threads = (
+    _external_blas(_BLAS) if _BLAS is not None else (None,) * 5)
 
 
 @numba.njit(cache=True)
@@ -544,7 +568,7 @@ def _host_cpu():
 
 
 #: This machine's rule: by the core NumPy's OpenBLAS runs and the CPU under it
-SMALL_GEMM_RULE = small_gemm_rule(_BLAS[3] if _BLAS is not None else None, _host_cpu())
+SMALL_GEMM_RULE = small_gemm_rule(_BLAS.core if _BLAS is not None else None, _host_cpu())
 
 
 @numba.njit(cache=True)
@@ -591,10 +615,21 @@ def _operand(x):
     return (_TRANS if transposed else _NO_TRANS), ld
 
 
+@numba.njit(cache=True)
+def _gemv_missing(order, trans, M, N, alpha, a, lda, x, incx, beta, y, incy):
+    pass  # never called: ``_make_matmul`` takes the GEMM path where the BLAS has no GEMV
+
+
 def _make_matmul(dtype, rule=None):
-    """A jitted ``matmul(a, b, out)``: ``out = a @ b`` by one ``cblas_?gemm`` call, or, for a
-    float32 product, one call per block small enough for OpenBLAS's small-matrix kernels
-    (``small_gemm_blocks`` under ``rule``; None: this machine's, ``SMALL_GEMM_RULE``).
+    """A jitted ``matmul(a, b, out)``: ``out = a @ b`` by one ``cblas_?gemm`` call; for a
+    product of one row, by one ``cblas_?gemv`` call; for a float32 product of more, one call
+    per block small enough for OpenBLAS's small-matrix kernels (``small_gemm_blocks`` under
+    ``rule``; None: this machine's, ``SMALL_GEMM_RULE``).
+
+    One row (a streamed step, or a batch of one) goes to GEMV: OpenBLAS's GEMM of one row took
+    up to 9x its GEMV (Zen 4, one thread, float32, us per product [1, K] @ [K, N], ``W^T``
+    C-contiguous, GEMM / GEMV: K, N = 128, 512: 4.35 / 2.61; 512, 128: 2.95 / 2.35; 128, 384:
+    2.35 / 1.94; 256, 1024: 32.1 / 12.2; 1024, 256: 14.4 / 12.9; 512, 2048: 466 / 52).
 
     a [M, K], b [K, N], out [M, N] (unit stride along rows); ``a`` and ``b`` may be transposed
     views (unit stride along the first axis), as ``w.T`` is.
@@ -604,9 +639,12 @@ def _make_matmul(dtype, rule=None):
     one, zero = dtype.type(1), dtype.type(0)
     rule = SMALL_GEMM_RULE if rule is None else tuple(rule)
     blas_threads = _blas_threads if _blas_threads is not None else _blas_threads_unknown
+    gemv = _sgemv if single else _dgemv
+    by_gemv = gemv is not None
+    gemv = gemv if by_gemv else _gemv_missing
     item = dtype.itemsize
     # The symbol in the message also puts it in the cache key: another BLAS build recompiles.
-    error = f"matmul by {_BLAS[1][0 if single else 1]}: shapes must " \
+    error = f"matmul by {_BLAS.gemm[0 if single else 1]}: shapes must " \
             "be a [M, K], b [K, N], out [M, N], each with unit stride along one axis"
 
     @numba.njit(cache=True)
@@ -624,7 +662,15 @@ def _make_matmul(dtype, rule=None):
         if K == 0:
             out[...] = zero
             return
-        if single:
+        if M == 1 and by_gemv:  # out[0] = b^T a[0]
+            incx = 1 if ta == _NO_TRANS else lda  # a's one row: contiguous, or a column
+            if tb == _NO_TRANS:  # b [K, N], its rows contiguous
+                gemv(_ROW_MAJOR, _TRANS, K, N, one, b.ctypes.data, ldb, a.ctypes.data, incx,
+                     zero, out.ctypes.data, 1)
+            else:  # b = w^T, w [N, K] with its rows contiguous
+                gemv(_ROW_MAJOR, _NO_TRANS, N, K, one, b.ctypes.data, ldb, a.ctypes.data, incx,
+                     zero, out.ctypes.data, 1)
+        elif single:
             rows, width = small_gemm_blocks(M, N, K, rule, blas_threads() == 1)  # per call
             a_step = lda * item if ta == _NO_TRANS else item  # row i of a: i steps on
             b_step = item if tb == _NO_TRANS else ldb * item  # column j of b: j steps on

@@ -139,20 +139,26 @@ def test_loops_call_each_kernel_with_its_declared_signature(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 9, 4), (5, 1, 3), (4, 6, 1), (3, 8, 5)])
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 9, 4), (5, 1, 3), (4, 6, 1), (3, 8, 5),
+                                   (1, 300, 130)])
 def test_blas_matmul_of_views(dtype, M, K, N):
+    """Every layout the loops pass, one row (GEMV) and more (GEMM)."""
     rng = np.random.default_rng(M * 100 + K * 10 + N)
     matmul = cpu._make_matmul(dtype)
-    tol = 1e-5 if dtype == np.float32 else 1e-12
+    unit, tiny = np.finfo(dtype).eps / 2, np.finfo(dtype).tiny
     a_rows = rng.standard_normal((M, K + 3)).astype(dtype)[:, 2:2 + K]  # row stride > K
     a_t = np.ascontiguousarray(rng.standard_normal((K, M)).astype(dtype)).T  # a transposed view
+    a_cols = rng.standard_normal((K, M + 2)).astype(dtype)[:, :M].T  # columns of a wider array
     b_t = rng.standard_normal((N, K)).astype(dtype).T  # as w.T
     b = rng.standard_normal((K, N)).astype(dtype)
-    for a_ in (a_rows, a_t):
+    for a_ in (a_rows, a_t, a_cols):
         for b_ in (b, b_t):
             out = np.full((M, N + 2), np.nan, dtype)[:, :N]  # row stride > N
             matmul(a_, b_, out)
-            np.testing.assert_allclose(out, a_.astype(np.float64) @ b_, rtol=tol, atol=tol)
+            exact = a_.astype(np.float64) @ b_.astype(np.float64)
+            # a sum of K products: within K units of roundoff of |a| @ |b|
+            bound = K * unit * (np.abs(a_).astype(np.float64) @ np.abs(b_)) + tiny
+            assert np.all(np.abs(out - exact) <= bound)
 
 
 @pytest.mark.parametrize("rule", sorted(set(cpu.SMALL_GEMM_RULES.values())))
