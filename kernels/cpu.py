@@ -31,9 +31,9 @@ spinning against OpenBLAS's threads cost 60x on these machines.  The cores belon
 
 Sequence loops: ``kernels/loops.py`` compiled with Numba, the per-step recurrent GEMM a direct
 call of ``cblas_?gemm`` in the OpenBLAS NumPy uses (so one BLAS thread pool, the one
-threadpoolctl limits for NumPy), or, at few rows on OpenBLAS's SkylakeX core, one call per
-block of columns that its small-matrix kernels take without packing ``W_hh``
-(``small_gemm_blocks``).  No Python runs between steps.
+threadpoolctl limits for NumPy): one ``cblas_?gemv`` for a product of one row, and on
+OpenBLAS's SkylakeX core one call per block that its small-matrix kernels take without packing
+``W_hh`` (``small_gemm_blocks``).  No Python runs between steps.
 
 Numba's on-disk cache (``cache=True``) keys a closure by the pickled contents of its cells.  A
 Numba dispatcher pickles with a random per-process UUID, so every closure over a dispatcher
@@ -504,7 +504,10 @@ _sgemm, _dgemm, _sgemv, _dgemv, _blas_threads = (
 
 @numba.njit(cache=True)
 def _blas_threads_unknown():
+    """In place of ``openblas_get_num_threads`` where the library has none: a count that is
+    never 1, so rows are never split (``small_gemm_blocks``)."""
     return 0
+
 
 #: OpenBLAS has small-matrix GEMM kernels, which do not pack their operands, for its SkylakeX
 #: core (AVX-512) only, and takes them while M*N*K <= 100**3
