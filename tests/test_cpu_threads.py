@@ -42,8 +42,26 @@ class PythonLoopsCPU(CPUBackend):
 def test_numpy_openblas_is_found_here():
     # This environment has NumPy's OpenBLAS wheel: the compiled loops must be in use, else
     # every comparison below would compare the Python loops with themselves.
-    assert cpu.numpy_blas() is not None
+    blas = cpu.numpy_blas()
+    assert blas is not None
     assert CPUBackend().compiled_loops(np.float64) is not None
+    # and its GEMV (products of one row) and thread count (the cut rule): both in OpenBLAS
+    assert blas.gemv is not None and blas.threads is not None
+    assert cpu._blas_threads is not None
+
+
+def test_the_compiled_products_see_the_blas_thread_count():
+    """The cut rule reads OpenBLAS's thread count on every product (``small_gemm_blocks``):
+    ``openblas_get_num_threads`` follows threadpoolctl's limit."""
+    import threadpoolctl
+
+    count = numba.njit(lambda: cpu._blas_threads())
+    path = cpu.numpy_blas().path
+    for threads in (1, 2):
+        with threadpool_limits(threads):
+            reported = [d["num_threads"] for d in threadpoolctl.threadpool_info()
+                        if d["filepath"] == path]
+            assert count() == reported[0] <= threads
 
 
 def test_numpy_openblas_is_preferred_over_scipys(monkeypatch):
