@@ -513,7 +513,8 @@ def _blas_threads_unknown():
 #: core (AVX-512) only, and takes them while M*N*K <= 100**3
 #: (``kernel/x86_64/sgemm_small_kernel_permit_skylakex.c``); above that it packs the whole
 #: ``[K, N]`` operand on every call, which is most of a call at few rows.  So a float32 product
-#: is cut into blocks within that bound (``small_gemm_blocks``), by a rule measured per CPU:
+#: is cut into blocks within that bound (``small_gemm_blocks``), by a rule measured per CPU
+#: (``benchmarks/small_gemm_grid.py`` prints the grid on the machine it runs on):
 #: ``SMALL_GEMM_RULES[(OpenBLAS core, LLVM's host CPU name)]``, the second ``None`` for any CPU
 #: with that core, = ``(max M*K, unit, most columns, least rows, most rows threaded)``:
 #:
@@ -619,6 +620,29 @@ def _operand(x):
 
 
 @numba.njit(cache=True)
+def sgemm_blocks(a, b, out, rows, cols):
+    """``out = a @ b`` in float32 by one ``cblas_sgemm`` per block of ``rows`` x ``cols`` of
+    ``out`` (the last ones shorter), the columns outer, so that a block of ``b`` is read once:
+    what ``_make_matmul`` runs with ``small_gemm_blocks``' sizes, and what
+    ``benchmarks/small_gemm_grid.py`` times to measure a rule.  Operands as ``_make_matmul``
+    takes them, their shapes checked there."""
+    M, K = a.shape
+    N = b.shape[1]
+    ta, lda = _operand(a)
+    tb, ldb = _operand(b)
+    ldo = _operand(out)[1]
+    item = 4
+    a_step = lda * item if ta == _NO_TRANS else item  # row i of a: i steps on
+    b_step = item if tb == _NO_TRANS else ldb * item  # column j of b: j steps on
+    one, zero = np.float32(1), np.float32(0)
+    for j in range(0, N, cols):
+        for i in range(0, M, rows):
+            _sgemm(_ROW_MAJOR, ta, tb, min(rows, M - i), min(cols, N - j), K, one,
+                   a.ctypes.data + i * a_step, lda, b.ctypes.data + j * b_step, ldb, zero,
+                   out.ctypes.data + (i * ldo + j) * item, ldo)
+
+
+@numba.njit(cache=True)
 def _gemv_missing(order, trans, M, N, alpha, a, lda, x, incx, beta, y, incy):
     pass  # never called: ``_make_matmul`` takes the GEMM path where the BLAS has no GEMV
 
@@ -645,7 +669,6 @@ def _make_matmul(dtype, rule=None):
     gemv = _sgemv if single else _dgemv
     by_gemv = gemv is not None
     gemv = gemv if by_gemv else _gemv_missing
-    item = dtype.itemsize
     # The symbol in the message also puts it in the cache key: another BLAS build recompiles.
     error = f"matmul by {_BLAS.gemm[0 if single else 1]}: shapes must " \
             "be a [M, K], b [K, N], out [M, N], each with unit stride along one axis"
@@ -674,14 +697,8 @@ def _make_matmul(dtype, rule=None):
                 gemv(_ROW_MAJOR, _NO_TRANS, N, K, one, b.ctypes.data, ldb, a.ctypes.data, incx,
                      zero, out.ctypes.data, 1)
         elif single:
-            rows, width = small_gemm_blocks(M, N, K, rule, blas_threads() == 1)  # per call
-            a_step = lda * item if ta == _NO_TRANS else item  # row i of a: i steps on
-            b_step = item if tb == _NO_TRANS else ldb * item  # column j of b: j steps on
-            for j in range(0, N, width):  # columns outer: a block of b is read once
-                for i in range(0, M, rows):
-                    _sgemm(_ROW_MAJOR, ta, tb, min(rows, M - i), min(width, N - j), K, one,
-                           a.ctypes.data + i * a_step, lda, b.ctypes.data + j * b_step, ldb,
-                           zero, out.ctypes.data + (i * ldo + j) * item, ldo)
+            rows, cols = small_gemm_blocks(M, N, K, rule, blas_threads() == 1)
+            sgemm_blocks(a, b, out, rows, cols)
         else:
             _dgemm(_ROW_MAJOR, ta, tb, M, N, K, one, a.ctypes.data, lda, b.ctypes.data, ldb,
                    zero, out.ctypes.data, ldo)

@@ -243,6 +243,26 @@ def test_the_cut_rule_is_the_cpus_own_else_its_cores():
     assert cpu.small_gemm_blocks(1, 10 ** 6, 16, cpu.NO_CUT, True) == (1, 10 ** 6)
 
 
+def test_the_grid_script_times_the_rules_blocks():
+    """``benchmarks/small_gemm_grid.py``, which measures a rule: the whole product, the blocks
+    within the bound, and the blocks this machine's rule picks, on one line per shape; a shape
+    that is not M,K,N is refused."""
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks",
+                          "small_gemm_grid.py")
+    run = [sys.executable, script, "--threads", "1", "--calls", "1", "--repeat", "1"]
+    done = subprocess.run(run + ["--shapes", "4,256,1100"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.splitlines()[-1]
+    rows, cols = cpu.small_gemm_blocks(4, 1100, 256, cpu.SMALL_GEMM_RULE, True)
+    rule = "whole" if (rows, cols) == (4, 1100) else f"{rows}x{cols}"
+    assert line.startswith("4 256 1100 | ") and f"| {rule}: " in line, line
+    done = subprocess.run(run + ["--shapes", "4,256"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and "a shape is M,K,N (three positive ints), got '4,256'" in \
+        done.stderr
+
+
 def test_blas_matmul_refuses_bad_shapes():
     matmul = cpu._make_matmul(np.float64)
     with pytest.raises(ValueError, match="shapes must be"):
