@@ -619,7 +619,7 @@ def _operand(x):
     return (_TRANS if transposed else _NO_TRANS), ld
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def sgemm_blocks(a, b, out, rows, cols):
     """``out = a @ b`` in float32 by one ``cblas_sgemm`` per block of ``rows`` x ``cols`` of
     ``out`` (the last ones shorter), the columns outer, so that a block of ``b`` is read once:
