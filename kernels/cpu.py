@@ -619,18 +619,23 @@ def _operand(x):
     return (_TRANS if transposed else _NO_TRANS), ld
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True)
 def sgemm_blocks(a, b, out, rows, cols):
     """``out = a @ b`` in float32 by one ``cblas_sgemm`` per block of ``rows`` x ``cols`` of
     ``out`` (the last ones shorter), the columns outer, so that a block of ``b`` is read once:
     what ``_make_matmul`` runs with ``small_gemm_blocks``' sizes, and what
     ``benchmarks/small_gemm_grid.py`` times to measure a rule.  Operands as ``_make_matmul``
     takes them, their shapes checked there."""
-    M, K = a.shape
-    N = b.shape[1]
     ta, lda = _operand(a)
     tb, ldb = _operand(b)
-    ldo = _operand(out)[1]
+    _sgemm_blocks(a, ta, lda, b, tb, ldb, out, _operand(out)[1], rows, cols)
+
+
+@numba.njit(inline="always")
+def _sgemm_blocks(a, ta, lda, b, tb, ldb, out, ldo, rows, cols):
+    """``sgemm_blocks`` with the operands' CBLAS layouts (``_operand``) given."""
+    M, K = a.shape
+    N = b.shape[1]
     item = 4
     a_step = lda * item if ta == _NO_TRANS else item  # row i of a: i steps on
     b_step = item if tb == _NO_TRANS else ldb * item  # column j of b: j steps on
@@ -698,7 +703,7 @@ def _make_matmul(dtype, rule=None):
                      zero, out.ctypes.data, 1)
         elif single:
             rows, cols = small_gemm_blocks(M, N, K, rule, blas_threads() == 1)
-            sgemm_blocks(a, b, out, rows, cols)
+            _sgemm_blocks(a, ta, lda, b, tb, ldb, out, ldo, rows, cols)
         else:
             _dgemm(_ROW_MAJOR, ta, tb, M, N, K, one, a.ctypes.data, lda, b.ctypes.data, ldb,
                    zero, out.ctypes.data, ldo)
