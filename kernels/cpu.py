@@ -516,11 +516,12 @@ def _blas_threads_unknown():
 #: is cut into blocks within that bound (``small_gemm_blocks``), by a rule measured per CPU
 #: (``benchmarks/small_gemm_grid.py`` prints the grid on the machine it runs on):
 #: ``SMALL_GEMM_RULES[(OpenBLAS core, LLVM's host CPU name)]``, the second ``None`` for any CPU
-#: with that core, = ``(max M*K, unit, most columns, least rows, most rows threaded)``:
+#: with that core, = ``(max M*K, unit, most columns, least rows, most rows threaded, most row
+#: blocks)``:
 #:
 #: * rows per call: all ``M`` where ``least rows`` is 0, else the most rows, a power of two,
 #:   that a block of ``most columns`` holds within the bound (no cut if that is below ``least
-#:   rows``);
+#:   rows``, or if ``M`` needs more than ``most row blocks`` of them);
 #: * columns per call: the widest multiple of ``unit`` within the bound, at most ``most
 #:   columns``;
 #: * a product with M*K above ``max M*K`` is not cut, nor, where OpenBLAS runs more than one
@@ -550,13 +551,17 @@ def _blas_threads_unknown():
 #: [512, 512] 343 / 293; [256, 128] @ [128, 512] 333 / 296 (32 x 64); [256, 512] @ [512, 128]
 #: 330 / 292 (8 x 64); [256, 128] @ [128, 384] 249 / 221 (64 x 64); [32, 1024] @ [1024, 256]
 #: 187 / 145 (8 x 64); [16, 2048] @ [2048, 512] 515 / 345 (4 x 64), where blocks of 8 x 32 took
-#: 458 and of 16 rows and 16 columns 1011.
-SMALL_GEMM_RULES = {("SkylakeX", "znver4"): (1 << 62, 64, 64, 4, 16),
-                    ("SkylakeX", None): (4096, 16, 1 << 30, 0, 1 << 30)}
+#: 458 and of 16 rows and 16 columns 1011.  Past 32 blocks of 4 rows the whole product won
+#: (``benchmarks/small_gemm_grid.py --threads 1``, whole / 4 x 64: [256, 2048] @ [2048, 512]
+#: 5383 / 5872, [256, 2048] @ [2048, 2048] 22486 / 36077, where [128, 2048] @ [2048, 512], 32
+#: blocks, gave 2953 / 2709): at most 32 row blocks.  (Of 8 rows, 64 blocks still won:
+#: [512, 1024] @ [1024, 256] 2609 / 2359; not taken, to keep one bound.)
+SMALL_GEMM_RULES = {("SkylakeX", "znver4"): (1 << 62, 64, 64, 4, 16, 32),
+                    ("SkylakeX", None): (4096, 16, 1 << 30, 0, 1 << 30, 1 << 30)}
 #: M*N*K up to which OpenBLAS takes its small-matrix kernels
 SMALL_GEMM_MNK = 100 ** 3
 #: a rule that never cuts
-NO_CUT = (0, 16, 1 << 30, 0, 0)
+NO_CUT = (0, 16, 1 << 30, 0, 0, 1 << 30)
 
 
 def small_gemm_rule(core, host_cpu):
@@ -587,7 +592,7 @@ def small_gemm_blocks(M, N, K, rule, one_thread):
     ms per forward, whole / blocks of 64 columns: LSTM (100, 32, 256, 256) 31.1 / 34.8, GRU 19.6
     / 24.0), those of 16 and 8 rows lost (LSTM (100, 16, 256, 256) 18.6 / 15.2, (100, 8, 512,
     512) 44.7 / 31.5; GRU (100, 16, 256, 256) 15.6 / 13.5): ``most rows threaded``."""
-    max_mk, unit, most, least_rows, threaded_rows = rule
+    max_mk, unit, most, least_rows, threaded_rows, most_row_blocks = rule
     if M * N * K <= SMALL_GEMM_MNK or M * K > max_mk or (M > threaded_rows and not one_thread):
         return M, N
     rows = M
@@ -596,7 +601,7 @@ def small_gemm_blocks(M, N, K, rule, one_thread):
         power = 1
         while power * 2 <= fit:
             power *= 2
-        if power < least_rows or (M > power and not one_thread):
+        if power < least_rows or (M > power and not one_thread) or M > power * most_row_blocks:
             return M, N
         rows = min(M, power)
     cols = min(SMALL_GEMM_MNK // (rows * K) // unit * unit, most)

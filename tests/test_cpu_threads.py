@@ -191,12 +191,13 @@ def test_float32_products_cut_into_blocks(rule, M, K, N):
     checked on every machine (the cut is the same code whichever kernels OpenBLAS then takes),
     at one BLAS thread and at two, and every layout gives the product within float32's bound
     for a sum of K products, K * 2^-24 * (|a| @ |b|)."""
-    max_mk, unit, most, least_rows, threaded_rows = rule
+    max_mk, unit, most, least_rows, threaded_rows, most_row_blocks = rule
     for one_thread in (True, False):
         rows, cols = cpu.small_gemm_blocks(M, N, K, rule, one_thread)
         if (rows, cols) != (M, N):
             assert M * K <= max_mk and rows * cols * K <= 100 ** 3 < M * N * K
             assert one_thread or M <= threaded_rows
+            assert M <= rows * most_row_blocks
             assert cols % unit == 0 and cols <= most
             assert rows == M or (one_thread and least_rows <= rows == 2 ** (rows.bit_length() - 1))
         elif least_rows == 0 and (one_thread or M <= threaded_rows):
@@ -229,6 +230,8 @@ def test_each_rule_cuts_where_measured():
     assert cpu.small_gemm_blocks(8, 2048, 512, zen4, False) == (8, 64)  # all rows fit
     assert cpu.small_gemm_blocks(32, 1024, 256, zen4, False) == (32, 1024)  # threaded, 32 rows
     assert cpu.small_gemm_blocks(16, 512, 2048, zen4, True) == (4, 64)
+    assert cpu.small_gemm_blocks(128, 512, 2048, zen4, True) == (4, 64)  # 32 row blocks
+    assert cpu.small_gemm_blocks(256, 512, 2048, zen4, True) == (256, 512)  # 64: whole
 
 
 def test_the_cut_rule_is_the_cpus_own_else_its_cores():
