@@ -553,9 +553,11 @@ def _blas_threads_unknown():
 #: 187 / 145 (8 x 64); [16, 2048] @ [2048, 512] 515 / 345 (4 x 64), where blocks of 8 x 32 took
 #: 458 and of 16 rows and 16 columns 1011.  Past 32 blocks of 4 rows the whole product won
 #: (``benchmarks/small_gemm_grid.py --threads 1``, whole / 4 x 64: [256, 2048] @ [2048, 512]
-#: 5383 / 5872, [256, 2048] @ [2048, 2048] 22486 / 36077, where [128, 2048] @ [2048, 512], 32
-#: blocks, gave 2953 / 2709): at most 32 row blocks.  (Of 8 rows, 64 blocks still won:
-#: [512, 1024] @ [1024, 256] 2609 / 2359; not taken, to keep one bound.)
+#: 5383 / 5872, [256, 2048] @ [2048, 2048] 22486 / 36077), where 32 blocks won but at that
+#: depth ([256, 1536] @ [1536, 512] 4143 / 3715, [256, 1024] @ [1024, 256] 1349 / 1187;
+#: [128, 2048] @ [2048, 512] 2953 / 2709 in one run, 2759 / 3185 in another): at most 32 row
+#: blocks.  (Of 8 rows, 64 blocks still won: [512, 1024] @ [1024, 256] 2609 / 2359; not taken,
+#: to keep one bound.)
 SMALL_GEMM_RULES = {("SkylakeX", "znver4"): (1 << 62, 64, 64, 4, 16, 32),
                     ("SkylakeX", None): (4096, 16, 1 << 30, 0, 1 << 30, 1 << 30)}
 #: M*N*K up to which OpenBLAS takes its small-matrix kernels
