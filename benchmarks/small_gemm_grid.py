@@ -76,7 +76,7 @@ def main():
             shapes.append(tuple(int(f) for f in fields))
     clock = time.process_time if args.threads == 1 else time.perf_counter
     blas = cpu.numpy_blas()
-    print(f"OpenBLAS core {blas.core if blas else None}, host CPU {cpu._host_cpu()}, rule "
+    print(f"OpenBLAS core {blas.core if blas else None}, host CPU {cpu.host_cpu()}, rule "
           f"{cpu.SMALL_GEMM_RULE}, threads {args.threads}, load {os.getloadavg()[0]:.2f}")
     print("M K N | whole us | rule's blocks: us | best blocks: us (rows x columns)")
     with threadpool_limits(args.threads):

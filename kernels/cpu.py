@@ -572,14 +572,16 @@ def small_gemm_rule(core, host_cpu):
     return SMALL_GEMM_RULES.get((core, host_cpu), SMALL_GEMM_RULES.get((core, None), NO_CUT))
 
 
-def _host_cpu():
+def host_cpu():
+    """LLVM's name of the CPU this process runs on (``"znver4"``, ``"sapphirerapids"``, ...):
+    the second key of ``SMALL_GEMM_RULES``."""
     import llvmlite.binding as llvm
 
     return llvm.get_host_cpu_name()
 
 
 #: This machine's rule: by the core NumPy's OpenBLAS runs and the CPU under it
-SMALL_GEMM_RULE = small_gemm_rule(_BLAS.core if _BLAS is not None else None, _host_cpu())
+SMALL_GEMM_RULE = small_gemm_rule(_BLAS.core if _BLAS is not None else None, host_cpu())
 
 
 @numba.njit(cache=True)
