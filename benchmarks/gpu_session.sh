@@ -78,6 +78,18 @@ if [ "$what" != bench ]; then
     # alone (``tests``) the suite gets most of a call; beside the benchmarks, 150 s (on the
     # H200 at 1411d64 it had not finished by then)
     limit=$([ "$what" = tests ] && echo "${SUITE_LIMIT:-420}" || echo 150)
+    # The guard test that failed on the H200 (a NaN step that is a fresh process's first
+    # capture) and the tests that pin it, each setting in a fresh process first: graphs on
+    # (the default), graphs off, and Numba's own launches (no graphs either), so that one call
+    # says whether the capture path is where the wrong loss comes from.
+    for setting in "" GPURNN_CUDA_GRAPHS=0 GPURNN_CUDA_LAUNCH=eager; do
+        name=probe_${setting:-default}
+        part 60 "$name.txt" env $setting $py -m pytest -q --tb=line -p no:cacheprovider -W ignore \
+            tests/test_nonfinite.py::test_guard_on_the_cuda_path \
+            "tests/test_cuda_simulator.py::test_a_fresh_backends_capturing_step_sees_its_own_input" \
+            "tests/test_cuda_simulator.py::test_a_fresh_backends_capturing_step_computes_the_cpus_loss"
+        echo "guard probe ${setting:-default}: rc=$? $(tail -n 1 "$out/$name.txt")"
+    done
     part "$limit" pytest.txt $py -m pytest -v --tb=short -rf -p no:cacheprovider -W ignore \
         $parallel ${SUITE:-tests/}
     echo "pytest: rc=$? $(tail -n 1 "$out/pytest.txt")"
