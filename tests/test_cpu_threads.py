@@ -179,6 +179,26 @@ def test_blas_matmul_of_views(dtype, M, K, N):
             assert np.all(np.abs(out - exact) <= bound)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bias_gradient_sums_of_views(dtype, threads):
+    """``sum_rows`` (a GEMV where BLAS takes the dtype) sums a whole array and a block of its
+    columns, as the drivers pass them, within the roundoff bound of a sum of its rows, and
+    writes nothing beside ``out``; 16-bit arrays (summed into float32) too."""
+    rng = np.random.default_rng(threads)
+    a = rng.standard_normal((1000, 12)).astype(dtype)  # [T*B, G*H]
+    compute = np.float32 if dtype == "float16" else dtype
+    unit, tiny = np.finfo(compute).eps / 2, np.finfo(compute).tiny
+    for view in (a, a[:, 8:]):  # the whole array; the reset-after GRU's n block
+        out = np.full(view.shape[1] + 2, np.nan, compute)
+        with threadpool_limits(threads):
+            CPUBackend().sum_rows(view, out[1:-1])
+        exact = view.astype(np.float64).sum(axis=0)
+        bound = view.shape[0] * unit * np.abs(view).astype(np.float64).sum(axis=0) + tiny
+        assert np.all(np.abs(out[1:-1] - exact) <= bound)
+        assert np.isnan(out[0]) and np.isnan(out[-1])
+
+
 @pytest.mark.parametrize("rule", sorted(set(cpu.SMALL_GEMM_RULES.values())))
 @pytest.mark.parametrize("M,K,N", [(1, 1024, 1200), (4, 256, 1100), (3, 700, 600),
                                    (4, 8, 40001), (8, 512, 300), (32, 768, 300),

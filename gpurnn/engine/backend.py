@@ -61,6 +61,11 @@ class Backend:
         else:
             out[...] = self.xp.matmul(a, b)
 
+    def sum_rows(self, a, out):
+        """``out[...] = a.sum(axis=0)`` for a 2-D ``a`` (its rows may be a strided view), summed
+        in ``out``'s dtype: the bias gradients."""
+        a.sum(axis=0, dtype=out.dtype, out=out)
+
     def asarray(self, a, dtype=None):
         """Copy host data onto this backend (no copy when it already is there)."""
         return self.xp.asarray(a, dtype=dtype)
@@ -139,6 +144,19 @@ class CPUBackend(Backend):
             transpose_into(src, dst)
         else:
             super().transpose_into(src, dst)
+
+    def sum_rows(self, a, out):
+        """As one GEMV, ``ones @ a``, where BLAS takes the dtype (float32, float64): NumPy sums
+        along the rows one row at a time, at half of OpenBLAS's GEMV speed on a contiguous
+        array and a sixth of it on the column blocks of a wider one.  Zen 4 (family 25, model
+        17), one thread, ms per sum, ``a.sum(axis=0)`` / GEMV: [12800, 384] 0.70 / 0.50, its
+        last 128 columns 0.89 / 0.15; [3200, 768] 0.20 / 0.12, its last 256 columns 0.16 /
+        0.06; [6400, 1536] 1.83 / 1.28, 0.82 / 0.31.  Deterministic at a given BLAS thread
+        count, as the GEMMs are."""
+        if a.dtype == out.dtype and a.dtype.itemsize in (4, 8):
+            np.matmul(np.ones(a.shape[0], a.dtype), a, out=out)
+        else:
+            super().sum_rows(a, out)
 
     def kernels(self, dtype):
         from .. import kernels

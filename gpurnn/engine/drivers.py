@@ -230,12 +230,12 @@ def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
         be.matmul(D[:, 2 * H:].T, rh, out=grads.w_hh[2 * H:])
     else:
         be.matmul(Dh.T, h_prev, out=grads.w_hh)
-    D.sum(axis=0, dtype=compute, out=grads.b_ih)
+    be.sum_rows(D, grads.b_ih)
     # The two paths' gradients differ only in the reset-after GRU's n block: sum that alone.
     same = 2 * H if dgh is not dg else G * H
     grads.b_hh[:same] = grads.b_ih[:same]
     if same < G * H:
-        Dh[:, same:].sum(axis=0, dtype=compute, out=grads.b_hh[same:])
+        be.sum_rows(Dh[:, same:], grads.b_hh[same:])
     dx = be.empty((T, B, I), dtype)
     be.matmul(D, w.w_ih, out=dx.reshape(T * B, I))
     return dx, dh0, dc0
