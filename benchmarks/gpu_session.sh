@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks in one device call (docs/gpu.md, "On a GPU session"): install gpurnn in place
 # (and the wheels carried in .whl: NumPy 2.4 for numba-cuda 0.30, nvmath-python for capturable
-# cuBLAS calls), check that numba-cuda can compile and run a kernel here, run the test suite on
-# the real GPU, then the gpurnn-vs-cuDNN benchmark (float32 with the defaults, TF32 and strict
+# cuBLAS calls), check that numba-cuda can compile and run a kernel here, probe the non-finite
+# guard's CUDA failure (graphs on, off, eager launches), run the test suite on the real GPU, then the gpurnn-vs-cuDNN benchmark (float32 with the defaults, TF32 and strict
 # FP32; the persistent kernels at small batch; bfloat16 and float16), the
-# char-LM training step against torch.nn, `gpurnn train` on the GPU and the CPU, the adding
+# char-LM training step against torch.nn, `gpurnn train` on the GPU and the CPU, a cProfile of
+# `gpurnn train` on the GPU (benchmarks/profile_train.py), the adding
 # problem of length 100 learnt in bfloat16 and float32, and gpurnn.torch against torch.nn.
 # Each part has a time limit, so one part that hangs costs its limit, not the session.  Logs and JSON go under ./gpu_out; where $OUT is set (the device
 # tool's folder that comes back, at most eight files), they are also packed into
@@ -120,6 +121,11 @@ if [ "$what" != tests ]; then
             --out "$out/train_$device"
         echo "gpurnn train --device $device: rc=$? $(grep '^done' "$out/train_$device.txt")"
     done
+    # where the host time of a training step on the GPU goes (the table's top rows)
+    part 40 profile_train_cuda.txt $py benchmarks/profile_train.py --device cuda --steps 300 \
+        --top 40
+    echo "profile_train --device cuda: rc=$?"
+    grep -E "ms per step" "$out/profile_train_cuda.txt"
     # issue 15's learning check: the adding problem of length 100 in bfloat16 and float32
     for dtype in bfloat16 float32; do
         part 60 train_adding100_$dtype.txt $py -m gpurnn train --device cuda --quiet \

@@ -1,7 +1,8 @@
 """benchmarks/gpu_compare.py, torch_modules_compare.py and train_compare.py: without a GPU the
 GPU runs say so and exit with status 2 (no traceback, nothing measured); with one, a tiny run
 completes and prints its table.  train_compare.py also runs on the CPU, where a tiny run checks
-that its torch.nn copy is the same model (the same first loss)."""
+that its torch.nn copy is the same model (the same first loss); so does profile_train.py, whose
+table must name the time loops and the GEMMs."""
 import json
 import os
 import subprocess
@@ -91,3 +92,20 @@ def test_train_compare_on_cuda_without_a_gpu_measures_nothing():
     done = _run("--device", "cuda", script="train_compare.py")
     assert done.returncode == 2 and "train_compare: no GPU, nothing measured:" in done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_profile_train_names_the_steps_functions():
+    done = _run("--device", "cpu", "--steps", "4", "--top", "200", "--", "--hidden", "8",
+                script="profile_train.py")
+    assert done.returncode == 0, done.stderr
+    head = done.stdout.splitlines()
+    assert any(line.startswith("done: 4 steps") for line in head), head[:4]
+    assert "gpurnn train --device cpu --hidden 8: 4 steps in" in done.stdout
+    assert "ms per step" in done.stdout and "Ordered by: internal time" in done.stdout
+    for function in ("loops.py", "backend.py"):  # the time loops and the GEMMs, profiled
+        assert function in done.stdout, function
+
+
+def test_profile_train_refuses_bad_arguments():
+    done = _run("--steps", "0", script="profile_train.py")
+    assert done.returncode == 2 and "--steps and --top must be positive" in done.stderr
