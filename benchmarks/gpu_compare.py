@@ -20,17 +20,19 @@ Also measured: host-side cost of one step-kernel launch per launch mode (``--lau
 and the error of a TF32 GEMM against float64 (``--tf32-check``).
 
 Variants of gpurnn (``--variants``, comma-separated, each
-``MODE[+persistent[N]][+graphs][+fp32]`` with MODE in lazy, eager, fast (N: the persistent
-kernels on at most N blocks), or ``default[+fp32]``: what a user gets with no option set, the
-launch mode, the persistent kernels and the CUDA graphs chosen by
-``gpurnn/engine/dispatch.py``): each runs the whole table.  Precision, like for like: float32
-GEMMs run TF32 on both sides by default (gpurnn's default and
+``MODE[+persistent[N]][+fused][+graphs][+fp32]`` with MODE in lazy, eager, fast (N: the
+persistent kernels on at most N blocks; ``+fused``: the fused step kernels of
+``kernels/fused.py`` where the persistent path does not run), or ``default[+fp32]``: what a
+user gets with no option set, the launch mode, the persistent kernels and the CUDA graphs
+chosen by ``gpurnn/engine/dispatch.py``): each runs the whole table.  Precision, like for
+like: float32 GEMMs run TF32 on both sides by default (gpurnn's default and
 ``torch.backends.cudnn.allow_tf32``'s); ``+fp32`` switches both to strict float32.  Every
 row states which (``precision``).  Without a GPU the script prints why and exits with status 2,
 measuring nothing.
 
     python benchmarks/gpu_compare.py                      # the issue's shapes and cells
     python benchmarks/gpu_compare.py --shapes 1000,1,128 --cells lstm --variants fast+persistent
+    python benchmarks/gpu_compare.py --shapes 1000,1,128 --variants default,fast+fused+graphs
 """
 import argparse
 import json
@@ -78,10 +80,11 @@ def parse_shape(text):
 
 
 def parse_variant(text):
-    """``{"name", "launch", "persistent", "blocks", "graphs", "tf32"}``; ``default`` leaves the
-    launch mode (None), the persistent kernels and the CUDA graphs ("auto") to gpurnn's dispatch
-    rules; ``+persistentN`` caps the persistent kernels at N blocks (``blocks``; None:
-    gpurnn's choice); ``tf32`` is False with ``+fp32`` (both sides strict float32)."""
+    """``{"name", "launch", "persistent", "blocks", "fused", "graphs", "tf32"}``; ``default``
+    leaves the launch mode (None), the persistent kernels and the CUDA graphs ("auto") to
+    gpurnn's dispatch rules (no fused steps: they are off by default); ``+persistentN`` caps
+    the persistent kernels at N blocks (``blocks``; None: gpurnn's choice); ``tf32`` is False
+    with ``+fp32`` (both sides strict float32)."""
     parts = text.split("+")
     mode, flags = parts[0], set(parts[1:])
     blocks = None
@@ -91,14 +94,14 @@ def parse_variant(text):
             flags = (flags - {flag}) | {"persistent"}
     if mode == "default" and flags <= {"fp32"}:
         return {"name": text, "launch": None, "persistent": "auto", "blocks": None,
-                "graphs": "auto", "tf32": "fp32" not in flags}
-    if (mode not in ("lazy", "eager", "fast") or not flags <= {"persistent", "graphs", "fp32"}
-            or blocks == 0):
+                "fused": False, "graphs": "auto", "tf32": "fp32" not in flags}
+    if (mode not in ("lazy", "eager", "fast")
+            or not flags <= {"persistent", "fused", "graphs", "fp32"} or blocks == 0):
         raise argparse.ArgumentTypeError(
-            f"a variant is MODE[+persistent[N]][+graphs][+fp32] with MODE lazy|eager|fast, or "
-            f"default[+fp32], got {text!r}")
+            f"a variant is MODE[+persistent[N]][+fused][+graphs][+fp32] with MODE "
+            f"lazy|eager|fast, or default[+fp32], got {text!r}")
     return {"name": text, "launch": mode, "persistent": "persistent" in flags, "blocks": blocks,
-            "graphs": "graphs" in flags, "tf32": "fp32" not in flags}
+            "fused": "fused" in flags, "graphs": "graphs" in flags, "tf32": "fp32" not in flags}
 
 
 def precision(dtype, tf32):
@@ -323,11 +326,11 @@ def tf32_check(n=1024):
     return out
 
 
-def watch_persistent(backend):
-    """A set that gets "fwd" / "bwd" each time ``backend`` runs a forward / backward as one
-    persistent kernel, so the table says whether a ``+persistent`` variant really took that path
-    (it falls back to the per-step loop where the plan does not fit, or where the driver does
-    not ask)."""
+def watch_own_loops(backend):
+    """A set that gets "fwd" / "bwd" each time ``backend`` runs a forward / backward its own
+    way (one persistent kernel, or the fused step kernels), so the table says whether a
+    ``+persistent`` or ``+fused`` variant really took that path (the persistent one falls back
+    to the per-step loop where the plan does not fit)."""
     seen = set()
 
     def watched(run, tag):
@@ -348,7 +351,7 @@ def fmt_table(results):
     head = (f"{'variant':<18} {'prec':<8} {'cell':<5} {'T,B,H':<13} {'train ours':>10} "
             f"{'cuDNN':>8} "
             f"{'ratio':>6} {'infer ours':>10} {'cuDNN':>8} {'ratio':>6} {'tape MB':>8} "
-            f"{'kept MB':>8} {'cuDNN MB':>8} {'rel err':>8} {'persistent':>10} {'graphs':>6}")
+            f"{'kept MB':>8} {'cuDNN MB':>8} {'rel err':>8} {'own loop':>10} {'graphs':>6}")
     lines = [head, "-" * len(head)]
     for r in results:
         mb = 1 / 2**20
@@ -361,7 +364,7 @@ def fmt_table(results):
             f"{r['ours_infer_ms'] / r['torch_infer_ms']:>6.2f} "
             f"{r['ours_tape_bytes'] * mb:>8.2f} {r['ours_kept_bytes'] * mb:>8.2f} "
             f"{r['torch_kept_bytes'] * mb:>8.2f} {r['rel_err']:>8.1e} "
-            f"{r['persistent_ran']:>10} {r.get('graphs', 0):>6}")
+            f"{r['own_loop_ran']:>10} {r.get('graphs', 0):>6}")
     return "\n".join(lines)
 
 
@@ -414,7 +417,7 @@ def main(argv=None):
     from gpurnn.kernels.cuda import fast_launch_unavailable
 
     backend = gpurnn.get_backend("cuda")
-    ran_persistent = watch_persistent(backend)
+    ran_own_loop = watch_own_loops(backend)
     for variant in args.variants:
         if variant["launch"] == "fast" and fast_launch_unavailable():
             print(f"skipping {variant['name']}: {fast_launch_unavailable()}", flush=True)
@@ -423,16 +426,17 @@ def main(argv=None):
             variant["launch"] or default_launch(simulator=False), variant["persistent"],
             variant["graphs"], variant["tf32"])
         backend.persistent_blocks = variant["blocks"]
+        backend.fused = variant["fused"]
         torch.backends.cudnn.allow_tf32 = variant["tf32"]  # like for like
         for cell in args.cells:
             for T, B, H in args.shapes:
-                ran_persistent.clear()
+                ran_own_loop.clear()
                 backend.clear_graphs()
                 row = measure_cell(cell, T, B, H, args.dtype, args.warmup, args.repeat)
                 row.update(variant=variant["name"], cell=cell, shape=[T, B, H],
                            graphs=backend.graph_count(),
                            precision=precision(args.dtype, variant["tf32"]),
-                           persistent_ran="+".join(sorted(ran_persistent, reverse=True)) or "-")
+                           own_loop_ran="+".join(sorted(ran_own_loop, reverse=True)) or "-")
                 report["results"].append(row)
                 print(fmt_table([row]).splitlines()[-1], flush=True)
     print()

@@ -3,7 +3,7 @@
 # (and the wheels carried in .whl: NumPy 2.4 for numba-cuda 0.30, nvmath-python for capturable
 # cuBLAS calls), check that numba-cuda can compile and run a kernel here, probe the non-finite
 # guard's CUDA failure (graphs on, off, eager launches), run the test suite on the real GPU, then the gpurnn-vs-cuDNN benchmark (float32 with the defaults, TF32 and strict
-# FP32; the persistent kernels at small batch; bfloat16 and float16), the
+# FP32; the fused step kernels at small batch; bfloat16 and float16), the
 # char-LM training step against torch.nn, `gpurnn train` on the GPU and the CPU, a cProfile of
 # `gpurnn train` on the GPU (benchmarks/profile_train.py), the adding
 # problem of length 100 learnt in bfloat16 and float32, and gpurnn.torch against torch.nn.
@@ -103,12 +103,14 @@ if [ "$what" != tests ]; then
         --warmup 3 --repeat 10 --json "$out/gpu_compare.json"
     echo "gpu_compare: rc=$?"
     grep -E "^(host|GEMM|variant|---|default)" "$out/gpu_compare.txt" | tail -n 28
-    # the persistent kernels against the default (graphs) at small batch
-    part 45 gpu_compare_persistent.txt $py benchmarks/gpu_compare.py --variants fast+persistent \
-        --shapes 1000,4,256 1000,1,128 --warmup 3 --repeat 10 --no-launch-cost \
-        --no-tf32-check --json "$out/gpu_compare_persistent.json"
-    echo "gpu_compare fast+persistent at small batch: rc=$?"
-    tail -n 6 "$out/gpu_compare_persistent.txt"
+    # the fused step kernels (one launch a step, graphs on and off) against the default
+    # (graphs of the per-step loop) at small batch, where the dispatch rule has them off until
+    # measured (gpurnn/engine/dispatch.py)
+    part 60 gpu_compare_fused.txt $py benchmarks/gpu_compare.py \
+        --variants fast+fused+graphs,fast+fused --shapes 1000,4,256 1000,1,128 --warmup 3 \
+        --repeat 10 --no-launch-cost --no-tf32-check --json "$out/gpu_compare_fused.json"
+    echo "gpu_compare fast+fused at small batch: rc=$?"
+    tail -n 14 "$out/gpu_compare_fused.txt"
     for dtype in bfloat16 float16; do  # 16-bit against torch.nn in the same dtype
         part 60 gpu_compare_$dtype.txt $py benchmarks/gpu_compare.py --dtype $dtype \
             --shapes 100,64,512 100,256,1024 --variants default --warmup 3 --repeat 10 \

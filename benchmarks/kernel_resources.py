@@ -49,6 +49,9 @@ def find_ptxas(given):
              "wheel: pip install --target DIR nvidia-cuda-nvcc==13.5.37)")
 
 
+#: a static shared array of the PTX module (``cuda.shared.array``), its size in bytes
+_SHARED_ARRAY = re.compile(r"^\s*\.(?:visible\s+)?\.shared\s+\.align\s+\d+\s+\.b8\s+\w+\[(\d+)\];",
+                           re.M)
 _FIELDS = {
     "registers": r"Used (\d+) registers",
     "barriers": r"used (\d+) barriers",
@@ -70,6 +73,9 @@ def ptxas_report(ptxas, path):
     for field, pattern in _FIELDS.items():
         match = re.search(pattern, done.stderr)
         out[field] = int(match.group(1)) if match else 0
+    if not out["smem"]:  # relocatable code: the static shared arrays are the module's variables
+        with open(path) as f:
+            out["smem"] = sum(int(n) for n in _SHARED_ARRAY.findall(f.read()))
     return out
 
 
@@ -109,6 +115,7 @@ def main():
     version = version.strip().splitlines()[-1]
 
     from gpurnn.kernels.cuda import THREADS
+    from gpurnn.kernels.fused import SPLITS, UNITS
     from gpurnn.kernels.ptx import write_all
 
     lines = ["| kernel | dtype | registers | stack B | spill st/ld B | static smem B | "
@@ -133,9 +140,10 @@ def main():
                                  f"{occ:.0%}"))
                 if not rows:
                     rows.append(("-", "-", "-", "-"))  # float64: shapes not tabulated
-            else:
-                blocks, occ = occupancy(r["registers"], THREADS, r["smem"])
-                rows.append((THREADS, 0, blocks, f"{occ:.0%}"))
+            else:  # step kernels; fused step kernels: UNITS x SPLITS threads, static smem
+                threads = UNITS * SPLITS if name.startswith("fused_") else THREADS
+                blocks, occ = occupancy(r["registers"], threads, r["smem"])
+                rows.append((threads, 0, blocks, f"{occ:.0%}"))
             for threads, dyn, blocks, occ in rows:
                 lines.append(f"| {name} | {dtype} | {r['registers']} | {r['stack']} | "
                              f"{r['spill_stores']}/{r['spill_loads']} | {r['smem']} | "

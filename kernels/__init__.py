@@ -4,9 +4,10 @@ of gpurnn.
 ``cell_math``: the gate math of each cell, as scalar functions written once; ``signatures``:
 the parameters of every step kernel; ``cpu``: the CPU step kernels (vectorised row loops) and
 the compiled time loops; ``cuda``: the CUDA step kernels (one thread per element);
-``persistent``: CUDA kernels that run a whole sequence in one launch; ``loops``: the time loops
-over the step kernels; ``ptx``: every CUDA kernel compiled to PTX.  Each backend's kernels are
-built per dtype, on first use.
+``persistent``: CUDA kernels that run a whole sequence in one launch; ``fused``: CUDA kernels
+that run one step and make its recurrent product; ``loops``: the time loops over the step
+kernels; ``ptx``: every CUDA kernel compiled to PTX.  Each backend's kernels are built per
+dtype, on first use.
 """
 import functools
 

@@ -353,30 +353,33 @@ def make_cuda_kernels(dtype, launch="eager"):
     """
     if launch not in LAUNCH_MODES:
         raise ValueError(f"launch must be one of {LAUNCH_MODES}, got {launch!r}")
-    if cuda.config.ENABLE_CUDASIM:
-        launch = "lazy"
-    launchers = {}
-    for name, fn in make_cuda_python_kernels(dtype).items():
-        if launch == "lazy":
-            launchers[name] = _launcher(cuda.jit(fn))
-        else:
-            signature = sig.numba_signature(fn.params, dtype)
-            kernel = cuda.jit(signature)(fn)  # compiles now, for the current device
-            launchers[name] = (_launcher(kernel) if launch == "eager"
-                               else _FastLauncher(kernel, signature))
-    return launchers
+    return {name: make_launcher(fn, fn.params, dtype, launch)
+            for name, fn in make_cuda_python_kernels(dtype).items()}
 
 
-def _launch_shape(B, H):
-    # Whole warps, no more than needed for a small H (fewer idle threads, and far fewer
-    # Python threads under the simulator).
+def step_launch_shape(B, H):
+    """(grid, block) of a step kernel: x over hidden units, whole warps, no more than needed for
+    a small H (fewer idle threads, and far fewer Python threads under the simulator); y over
+    batch rows."""
     threads = min(THREADS, (H + 31) // 32 * 32)
     return ((H + threads - 1) // threads, B), (threads, 1)
 
 
-def _launcher(kernel):
+def make_launcher(fn, params, dtype, launch, shape=step_launch_shape):
+    """``launch(B, H, *args, stream)`` of kernel ``fn`` (its parameters ``params``, the first
+    two ``B`` and ``H``) for ``dtype``, in launch mode ``launch`` (lazy under the simulator),
+    on the grid ``shape(B, H)`` gives."""
+    if cuda.config.ENABLE_CUDASIM or launch == "lazy":
+        return _launcher(cuda.jit(fn), shape)
+    signature = sig.numba_signature(params, dtype)
+    kernel = cuda.jit(signature)(fn)  # compiles now, for the current device
+    return _launcher(kernel, shape) if launch == "eager" else _FastLauncher(kernel, signature,
+                                                                           shape)
+
+
+def _launcher(kernel, shape):
     def launch(B, H, *args, stream=0):
-        grid, block = _launch_shape(B, H)
+        grid, block = shape(B, H)
         kernel[grid, block, stream](B, H, *args)
 
     return launch
@@ -446,9 +449,10 @@ def pack_args(sig, args):
 class _FastLauncher:
     """Launch one eagerly compiled kernel through ``cuda.core.launch`` (mode ``"fast"``)."""
 
-    def __init__(self, dispatcher, sig):
+    def __init__(self, dispatcher, sig, shape):
         self._kernel = next(iter(dispatcher.overloads.values()))
         self._sig = sig
+        self._shape = shape
         self._cufunc = None  # loaded on first launch, on the device current then
         self._configs = {}
 
@@ -457,7 +461,7 @@ class _FastLauncher:
 
         if self._cufunc is None:
             self._cufunc = self._kernel._codelibrary.get_cufunc()
-        grid, block = _launch_shape(B, H)
+        grid, block = self._shape(B, H)
         config = self._configs.get(grid)
         if config is None:
             config = self._configs[grid] = LaunchConfig(grid=grid, block=block)

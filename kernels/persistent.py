@@ -94,9 +94,11 @@ def grid_barrier(arrivals, target):
     cuda.syncthreads()
 
 
-def _cell_steps(dtype):
+def cell_steps(dtype):
     """Each cell's element functions called on the slots of one step, one signature per
-    direction of time: ``{mode: (forward_step, backward_step, recurrent_grad)}``.
+    direction of time, for the kernels that compute the step's slots themselves (these and the
+    fused step kernels, ``kernels/fused.py``): ``{mode: (forward_step, backward_step,
+    recurrent_grad)}``.
 
     ``recurrent_grad(dg, dgh)`` is the gradient whose product with ``W_hh`` flows back to
     ``h_prev``: ``dgh`` for the reset-after GRU (its n block is ``r * dgx_n``), else ``dg``."""
@@ -214,7 +216,7 @@ def make_persistent_python_kernels(dtype):
     helpers += (_device(_make_block_products(*helpers[1:])), _device(grid_barrier))
     return {mode: (_forward_kernel(fwd, zero, shared_type, *helpers),
                    _backward_kernel(back, rec, zero, shared_type, *helpers))
-            for mode, (fwd, back, rec) in _cell_steps(dtype).items()}
+            for mode, (fwd, back, rec) in cell_steps(dtype).items()}
 
 
 def _forward_kernel(cell_step, zero, shared_type, slots_of, row_of, unit_of, products,

@@ -47,11 +47,13 @@ def test_bad_arguments_are_refused():
     assert done.returncode == 2 and "a shape is T,B,H (three ints), got '3,2'" in done.stderr
     done = _run("--variants", "turbo")
     assert done.returncode == 2
-    assert "a variant is MODE[+persistent[N]][+graphs][+fp32]" in done.stderr
+    assert "a variant is MODE[+persistent[N]][+fused][+graphs][+fp32]" in done.stderr
     done = _run("--variants", "fast+persistent0")  # at least one block
     assert done.returncode == 2 and "got 'fast+persistent0'" in done.stderr
     done = _run("--variants", "default+persistent")  # the default decides persistence itself
     assert done.returncode == 2 and "or default[+fp32], got 'default+persistent'" in done.stderr
+    done = _run("--variants", "default+fused")  # fused steps are chosen by name only
+    assert done.returncode == 2 and "got 'default+fused'" in done.stderr
     done = _run("--variants", "fast+tf32")  # TF32 is the default on both sides now
     assert done.returncode == 2 and "got 'fast+tf32'" in done.stderr
 

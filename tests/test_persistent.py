@@ -1,14 +1,17 @@
-"""The persistent kernels (one launch for all T steps) give the per-step driver's results on
-the CPU backend: forward, the outputs, every state slot and the saved gates; backward, every
-step's pre-activation gradients and the carried gradients the loop leaves.  Under the CUDA
-simulator a cooperative grid has one block, so the slicing of the hidden units over blocks is
-exercised by giving that block several slices, and checked on its own for many blocks."""
+"""The whole-direction paths of the CUDA backend give the per-step driver's results on the CPU
+backend: forward, the outputs, every state slot and the saved gates; backward, every step's
+pre-activation gradients and the carried gradients the loop leaves.  Two such paths: the
+persistent kernels (one launch for all T steps) and the fused step kernels (one launch a step
+that makes the step's product itself, ``kernels/fused.py``).  Under the CUDA simulator a
+cooperative grid has one block, so the slicing of the hidden units over blocks is exercised by
+giving that block several slices, and checked on its own for many blocks; the fused kernels
+run several blocks of units and rows, the last one part-filled."""
 import numpy as np
 import pytest
 
 from gpurnn.engine import drivers
 from gpurnn.engine.backend import CPUBackend, CUDABackend
-from gpurnn.kernels import persistent
+from gpurnn.kernels import fused, persistent
 from gpurnn.kernels.loops import time_slots
 
 TOL = {"float64": dict(rtol=1e-12, atol=1e-13), "float32": dict(rtol=1e-5, atol=1e-6)}
@@ -60,6 +63,11 @@ def _problem(cell, dtype, T, B, I, H, rng):
     c0 = rng.standard_normal((B, H)).astype(dtype) if cell.has_cell_state else None
     lengths = np.array([T, max(T - 1, 0)][:B] + [T] * (B - 2), dtype=np.int32)
     return w, x, h0, c0, lengths
+
+
+def _w_hh_t(w):
+    """W_hh^T [H, G*H], C-contiguous, as the driver hands it to ``forward_sequence``."""
+    return np.ascontiguousarray(w.w_hh.T)
 
 
 def _buffers(cell, w, x, h0, c0, training, reverse):
@@ -129,10 +137,11 @@ def test_backend_forward_sequence(name, rng):
                                    drivers.Workspace(cpu))
     bufs = _buffers(cell, w, x, h0, c0, True, False)
     xg, y, hs, cs, gates, hg = bufs
-    assert not CUDABackend(persistent=False).forward_sequence(cell, w, *bufs, lengths, False,
-                                                              True)
+    assert not CUDABackend(persistent=False).forward_sequence(cell, w, _w_hh_t(w), *bufs,
+                                                              lengths, False, True)
     assert np.isnan(y).all()
-    assert CUDABackend(persistent=True).forward_sequence(cell, w, *bufs, lengths, False, True)
+    assert CUDABackend(persistent=True).forward_sequence(cell, w, _w_hh_t(w), *bufs, lengths,
+                                                         False, True)
     _check(cell, "float64", True, False, (y, hs, cs, gates), want_y, tape, lengths)
 
 
@@ -140,8 +149,8 @@ def test_reset_before_gru_is_left_to_the_step_path(rng):
     cell = drivers.CellSpec("gru", reset_after=False)
     w, x, h0, c0, lengths = _problem(cell, "float64", 2, 1, 2, 3, rng)
     bufs = _buffers(cell, w, x, h0, c0, True, False)
-    assert not CUDABackend(persistent=True).forward_sequence(cell, w, *bufs, lengths, False,
-                                                             True)
+    assert not CUDABackend(persistent=True).forward_sequence(cell, w, _w_hh_t(w), *bufs,
+                                                             lengths, False, True)
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru"])
@@ -157,11 +166,12 @@ def test_by_default_whole_sequences_run_persistent_at_small_batches_only(name, m
     for B, engaged in ((1, True), (PERSISTENT_MAX_BATCH, True), (PERSISTENT_MAX_BATCH + 1, False)):
         w, x, h0, c0, lengths = _problem(cell, "float64", 2, B, 3, 4, rng)
         bufs = _buffers(cell, w, x, h0, c0, True, False)
-        assert backend.forward_sequence(cell, w, *bufs, lengths, False, True) == engaged, B
+        assert backend.forward_sequence(cell, w, _w_hh_t(w), *bufs, lengths, False,
+                                        True) == engaged, B
     monkeypatch.setattr(backend, "graphs_active", lambda: True)
     w, x, h0, c0, lengths = _problem(cell, "float64", 2, 1, 3, 4, rng)
     bufs = _buffers(cell, w, x, h0, c0, True, False)
-    assert not backend.forward_sequence(cell, w, *bufs, lengths, False, True)
+    assert not backend.forward_sequence(cell, w, _w_hh_t(w), *bufs, lengths, False, True)
 
 
 def test_default_launch_is_fast_where_numba_cuda_has_it(monkeypatch, caplog):
@@ -304,6 +314,96 @@ def test_layers_run_persistent_when_asked(cell, opts, monkeypatch, rng):
         out, _ = layer(layer.backend.asarray(x), lengths=np.array([3, 2]))
         dx, _ = layer.backward(layer.backend.asarray(dout))
         results.append({"out": host(layer, out), "dx": host(layer, dx),
+                        **{k: host(layer, g) for k, g in layer.grads.items()}})
+    for key in results[0]:
+        np.testing.assert_allclose(results[1][key], results[0][key], rtol=1e-11, atol=1e-12,
+                                   err_msg=key)
+    assert ran == [("forward_sequence", True)] * 2 + [("backward_sequence", True)] * 2
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+@pytest.mark.parametrize("dtype,training,reverse,H", [
+    ("float64", True, False, 5), ("float64", False, True, 5), ("float32", True, True, 37)])
+def test_fused_forward_matches_cpu(name, dtype, training, reverse, H, rng):
+    """H = 37: two blocks of units, the second with 5 of its 32 (``fused.UNITS``)."""
+    cell = CELLS[name]
+    T, B, I = 3, 2, 2
+    w, x, h0, c0, lengths = _problem(cell, dtype, T, B, I, H, rng)
+    cpu = CPUBackend()
+    want_y, tape = drivers.forward(cpu, cell, w, x, h0, c0, lengths, reverse, training,
+                                   drivers.Workspace(cpu))
+    xg, y, hs, cs, gates, hg = _buffers(cell, w, x, h0, c0, training, reverse)
+    backend = CUDABackend(persistent=False, fused=True)
+    assert backend.forward_sequence(cell, w, _w_hh_t(w), xg, y, hs, cs, gates, hg, lengths,
+                                    reverse, training)
+    _check(cell, dtype, training, reverse, (y, hs, cs, gates), want_y, tape, lengths)
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+@pytest.mark.parametrize("dtype,reverse", [("float64", False), ("float64", True),
+                                           ("float32", False)])
+def test_fused_backward_matches_cpu(name, dtype, reverse, rng):
+    cell = CELLS[name]
+    w, tape, dy, dh_last, dc_last, left = _backward_reference(cell, dtype, reverse, rng)
+    bufs = _backward_buffers(cell, tape, dy, dh_last, dc_last)
+    backend = CUDABackend(persistent=False, fused=True)
+    assert backend.backward_sequence(cell, w, tape, *bufs[:4], dy, bufs[4])
+    _check_backward(cell, dtype, bufs, left)
+
+
+def test_fused_steps_are_off_by_default_and_only_where_written(monkeypatch, rng):
+    """Off unless asked (``GPURNN_FUSED_STEPS=1`` or ``fused=True``); never for the reset-before
+    GRU or a 16-bit layer; behind the persistent path where that runs."""
+    monkeypatch.delenv("GPURNN_FUSED_STEPS", raising=False)
+    assert CUDABackend().fused is False
+    monkeypatch.setenv("GPURNN_FUSED_STEPS", "1")
+    assert CUDABackend().fused is True
+    monkeypatch.setenv("GPURNN_FUSED_STEPS", "yes")
+    with pytest.raises(ValueError, match="GPURNN_FUSED_STEPS must be 0 or 1, got 'yes'"):
+        CUDABackend()
+    with pytest.raises(ValueError, match="fused must be False or True, got 'auto'"):
+        CUDABackend(fused="auto")
+    monkeypatch.delenv("GPURNN_FUSED_STEPS")
+    backend = CUDABackend(persistent=False, fused=True)
+    for cell, dtype in ((drivers.CellSpec("gru"), np.float64), (CELLS["lstm"], np.float16)):
+        assert backend._fused_kernel(cell, np.dtype(dtype), backward=False) is None
+    cell = CELLS["lstm"]
+    w, x, h0, c0, lengths = _problem(cell, "float64", 2, 1, 3, 4, rng)
+    bufs = _buffers(cell, w, x, h0, c0, True, False)
+    ran = []
+    monkeypatch.setattr(fused, "fused_kernels", lambda *a: ran.append(a))
+    assert CUDABackend(persistent=True, fused=True).forward_sequence(
+        cell, w, _w_hh_t(w), *bufs, lengths, False, True)
+    assert ran == []  # the persistent kernel ran the direction
+
+
+@pytest.mark.parametrize("cell,opts", [("LSTM", {}), ("GRU", {"reset_after": True})])
+def test_layers_run_fused_steps_when_asked(cell, opts, monkeypatch, rng):
+    """Through the public layers (both directions, lengths): every result is the CPU
+    backend's, and the drivers handed every loop to the fused kernels."""
+    import gpurnn
+    from helpers import host, make
+
+    be = gpurnn.get_backend("cuda")
+    ran = []
+    for hook in ("forward_sequence", "backward_sequence"):
+        run = getattr(be, hook)
+        monkeypatch.setattr(be, hook, lambda *a, run=run, hook=hook: ran.append(
+            (hook, run(*a))) or ran[-1][1])
+    monkeypatch.setattr(be, "persistent", False)
+    monkeypatch.setattr(be, "fused", True)
+    T, B, I, H = 3, 2, 2, 4
+    layers = [make(cell, opts, I, H, device=device, dtype="float64", seed=5, bidirectional=True)
+              for device in ("cpu", "cuda")]
+    x = rng.standard_normal((T, B, I))
+    dout = rng.standard_normal((T, B, 2 * H))
+    results = []
+    for layer in layers:
+        out, state = layer(layer.backend.asarray(x), lengths=np.array([3, 1]))
+        dx, _ = layer.backward(layer.backend.asarray(dout))
+        results.append({"out": host(layer, out), "dx": host(layer, dx),
+                        **{f"state{i}": host(layer, s) for i, s in enumerate(
+                            state if isinstance(state, tuple) else (state,))},
                         **{k: host(layer, g) for k, g in layer.grads.items()}})
     for key in results[0]:
         np.testing.assert_allclose(results[1][key], results[0][key], rtol=1e-11, atol=1e-12,

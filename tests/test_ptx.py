@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from gpurnn.kernels.cuda import kernel_signature, pack_args
+from gpurnn.kernels.fused import fused_signature
 from gpurnn.kernels.ptx import all_kernels
 from gpurnn.kernels.signatures import STEP_KERNELS
 
@@ -97,10 +98,19 @@ def _args_for(sig, dtype):
     return args
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n in STEP_KERNELS])
+def _fast_launched(name):
+    """The dtypes a kernel the fast launcher runs is built for, and its signature of a dtype:
+    the step kernels (every dtype) and the fused step kernels (float32, float64)."""
+    if name in STEP_KERNELS:
+        return ("float32", "float64", "float16", "bfloat16"), lambda d: kernel_signature(name, d)
+    return ("float32", "float64"), lambda d: fused_signature(d, name.endswith("_backward"))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n in STEP_KERNELS or n.startswith("fused_")])
 def test_fast_launch_packs_the_declared_parameters(ptx, name):
-    for dtype in ("float32", "float64", "float16", "bfloat16"):
-        sig = kernel_signature(name, dtype)
+    dtypes, signature = _fast_launched(name)
+    for dtype in dtypes:
+        sig = signature(dtype)
         packed = pack_args(sig, _args_for(sig, dtype))
         params = _entry_params(ptx[name, dtype, (9, 0)])
         assert len(packed) == len(params)

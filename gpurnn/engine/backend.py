@@ -89,10 +89,12 @@ class Backend:
         """``dst[...] = src.T``, ``dst`` C-contiguous."""
         dst[...] = src.T
 
-    def forward_sequence(self, cell, w, xg, y, hs, cs, gates, hg, lengths, reverse, training):
-        """Run a whole direction's forward loop in one go, if this backend can for this cell
+    def forward_sequence(self, cell, w, w_hh_t, xg, y, hs, cs, gates, hg, lengths, reverse,
+                         training):
+        """Run a whole direction's forward loop its own way, if this backend can for this cell
         and shape; return whether it did (else the driver runs its per-step loop).  Arguments
-        as the driver's loop uses them, ``hs[first]`` (and ``cs``) already holding ``h0``."""
+        as the driver's loop uses them (``w_hh_t`` [H, G*H] = W_hh^T), ``hs[first]`` (and
+        ``cs``) already holding ``h0``."""
         return False
 
     def backward_sequence(self, cell, w, tape, dg, dgh, dh_carry, dc, dy, dh_rec):
@@ -195,6 +197,11 @@ class CUDABackend(Backend):
     * ``persistent_blocks`` (``GPURNN_PERSISTENT_BLOCKS``; None, the default, or a positive
       int): the most blocks a persistent kernel spreads a direction over; None takes
       ``dispatch.persistent_blocks``.
+    * ``fused`` (``GPURNN_FUSED_STEPS`` = ``0``, the default, or ``1``; False or True here):
+      where the persistent path does not run, ``forward_sequence``/``backward_sequence`` run a
+      direction as one fused step kernel per step, which makes the step's recurrent product
+      itself (``kernels/fused.py``): half the launches (or graph nodes) of the per-step loop.
+      Off by default: not yet timed on a GPU (``dispatch.py``).
     * ``graphs`` (``GPURNN_CUDA_GRAPHS`` = ``auto``, ``0`` or ``1``; ``"auto"``, False or True
       here): ``run_graph`` captures a direction's time loop (its GEMMs and step kernels) as a
       CUDA graph, once per key, and replays it: always (True), never (False), or where
@@ -212,7 +219,7 @@ class CUDABackend(Backend):
     name = "cuda"
 
     def __init__(self, launch=None, persistent=None, graphs=None, tf32=None,
-                 persistent_blocks=None):
+                 persistent_blocks=None, fused=None):
         from numba import cuda
 
         from ..kernels.cuda import LAUNCH_MODES
@@ -245,6 +252,11 @@ class CUDABackend(Backend):
             raise ValueError(f"persistent_blocks must be a positive int or None, got "
                              f"{persistent_blocks!r}")
         self.persistent_blocks = persistent_blocks
+        if fused is None:
+            fused = _env_choice("GPURNN_FUSED_STEPS", {"0": False, "1": True})
+        if fused not in (False, True):
+            raise ValueError(f"fused must be False or True, got {fused!r}")
+        self.fused = fused
         if graphs is None:
             graphs = _env_choice("GPURNN_CUDA_GRAPHS", {"auto": "auto", "0": False, "1": True})
         if graphs not in ("auto", False, True):
@@ -271,12 +283,20 @@ class CUDABackend(Backend):
         launchers = kernels.cuda_kernels(dtype, self.launch)
         if self.simulator:
             return launchers
+        stream = self._launch_stream()
+        return {name: functools.partial(fn, stream=stream) for name, fn in launchers.items()}
+
+    def _launch_stream(self):
+        """CuPy's current stream, as this launch mode's launchers take it (0 under the
+        simulator)."""
+        if self.simulator:
+            return 0
         stream = self._numba_stream()
         if self.launch == "fast":
             from numba.cuda.cudadrv.driver import _to_core_stream
 
             stream = _to_core_stream(stream)
-        return {name: functools.partial(fn, stream=stream) for name, fn in launchers.items()}
+        return stream
 
     def _numba_stream(self):
         import cupy
@@ -304,31 +324,77 @@ class CUDABackend(Backend):
         else:
             self._blas.gemm(a, b, out, self.tf32)
 
-    def forward_sequence(self, cell, w, xg, y, hs, cs, gates, hg, lengths, reverse, training):
+    def forward_sequence(self, cell, w, w_hh_t, xg, y, hs, cs, gates, hg, lengths, reverse,
+                         training):
+        """The persistent kernel where ``_persistent_launch`` allows it, else the fused step
+        kernels where ``fused`` is on (a replayed graph where graphs are), else False."""
         from ..kernels import persistent
 
         T, B, H = y.shape
         launch = self._persistent_launch(cell, B, H, y.dtype, backward=False)
-        if launch is None:
+        if launch is not None:
+            kernel, shape, stream, arrivals = launch
+            persistent.launch_persistent(kernel, shape, T, B, H, y, hs, cs, gates, xg, hg,
+                                         w.w_hh, w.b_ih, w.b_hh, lengths, arrivals, reverse,
+                                         training, cell.relu, stream)
+            return True
+        fused = self._fused_kernel(cell, y.dtype, backward=False)
+        if fused is None:
             return False
-        kernel, shape, stream, arrivals = launch
-        persistent.launch_persistent(kernel, shape, T, B, H, y, hs, cs, gates, xg, hg, w.w_hh,
-                                     w.b_ih, w.b_hh, lengths, arrivals, reverse, training,
-                                     cell.relu, stream)
+        # An empty view stands in for an array the cell has not (as for the persistent kernels)
+        args = (T, y, hs, y[:0] if cs is None else cs, y[:0] if gates is None else gates, xg,
+                hg, w_hh_t, w.b_ih, w.b_hh, lengths, int(reverse), int(training), int(cell.relu))
+
+        def enqueue():
+            stream = self._launch_stream()
+            for step in range(T):
+                fused(B, H, T, step, *args[1:], stream=stream)
+
+        self.run_graph(f"fused_{cell.mode}_forward", enqueue, args)
         return True
 
     def backward_sequence(self, cell, w, tape, dg, dgh, dh_carry, dc, dy, dh_rec):
+        """The persistent kernel, else the fused step kernels, else False (as
+        ``forward_sequence``); after the fused ones, one GEMM leaves ``dh_rec`` the first
+        step's product, as the per-step loop does."""
         from ..kernels import persistent
+        from ..kernels.loops import time_slots
 
         T, B, H = dy.shape
         launch = self._persistent_launch(cell, B, H, dy.dtype, backward=True)
-        if launch is None:
+        if launch is not None:
+            kernel, shape, stream, arrivals = launch
+            persistent.launch_persistent_backward(
+                kernel, shape, T, B, H, dg, dgh, dh_carry, dc, dy, dh_rec, tape.hs, tape.cs,
+                tape.gates, w.w_hh, tape.lengths, arrivals, tape.reverse, cell.relu, stream)
+            return True
+        fused = self._fused_kernel(cell, dy.dtype, backward=True)
+        if fused is None:
             return False
-        kernel, shape, stream, arrivals = launch
-        persistent.launch_persistent_backward(
-            kernel, shape, T, B, H, dg, dgh, dh_carry, dc, dy, dh_rec, tape.hs, tape.cs,
-            tape.gates, w.w_hh, tape.lengths, arrivals, tape.reverse, cell.relu, stream)
+        args = (T, dg, dg[:0] if dgh is dg else dgh, dh_carry, dh_carry[:0] if dc is None else dc,
+                dy, dh_rec, tape.hs, tape.hs[:0] if tape.cs is None else tape.cs,
+                dg[:0] if tape.gates is None else tape.gates, w.w_hh, tape.lengths,
+                int(tape.reverse), int(cell.relu))
+        done_last = dgh[time_slots(T, 0, tape.reverse, True)[0]]  # [B, G*H] the step done last
+
+        def enqueue():
+            stream = self._launch_stream()
+            for step in range(T):
+                fused(B, H, T, step, *args[1:], stream=stream)
+            self.matmul(done_last, w.w_hh, dh_rec)
+
+        self.run_graph(f"fused_{cell.mode}_backward", enqueue, args)
         return True
+
+    def _fused_kernel(self, cell, dtype, backward):
+        """The fused step kernel's launcher, or None when ``fused`` is off or the cell or dtype
+        has none."""
+        from ..kernels import fused
+
+        if (not self.fused or not _sequence_cell(cell, fused.FUSED_MODES)
+                or dtype_name(dtype) in HALF_DTYPES):
+            return None  # written for float32 and float64, as the persistent kernels
+        return fused.fused_kernels(dtype, self.launch)[cell.mode][int(backward)]
 
     def _persistent_launch(self, cell, B, H, dtype, backward):
         """(kernel, launch shape, stream, barrier counter) of the persistent path, or None when
@@ -352,8 +418,7 @@ class CUDABackend(Backend):
     def _persistent_cell(cell):
         from ..kernels import persistent
 
-        return cell.mode in persistent.PERSISTENT_MODES and (cell.mode != "gru"
-                                                             or cell.reset_after)
+        return _sequence_cell(cell, persistent.PERSISTENT_MODES)
 
     def _persistent_shape(self, kernel, G, B, H, dtype, backward):
         from ..kernels import persistent
@@ -509,6 +574,13 @@ def _graph_key(arg):
     if ptr is not None:
         return (ptr, arg.shape, arg.strides, arg.dtype.str)
     return arg
+
+
+def _sequence_cell(cell, modes):
+    """Whether the kernels of ``modes`` (a mode's steps in one kernel each) take ``cell``: the
+    GRU only with the reset after the product (the reset-before GRU's second product needs
+    ``r * h_prev`` of every unit first)."""
+    return cell.mode in modes and (cell.mode != "gru" or cell.reset_after)
 
 
 def _env_choice(name, choices):

@@ -50,6 +50,10 @@ GEMMs, which change little at these sizes)::
   one block per multiprocessor (``persistent_blocks``): fewer were far slower at B = 4; at
   B = 1, 32 or 64 blocks were 4-15 % faster than 128, a difference kept out of the rule
   since that path runs only where graphs cannot.
+* The fused step kernels (``kernels/fused.py``: one launch a step that makes the step's
+  product itself, so half the graph nodes of the per-step loop) have not run on a GPU yet, so
+  no rule turns them on: ``fused`` (``GPURNN_FUSED_STEPS``) is off unless asked for, until
+  ``benchmarks/gpu_session.sh bench`` has timed them against the graphs at small batch.
 """
 import logging
 

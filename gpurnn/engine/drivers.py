@@ -155,11 +155,12 @@ def forward(be, cell, w, x, h0, c0, lengths, reverse, training, ws):
         gates = ws.get("gates", (T if training else 1, B, cell.saved_gates * H), dtype)
     hg = ws.get("hg", (B, G * H), compute)  # [B, G*H] recurrent product of one step
 
-    if not be.forward_sequence(cell, w, xg, y, hs, cs, gates, hg, lengths, reverse, training):
-        w_hh_t = w.w_hh.T  # [H, G*H] W_hh^T: a view, or a C-contiguous copy where it pays
-        if be.copies_transposed_weights(T * B):
-            w_hh_t = ws.get("w_hh_t", (H, G * H), dtype)
-            be.transpose_into(w.w_hh, w_hh_t)
+    w_hh_t = w.w_hh.T  # [H, G*H] W_hh^T: a view, or a C-contiguous copy where it pays
+    if be.copies_transposed_weights(T * B):
+        w_hh_t = ws.get("w_hh_t", (H, G * H), dtype)
+        be.transpose_into(w.w_hh, w_hh_t)
+    if not be.forward_sequence(cell, w, w_hh_t, xg, y, hs, cs, gates, hg, lengths, reverse,
+                               training):
         _run_loop(be, dtype, _loop_name(cell, "forward"),
                   (y, hs, cs, gates, xg, hg, w_hh_t, w.b_ih, w.b_hh, lengths, reverse, training,
                    int(cell.relu), c_carry))
