@@ -289,11 +289,13 @@ def test_backend_backward_sequence(name, rng):
     _check_backward(cell, "float64", bufs, left)
 
 
+@pytest.mark.parametrize("path", ["persistent", "fused"])
 @pytest.mark.parametrize("cell,opts", [("LSTM", {}), ("GRU", {"reset_after": True}),
                                        ("RNN", {"nonlinearity": "relu"})])
-def test_layers_run_persistent_when_asked(cell, opts, monkeypatch, rng):
+def test_layers_run_their_own_loops_when_asked(path, cell, opts, monkeypatch, rng):
     """Through the public layers (both directions, lengths): the drivers hand the whole loops
-    to the persistent kernels, forward and backward, and every result is the CPU backend's."""
+    to the persistent kernels (or the fused step kernels), forward and backward, and every
+    result is the CPU backend's."""
     import gpurnn
     from helpers import host, make
 
@@ -303,7 +305,8 @@ def test_layers_run_persistent_when_asked(cell, opts, monkeypatch, rng):
         run = getattr(be, hook)
         monkeypatch.setattr(be, hook, lambda *a, run=run, hook=hook: ran.append(
             (hook, run(*a))) or ran[-1][1])
-    monkeypatch.setattr(be, "persistent", True)
+    monkeypatch.setattr(be, "persistent", path == "persistent")
+    monkeypatch.setattr(be, "fused", path == "fused")
     T, B, I, H = 3, 2, 2, 4
     layers = [make(cell, opts, I, H, device=device, dtype="float64", seed=3, bidirectional=True)
               for device in ("cpu", "cuda")]
@@ -311,9 +314,11 @@ def test_layers_run_persistent_when_asked(cell, opts, monkeypatch, rng):
     dout = rng.standard_normal((T, B, 2 * H))
     results = []
     for layer in layers:
-        out, _ = layer(layer.backend.asarray(x), lengths=np.array([3, 2]))
+        out, state = layer(layer.backend.asarray(x), lengths=np.array([3, 1]))
         dx, _ = layer.backward(layer.backend.asarray(dout))
         results.append({"out": host(layer, out), "dx": host(layer, dx),
+                        **{f"state{i}": host(layer, s) for i, s in enumerate(
+                            state if isinstance(state, tuple) else (state,))},
                         **{k: host(layer, g) for k, g in layer.grads.items()}})
     for key in results[0]:
         np.testing.assert_allclose(results[1][key], results[0][key], rtol=1e-11, atol=1e-12,
@@ -375,37 +380,3 @@ def test_fused_steps_are_off_by_default_and_only_where_written(monkeypatch, rng)
     assert CUDABackend(persistent=True, fused=True).forward_sequence(
         cell, w, _w_hh_t(w), *bufs, lengths, False, True)
     assert ran == []  # the persistent kernel ran the direction
-
-
-@pytest.mark.parametrize("cell,opts", [("LSTM", {}), ("GRU", {"reset_after": True})])
-def test_layers_run_fused_steps_when_asked(cell, opts, monkeypatch, rng):
-    """Through the public layers (both directions, lengths): every result is the CPU
-    backend's, and the drivers handed every loop to the fused kernels."""
-    import gpurnn
-    from helpers import host, make
-
-    be = gpurnn.get_backend("cuda")
-    ran = []
-    for hook in ("forward_sequence", "backward_sequence"):
-        run = getattr(be, hook)
-        monkeypatch.setattr(be, hook, lambda *a, run=run, hook=hook: ran.append(
-            (hook, run(*a))) or ran[-1][1])
-    monkeypatch.setattr(be, "persistent", False)
-    monkeypatch.setattr(be, "fused", True)
-    T, B, I, H = 3, 2, 2, 4
-    layers = [make(cell, opts, I, H, device=device, dtype="float64", seed=5, bidirectional=True)
-              for device in ("cpu", "cuda")]
-    x = rng.standard_normal((T, B, I))
-    dout = rng.standard_normal((T, B, 2 * H))
-    results = []
-    for layer in layers:
-        out, state = layer(layer.backend.asarray(x), lengths=np.array([3, 1]))
-        dx, _ = layer.backward(layer.backend.asarray(dout))
-        results.append({"out": host(layer, out), "dx": host(layer, dx),
-                        **{f"state{i}": host(layer, s) for i, s in enumerate(
-                            state if isinstance(state, tuple) else (state,))},
-                        **{k: host(layer, g) for k, g in layer.grads.items()}})
-    for key in results[0]:
-        np.testing.assert_allclose(results[1][key], results[0][key], rtol=1e-11, atol=1e-12,
-                                   err_msg=key)
-    assert ran == [("forward_sequence", True)] * 2 + [("backward_sequence", True)] * 2
