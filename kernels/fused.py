@@ -34,14 +34,13 @@ from .loops import time_slots
 from .persistent import cell_steps
 from .signatures import FLOAT, INT, LENGTHS, Param, numba_signature
 
-#: Cells with fused step kernels; GRU only with ``reset_after``.
-FUSED_MODES = ("rnn", "lstm", "gru")
+#: Gate blocks (``G``) of each cell with fused step kernels; the GRU only with ``reset_after``.
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+FUSED_MODES = tuple(GATES)
 #: Hidden units per block: one warp wide, so that a warp's reads of W_hh coalesce.
 UNITS = 32
 #: Threads sharing each dot product; their partial sums meet in shared memory.
 SPLITS = 8
-#: Gate blocks of each cell (``G``).
-GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 
 
 def fused_launch_shape(B, H):
