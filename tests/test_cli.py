@@ -99,8 +99,9 @@ def test_info(capsys):
 
 
 def test_info_says_how_the_cuda_backend_runs(monkeypatch):
-    """The line ``gpurnn info`` prints under a usable GPU: launch mode, graphs or why not, and
-    the GEMMs' precision (here through the simulator's backend, which captures nothing)."""
+    """The line ``gpurnn info`` prints under a usable GPU: launch mode, graphs or why not, the
+    fused step kernels when on, and the GEMMs' precision (here through the simulator's backend,
+    which captures nothing)."""
     from gpurnn.cli.commands import _cuda_paths
     from gpurnn.engine.backend import get_backend
 
@@ -115,6 +116,9 @@ def test_info_says_how_the_cuda_backend_runs(monkeypatch):
     monkeypatch.setattr(be, "tf32", False)
     line = _cuda_paths()
     assert "no CUDA graphs" in line and line.endswith("strict float32 GEMMs")
+    assert "fused" not in line  # off unless asked for
+    monkeypatch.setattr(be, "fused", True)
+    assert ", fused step kernels (GPURNN_FUSED_STEPS=1), strict float32 GEMMs" in _cuda_paths()
 
 
 def test_console_script_is_declared():

@@ -664,15 +664,17 @@ def cmd_info(args):
 
 
 def _cuda_paths():
-    """One line on how the CUDA backend runs a layer here: launches, graphs, GEMM precision."""
+    """One line on how the CUDA backend runs a layer here: launches, graphs, fused step kernels
+    when asked for, GEMM precision."""
     from ..engine.backend import get_backend
 
     be = get_backend("cuda")
     reason = be.graphs_unavailable_reason()
     graphs = ("time loops replayed as CUDA graphs" if be.graphs_active()
               else f"no CUDA graphs ({reason or 'GPURNN_CUDA_GRAPHS=0'})")
+    fused = ", fused step kernels (GPURNN_FUSED_STEPS=1)" if be.fused else ""
     tf32 = "TF32 GEMMs (GPURNN_TF32=0: strict float32)" if be.tf32 else "strict float32 GEMMs"
-    return f"launch={be.launch}, {graphs}, {tf32}"
+    return f"launch={be.launch}, {graphs}{fused}, {tf32}"
 
 
 def _blas_threads(n):
