@@ -6,6 +6,8 @@ that makes the step's product itself, ``kernels/fused.py``).  Under the CUDA sim
 cooperative grid has one block, so the slicing of the hidden units over blocks is exercised by
 giving that block several slices, and checked on its own for many blocks; the fused kernels
 run several blocks of units and rows, the last one part-filled."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -63,6 +65,11 @@ def _problem(cell, dtype, T, B, I, H, rng):
     c0 = rng.standard_normal((B, H)).astype(dtype) if cell.has_cell_state else None
     lengths = np.array([T, max(T - 1, 0)][:B] + [T] * (B - 2), dtype=np.int32)
     return w, x, h0, c0, lengths
+
+
+def _on_device(backend):
+    """A function putting a host array (or None) on ``backend``'s device."""
+    return lambda a: None if a is None else backend.asarray(a)
 
 
 def _w_hh_t(w):
@@ -337,11 +344,14 @@ def test_fused_forward_matches_cpu(name, dtype, training, reverse, H, rng):
     cpu = CPUBackend()
     want_y, tape = drivers.forward(cpu, cell, w, x, h0, c0, lengths, reverse, training,
                                    drivers.Workspace(cpu))
-    xg, y, hs, cs, gates, hg = _buffers(cell, w, x, h0, c0, training, reverse)
     backend = CUDABackend(persistent=False, fused=True)
-    assert backend.forward_sequence(cell, w, _w_hh_t(w), xg, y, hs, cs, gates, hg, lengths,
+    on = _on_device(backend)  # the fast launcher (a real GPU) takes device arrays only
+    xg, y, hs, cs, gates, hg = map(on, _buffers(cell, w, x, h0, c0, training, reverse))
+    assert backend.forward_sequence(cell, drivers.Weights(*map(on, vars(w).values())),
+                                    on(_w_hh_t(w)), xg, y, hs, cs, gates, hg, on(lengths),
                                     reverse, training)
-    _check(cell, dtype, training, reverse, (y, hs, cs, gates), want_y, tape, lengths)
+    got = tuple(None if a is None else backend.to_numpy(a) for a in (y, hs, cs, gates))
+    _check(cell, dtype, training, reverse, got, want_y, tape, lengths)
 
 
 @pytest.mark.parametrize("name", list(CELLS))
@@ -350,10 +360,17 @@ def test_fused_forward_matches_cpu(name, dtype, training, reverse, H, rng):
 def test_fused_backward_matches_cpu(name, dtype, reverse, rng):
     cell = CELLS[name]
     w, tape, dy, dh_last, dc_last, left = _backward_reference(cell, dtype, reverse, rng)
-    bufs = _backward_buffers(cell, tape, dy, dh_last, dc_last)
     backend = CUDABackend(persistent=False, fused=True)
-    assert backend.backward_sequence(cell, w, tape, *bufs[:4], dy, bufs[4])
-    _check_backward(cell, dtype, bufs, left)
+    on = _on_device(backend)
+    dg, dgh, dh_carry, dc, dh_rec = _backward_buffers(cell, tape, dy, dh_last, dc_last)
+    dg_on = on(dg)
+    bufs = (dg_on, dg_on if dgh is dg else on(dgh), on(dh_carry), on(dc), on(dh_rec))
+    tape = dataclasses.replace(tape, hs=on(tape.hs), cs=on(tape.cs), gates=on(tape.gates),
+                               lengths=on(tape.lengths))
+    assert backend.backward_sequence(cell, drivers.Weights(*map(on, vars(w).values())), tape,
+                                     *bufs[:4], on(dy), bufs[4])
+    got = tuple(None if a is None else backend.to_numpy(a) for a in bufs)
+    _check_backward(cell, dtype, got, left)
 
 
 def test_fused_steps_are_off_by_default_and_only_where_written(monkeypatch, rng):
