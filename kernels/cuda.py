@@ -462,7 +462,7 @@ class _FastLauncher:
         if self._cufunc is None:
             self._cufunc = self._kernel._codelibrary.get_cufunc()
         grid, block = self._shape(B, H)
-        config = self._configs.get(grid)
+        config = self._configs.get((grid, block))  # one grid can go with several blocks
         if config is None:
-            config = self._configs[grid] = LaunchConfig(grid=grid, block=block)
+            config = self._configs[grid, block] = LaunchConfig(grid=grid, block=block)
         launch(stream, config, self._cufunc.kernel, *pack_args(self._sig, (B, H) + args))

@@ -129,3 +129,23 @@ def test_fast_launch_refuses_mismatched_arrays():
         pack_args(sig, args)
     with pytest.raises(TypeError, match="takes 12 arguments, got 11"):
         pack_args(sig, args[:-1])
+
+
+def test_fast_launcher_launches_each_shape_with_its_own_block(monkeypatch):
+    """H = 5 and H = 37 at the same B share a grid (one block of units) but not a block (32 and
+    64 threads): each launch gets its own shape's block, not the first one cached."""
+    import cuda.core
+
+    from gpurnn.kernels import cuda as cuda_kernels
+
+    launched = []
+    monkeypatch.setattr(cuda.core, "LaunchConfig", lambda grid, block: (grid, block))
+    monkeypatch.setattr(cuda.core, "launch", lambda stream, config, kernel, *args:
+                        launched.append(config))
+    launcher = object.__new__(cuda_kernels._FastLauncher)  # no compiled kernel needed
+    launcher._sig, launcher._shape, launcher._configs = (
+        kernel_signature("rnn_forward_step", "float32")[:2], cuda_kernels.step_launch_shape, {})
+    launcher._cufunc = SimpleNamespace(kernel=None)
+    for H in (5, 37, 5):
+        launcher(2, H, stream=None)
+    assert launched == [((1, 2), (32, 1)), ((1, 2), (64, 1)), ((1, 2), (32, 1))]
