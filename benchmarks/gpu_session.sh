@@ -111,6 +111,11 @@ if [ "$what" != tests ]; then
         --repeat 10 --no-launch-cost --no-tf32-check --json "$out/gpu_compare_fused.json"
     echo "gpu_compare fast+fused at small batch: rc=$?"
     tail -n 14 "$out/gpu_compare_fused.txt"
+    # where the host time of a training step on the GPU goes (the table's top rows)
+    part 40 profile_train_cuda.txt $py benchmarks/profile_train.py --device cuda --steps 300 \
+        --top 40
+    echo "profile_train --device cuda: rc=$?"
+    grep -E "ms per step" "$out/profile_train_cuda.txt"
     for dtype in bfloat16 float16; do  # 16-bit against torch.nn in the same dtype
         part 60 gpu_compare_$dtype.txt $py benchmarks/gpu_compare.py --dtype $dtype \
             --shapes 100,64,512 100,256,1024 --variants default --warmup 3 --repeat 10 \
@@ -123,11 +128,6 @@ if [ "$what" != tests ]; then
             --out "$out/train_$device"
         echo "gpurnn train --device $device: rc=$? $(grep '^done' "$out/train_$device.txt")"
     done
-    # where the host time of a training step on the GPU goes (the table's top rows)
-    part 40 profile_train_cuda.txt $py benchmarks/profile_train.py --device cuda --steps 300 \
-        --top 40
-    echo "profile_train --device cuda: rc=$?"
-    grep -E "ms per step" "$out/profile_train_cuda.txt"
     # issue 15's learning check: the adding problem of length 100 in bfloat16 and float32
     for dtype in bfloat16 float32; do
         part 60 train_adding100_$dtype.txt $py -m gpurnn train --device cuda --quiet \
