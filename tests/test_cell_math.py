@@ -132,7 +132,7 @@ def test_a_vanishing_gradient_reaches_zero_not_the_subnormals(rng):
     dy[-1] = 1
     grads = drivers.Weights(*(np.empty_like(a) for a in (w.w_ih, w.w_hh, w.b_ih, w.b_hh)))
     drivers.backward(cpu, cell, w, tape, dy, np.zeros_like(h0), np.zeros_like(h0), grads, ws)
-    dg = ws.get("preact", (T, B, 4 * H), np.float32)
+    dg = cpu.scratch("preact", (T, B, 4 * H), np.float32)
     magnitude = np.abs(dg).max(axis=(1, 2))  # [T] the largest pre-activation gradient per step
     assert magnitude[-1] > 1e-2 and magnitude[0] == 0  # it did vanish on the way back
     assert np.all((dg == 0) | (np.abs(dg) >= np.finfo(np.float32).tiny))

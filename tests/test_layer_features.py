@@ -1,5 +1,7 @@
 """Layer options beyond one plain layer: dropout, inference mode, zero-length sequences,
 forget_bias, the activation-memory figure."""
+import threading
+
 import numpy as np
 import pytest
 
@@ -90,23 +92,42 @@ def test_inference_memory_does_not_grow_with_T(rng):
 
 
 @cell_params()
-def test_training_holds_one_projection_sized_buffer_per_direction(cell, opts, rng):
-    """The backward's pre-activation gradients reuse the forward's x W_ih^T buffer: a training
-    step holds one [T, B, G*H] buffer per layer and direction (two for the reset-after GRU)."""
+def test_training_holds_one_projection_sized_buffer_per_stack(cell, opts, rng):
+    """The backward's pre-activation gradients reuse the forward's x W_ih^T buffer, and every
+    layer and direction the same one: a training step of a two-layer bidirectional layer holds
+    one [T, B, G*H] buffer (the backend's scratch), and the reset-after GRU one more for its
+    recurrent path's gradients, shared the same way; another thread gets buffers of its own."""
     T, B, I, H = 5, 3, 2, 4
     layer = make(cell, opts, I, H, num_layers=2, bidirectional=True, seed=0)
+    G = layer.cell.gates
+    be = layer.backend
     out, _ = layer(rng.standard_normal((T, B, I)))
     layer.backward(np.ones_like(out))
-    G = layer.cell.gates
-    per_direction = 2 if layer.cell.reset_after else 1
+    projection = be.scratch("preact", (T, B, G * H), layer.param_dtype)
     for ws in layer._workspaces.values():
         shapes = [b.shape for b in ws._buffers.values()]
-        assert shapes.count((T, B, G * H)) == per_direction, shapes
-    assert layer.call_bytes(T, B, True) >= sum(ws.nbytes() for ws in layer._workspaces.values())
+        assert (T, B, G * H) not in shapes, shapes
+    recurrent = be.scratch("dgh", (T, B, G * H), layer.dtype) if layer.cell.reset_after else None
+    again, _ = layer(rng.standard_normal((T, B, I)))
+    layer.backward(np.ones_like(again))
+    # the same buffers for the whole stack, call after call
+    assert be.scratch("preact", (T, B, G * H), layer.param_dtype) is projection
+    if recurrent is not None:
+        assert be.scratch("dgh", (T, B, G * H), layer.dtype) is recurrent
+    elsewhere = []
+    worker = threading.Thread(target=lambda: elsewhere.append(
+        be.scratch("preact", (T, B, G * H), layer.param_dtype)))
+    worker.start()
+    worker.join()
+    assert elsewhere[0] is not projection
+    held = sum(ws.nbytes() for ws in layer._workspaces.values()) + projection.nbytes + (
+        recurrent.nbytes if recurrent is not None else 0)
+    assert layer.call_bytes(T, B, True) >= held
     layer.eval()
     layer._workspaces.clear()
     layer(rng.standard_normal((T, B, I)))
-    assert layer.call_bytes(T, B, False) >= sum(ws.nbytes() for ws in layer._workspaces.values())
+    assert layer.call_bytes(T, B, False) >= (sum(ws.nbytes() for ws in layer._workspaces.values())
+                                             + projection.nbytes)
 
 
 @cell_params()

@@ -236,13 +236,12 @@ def _backward_reference(cell, dtype, training_reverse, rng):
     grads = drivers.Weights(*(np.empty_like(a) for a in (w.w_ih, w.w_hh, w.b_ih, w.b_hh)))
     drivers.backward(cpu, cell, w, tape, dy, dh_last, dc_last, grads, ws)
     G = cell.gates
-    left = {name: ws.get(buffer, shape, x.dtype).copy() for name, buffer, shape in [
-        ("dg", "preact", (T, B, G * H)), ("dh_carry", "dh_carry", (B, H)),
-        ("dh_rec", "dh_rec", (B, H))]}
+    left = {"dg": cpu.scratch("preact", (T, B, G * H), x.dtype).copy(),
+            **{name: ws.get(name, (B, H), x.dtype).copy() for name in ("dh_carry", "dh_rec")}}
     if cell.has_cell_state:
         left["dc"] = ws.get("dc", (B, H), x.dtype).copy()
     if cell.mode == "gru":
-        left["dgh"] = ws.get("dgh", (T, B, G * H), x.dtype).copy()
+        left["dgh"] = cpu.scratch("dgh", (T, B, G * H), x.dtype).copy()
     return w, tape, dy, dh_last, dc_last, left
 
 

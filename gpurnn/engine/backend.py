@@ -13,6 +13,7 @@ import collections
 import functools
 import logging
 import os
+import threading
 
 import numpy as np
 
@@ -20,6 +21,10 @@ from ..kernels.storage import HALF_DTYPES, dtype_name
 from . import dispatch
 
 _log = logging.getLogger("gpurnn")
+
+#: Shapes of one scratch buffer name kept per thread (``Backend.scratch``): a training shape and
+#: an evaluation shape in turn, or the two lengths of truncated BPTT's chunks, find theirs.
+SCRATCH_SHAPES = 2
 
 
 class Backend:
@@ -65,6 +70,44 @@ class Backend:
         """``out[...] = a.sum(axis=0)`` for a 2-D ``a`` (its rows may be a strided view), summed
         in ``out``'s dtype: the bias gradients."""
         a.sum(axis=0, dtype=out.dtype, out=out)
+
+    def scratch(self, name, shape, dtype):
+        """A buffer for work that lives within one forward or one backward of one layer's
+        direction (the input projection, then the pre-activation gradients: ``drivers.py``),
+        shared by every layer and direction this thread runs on this backend, so a stack holds
+        one, not one per layer and direction.  The same ``(name, shape, dtype)`` gives the same
+        buffer again (its address too, which replayed CUDA graphs rely on); the
+        ``SCRATCH_SHAPES`` shapes of a name used last are kept."""
+        buffers = self._scratch_buffers()
+        key = (self._scratch_name(name), tuple(int(n) for n in shape), np.dtype(dtype))
+        buf = buffers.pop(key, None)  # put back below as the most recently used
+        if buf is None:
+            kept = [k for k in buffers if k[0] == key[0]]
+            for old in kept[: max(0, len(kept) - SCRATCH_SHAPES + 1)]:
+                del buffers[old]
+            buf = self.empty(key[1], key[2])
+        buffers[key] = buf
+        return buf
+
+    def scratch_nbytes(self, name, shape, dtype):
+        """Bytes of this thread's ``scratch(name, shape, dtype)`` buffer where it exists, else 0:
+        what a call of that shape reuses."""
+        key = (self._scratch_name(name), tuple(int(n) for n in shape), np.dtype(dtype))
+        buf = self._scratch_buffers().get(key)
+        return 0 if buf is None else int(buf.nbytes)
+
+    def _scratch_name(self, name):
+        return name
+
+    def _scratch_buffers(self):
+        """This thread's scratch buffers, ``(name, shape, dtype) -> array``, least recently
+        used first."""
+        local = self.__dict__.get("_scratch_local")
+        if local is None:
+            local = self.__dict__.setdefault("_scratch_local", threading.local())
+        if not hasattr(local, "buffers"):
+            local.buffers = {}
+        return local.buffers
 
     def asarray(self, a, dtype=None):
         """Copy host data onto this backend (no copy when it already is there)."""
@@ -285,6 +328,10 @@ class CUDABackend(Backend):
             return launchers
         stream = self._launch_stream()
         return {name: functools.partial(fn, stream=stream) for name, fn in launchers.items()}
+
+    def _scratch_name(self, name):
+        """Per CuPy stream too: two streams of one thread never share a buffer."""
+        return name if self.simulator else (name, self.xp.cuda.get_current_stream().ptr)
 
     def _launch_stream(self):
         """CuPy's current stream, as this launch mode's launchers take it (0 under the

@@ -130,8 +130,9 @@ def forward(be, cell, w, x, h0, c0, lengths, reverse, training, ws):
     n_slots = T + 1 if training else 2
 
     # [T, B, G*H] x W_ih^T (the kernels add the biases); dead once the loop has run, so the
-    # backward reuses this buffer for its pre-activation gradients
-    xg = ws.get("preact", (T, B, G * H), compute)
+    # backward reuses this buffer for its pre-activation gradients, and every layer and
+    # direction the same one (``Backend.scratch``)
+    xg = be.scratch("preact", (T, B, G * H), compute)
     be.matmul(x.reshape(T * B, I), w.w_ih.T, out=xg.reshape(T * B, G * H))
     graphed = be.graphs_active()
     if graphed:  # a replayed loop reads and writes the addresses it was captured with
@@ -192,7 +193,7 @@ def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
 
     # [T, B, G*H] pre-activation gradients (input path), in the forward's xg buffer (its
     # first half when they are 16-bit and xg float32)
-    preact = ws.get("preact", (T, B, G * H), compute)
+    preact = be.scratch("preact", (T, B, G * H), compute)
     dg = preact
     if dtype != compute:
         dg = preact.reshape(-1).view(dtype)[: T * B * G * H].reshape(T, B, G * H)
@@ -206,7 +207,7 @@ def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
         dc[...] = dc_last
     dgh = dg
     if cell.mode == "gru" and cell.reset_after:
-        dgh = ws.get("dgh", (T, B, G * H), dtype)  # [T, B, 3H] recurrent path
+        dgh = be.scratch("dgh", (T, B, G * H), dtype)  # [T, B, 3H] recurrent path
 
     if be.graphs_active():  # a replayed loop reads the address it was captured with
         staged = ws.get("dy", (T, B, H), dtype)  # [T, B, H]

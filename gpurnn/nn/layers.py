@@ -316,28 +316,33 @@ class RNNBase:
         L, D = self.num_layers, self.num_directions
         item, fitem = self.dtype.itemsize, self.param_dtype.itemsize  # stored, computed
         lstm = self.cell.has_cell_state
-        # per direction, in bytes: xg (then dg in its place), y, hg, W_hh^T
-        per_direction = (T * B * G * H * fitem + T * B * H * item + B * G * H * fitem
-                         + H * G * H * item)
+        # once for the whole stack, scratch buffers every layer and direction uses in turn
+        # (``Backend.scratch``): xg (then dg in its place), and the reset-after GRU's dgh
+        projection = T * B * G * H * fitem
+        if training and self.cell.reset_after:
+            projection += T * B * G * H * item
+        # per direction, in bytes: y, hg, W_hh^T
+        per_direction = T * B * H * item + B * G * H * fitem + H * G * H * item
         if self.dtype != self.param_dtype:                 # the weights' 16-bit copies
             per_direction += G * H * (max(I, D * H) + H) * item
             per_direction += 2 * B * H * fitem if lstm else 0   # the running c, float32
         if training:
             per_direction += self.activation_bytes(T, B) // (L * D)  # the tape
             per_direction += (3 if lstm else 2) * B * H * fitem     # dh_carry, dh_rec (and dc)
-            if self.cell.reset_after:
-                per_direction += T * B * G * H * item                # dgh
         else:                                              # two state slots, one gate slot
             per_direction += 2 * B * H * item * (2 if lstm else 1)
             per_direction += B * self.cell.saved_gates * H * item
         if self.backend.graphs_active():  # staged for CUDA graphs (drivers.py): y, lengths, dy
             per_direction += T * B * H * item * (2 if training else 1) + B * 4
         outputs = L * T * B * D * H * (2 if self.dropout and training else 1) * item
-        return L * D * per_direction + outputs
+        return L * D * per_direction + projection + outputs
 
     def _check_fits(self, T, B, training, workspaces):
         def held():  # reused or replaced by the call
-            return sum(ws.nbytes() for ws in workspaces.values())
+            projection = (T, B, self.cell.gates * self.hidden_size)
+            return (sum(ws.nbytes() for ws in workspaces.values())
+                    + self.backend.scratch_nbytes("preact", projection, self.param_dtype)
+                    + self.backend.scratch_nbytes("dgh", projection, self.dtype))
 
         def describe():
             mode = "a training step" if training else "an inference forward"
