@@ -79,20 +79,20 @@ class Backend:
         buffer again (its address too, which replayed CUDA graphs rely on); the
         ``SCRATCH_SHAPES`` shapes of a name used last are kept."""
         buffers = self._scratch_buffers()
-        key = (self._scratch_name(name), tuple(int(n) for n in shape), np.dtype(dtype))
+        key = (self._scratch_name(name), tuple(shape), np.dtype(dtype))
         buf = buffers.pop(key, None)  # put back below as the most recently used
         if buf is None:
             kept = [k for k in buffers if k[0] == key[0]]
             for old in kept[: max(0, len(kept) - SCRATCH_SHAPES + 1)]:
                 del buffers[old]
-            buf = self.empty(key[1], key[2])
+            buf = self.empty(tuple(map(int, key[1])), key[2])
         buffers[key] = buf
         return buf
 
     def scratch_nbytes(self, name, shape, dtype):
         """Bytes of this thread's ``scratch(name, shape, dtype)`` buffer where it exists, else 0:
         what a call of that shape reuses."""
-        key = (self._scratch_name(name), tuple(int(n) for n in shape), np.dtype(dtype))
+        key = (self._scratch_name(name), tuple(shape), np.dtype(dtype))
         buf = self._scratch_buffers().get(key)
         return 0 if buf is None else int(buf.nbytes)
 
