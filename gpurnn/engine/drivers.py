@@ -78,7 +78,10 @@ class Tape:
 
 
 class Workspace:
-    """Buffers allocated once per shape and reused by every later call of the same shape."""
+    """One layer direction's buffers (its tape, its per-step and carried ones), allocated once
+    per shape and reused by every later call of the same shape.  The large buffers that live
+    within one forward or one backward are the backend's, shared by every layer and direction
+    (``Backend.scratch``)."""
 
     def __init__(self, backend):
         self.backend = backend
