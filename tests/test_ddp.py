@@ -72,6 +72,10 @@ def worker(rank, port, out_path):
         train(ddp, rank * share, (rank + 1) * share)
         if rank == 0:
             torch.save(model.state_dict(), out_path)
+        # Both ranks leave together: a rank that tore its gloo pairs down while the other still
+        # worked once made that one abort ("terminate called without an active exception",
+        # SIGABRT) on a loaded CI machine.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
