@@ -79,7 +79,7 @@ class Backend:
         buffer again (its address too, which replayed CUDA graphs rely on); the
         ``SCRATCH_SHAPES`` shapes of a name used last are kept."""
         buffers = self._scratch_buffers()
-        key = (self._scratch_name(name), tuple(shape), np.dtype(dtype))
+        key = self._scratch_key(name, shape, dtype)
         buf = buffers.pop(key, None)  # put back below as the most recently used
         if buf is None:
             kept = [k for k in buffers if k[0] == key[0]]
@@ -92,9 +92,11 @@ class Backend:
     def scratch_nbytes(self, name, shape, dtype):
         """Bytes of this thread's ``scratch(name, shape, dtype)`` buffer where it exists, else 0:
         what a call of that shape reuses."""
-        key = (self._scratch_name(name), tuple(shape), np.dtype(dtype))
-        buf = self._scratch_buffers().get(key)
+        buf = self._scratch_buffers().get(self._scratch_key(name, shape, dtype))
         return 0 if buf is None else int(buf.nbytes)
+
+    def _scratch_key(self, name, shape, dtype):
+        return self._scratch_name(name), tuple(shape), np.dtype(dtype)
 
     def _scratch_name(self, name):
         return name
