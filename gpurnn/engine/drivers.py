@@ -135,7 +135,7 @@ def forward(be, cell, w, x, h0, c0, lengths, reverse, training, ws):
     # [T, B, G*H] x W_ih^T (the kernels add the biases); dead once the loop has run, so the
     # backward reuses this buffer for its pre-activation gradients, and every layer and
     # direction the same one (``Backend.scratch``)
-    xg = be.scratch("preact", (T, B, G * H), compute)
+    xg = be.scratch("preact", *scratch_buffers(cell, T, B, H, dtype, training)["preact"])
     be.matmul(x.reshape(T * B, I), w.w_ih.T, out=xg.reshape(T * B, G * H))
     graphed = be.graphs_active()
     if graphed:  # a replayed loop reads and writes the addresses it was captured with
@@ -196,7 +196,8 @@ def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
 
     # [T, B, G*H] pre-activation gradients (input path), in the forward's xg buffer (its
     # first half when they are 16-bit and xg float32)
-    preact = be.scratch("preact", (T, B, G * H), compute)
+    scratch = scratch_buffers(cell, T, B, H, dtype, training=True)
+    preact = be.scratch("preact", *scratch["preact"])
     dg = preact
     if dtype != compute:
         dg = preact.reshape(-1).view(dtype)[: T * B * G * H].reshape(T, B, G * H)
@@ -210,7 +211,7 @@ def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
         dc[...] = dc_last
     dgh = dg
     if cell.mode == "gru" and cell.reset_after:
-        dgh = be.scratch("dgh", (T, B, G * H), dtype)  # [T, B, 3H] recurrent path
+        dgh = be.scratch("dgh", *scratch["dgh"])  # [T, B, 3H] recurrent path
 
     if be.graphs_active():  # a replayed loop reads the address it was captured with
         staged = ws.get("dy", (T, B, H), dtype)  # [T, B, H]
@@ -244,6 +245,19 @@ def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
     dx = be.empty((T, B, I), dtype)
     be.matmul(D, w.w_ih, out=dx.reshape(T * B, I))
     return dx, dh0, dc0
+
+
+def scratch_buffers(cell, T, B, H, dtype, training):
+    """``{name: (shape, dtype)}`` of the backend's scratch buffers (``Backend.scratch``) that a
+    forward (and, when ``training``, its backward) of ``cell`` over T steps of B rows takes for
+    a layer of ``dtype``: ``preact`` [T, B, G*H] in the compute dtype (``x W_ih^T``, then the
+    pre-activation gradients), and the reset-after GRU's ``dgh`` [T, B, G*H] (its recurrent
+    path's gradients, in ``dtype``)."""
+    shape = (T, B, cell.gates * H)
+    buffers = {"preact": (shape, compute_dtype(dtype))}
+    if training and cell.mode == "gru" and cell.reset_after:
+        buffers["dgh"] = (shape, dtype)
+    return buffers
 
 
 def activation_bytes(cell, T, B, H, dtype):

@@ -316,11 +316,9 @@ class RNNBase:
         L, D = self.num_layers, self.num_directions
         item, fitem = self.dtype.itemsize, self.param_dtype.itemsize  # stored, computed
         lstm = self.cell.has_cell_state
-        # once for the whole stack, scratch buffers every layer and direction uses in turn
-        # (``Backend.scratch``): xg (then dg in its place), and the reset-after GRU's dgh
-        projection = T * B * G * H * fitem
-        if training and self.cell.reset_after:
-            projection += T * B * G * H * item
+        # once for the whole stack: the scratch buffers every layer and direction uses in turn
+        scratch = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in
+                      drivers.scratch_buffers(self.cell, T, B, H, self.dtype, training).values())
         # per direction, in bytes: y, hg, W_hh^T
         per_direction = T * B * H * item + B * G * H * fitem + H * G * H * item
         if self.dtype != self.param_dtype:                 # the weights' 16-bit copies
@@ -335,14 +333,15 @@ class RNNBase:
         if self.backend.graphs_active():  # staged for CUDA graphs (drivers.py): y, lengths, dy
             per_direction += T * B * H * item * (2 if training else 1) + B * 4
         outputs = L * T * B * D * H * (2 if self.dropout and training else 1) * item
-        return L * D * per_direction + projection + outputs
+        return L * D * per_direction + scratch + outputs
 
     def _check_fits(self, T, B, training, workspaces):
         def held():  # reused or replaced by the call
-            projection = (T, B, self.cell.gates * self.hidden_size)
+            scratch = drivers.scratch_buffers(self.cell, T, B, self.hidden_size, self.dtype,
+                                              training)
             return (sum(ws.nbytes() for ws in workspaces.values())
-                    + self.backend.scratch_nbytes("preact", projection, self.param_dtype)
-                    + self.backend.scratch_nbytes("dgh", projection, self.dtype))
+                    + sum(self.backend.scratch_nbytes(name, *spec)
+                          for name, spec in scratch.items()))
 
         def describe():
             mode = "a training step" if training else "an inference forward"
