@@ -391,15 +391,9 @@ class CUDABackend(Backend):
         if fused is None:
             return False
         # An empty view stands in for an array the cell has not (as for the persistent kernels)
-        args = (T, y, hs, y[:0] if cs is None else cs, y[:0] if gates is None else gates, xg,
-                hg, w_hh_t, w.b_ih, w.b_hh, lengths, int(reverse), int(training), int(cell.relu))
-
-        def enqueue():
-            stream = self._launch_stream()
-            for step in range(T):
-                fused(B, H, T, step, *args[1:], stream=stream)
-
-        self.run_graph(f"fused_{cell.mode}_forward", enqueue, args)
+        args = (y, hs, y[:0] if cs is None else cs, y[:0] if gates is None else gates, xg, hg,
+                w_hh_t, w.b_ih, w.b_hh, lengths, int(reverse), int(training), int(cell.relu))
+        self._run_fused_steps(f"fused_{cell.mode}_forward", fused, T, B, H, args)
         return True
 
     def backward_sequence(self, cell, w, tape, dg, dgh, dh_carry, dc, dy, dh_rec):
@@ -420,20 +414,26 @@ class CUDABackend(Backend):
         fused = self._fused_kernel(cell, dy.dtype, backward=True)
         if fused is None:
             return False
-        args = (T, dg, dg[:0] if dgh is dg else dgh, dh_carry, dh_carry[:0] if dc is None else dc,
+        args = (dg, dg[:0] if dgh is dg else dgh, dh_carry, dh_carry[:0] if dc is None else dc,
                 dy, dh_rec, tape.hs, tape.hs[:0] if tape.cs is None else tape.cs,
                 dg[:0] if tape.gates is None else tape.gates, w.w_hh, tape.lengths,
                 int(tape.reverse), int(cell.relu))
         done_last = dgh[time_slots(T, 0, tape.reverse, True)[0]]  # [B, G*H] the step done last
+        self._run_fused_steps(f"fused_{cell.mode}_backward", fused, T, B, H, args,
+                              then=lambda: self.matmul(done_last, w.w_hh, dh_rec))
+        return True
 
+    def _run_fused_steps(self, name, kernel, T, B, H, args, then=None):
+        """Launch ``kernel`` for every loop step on CuPy's current stream, then ``then()``,
+        through ``run_graph`` (a replayed graph where graphs are on)."""
         def enqueue():
             stream = self._launch_stream()
             for step in range(T):
-                fused(B, H, T, step, *args[1:], stream=stream)
-            self.matmul(done_last, w.w_hh, dh_rec)
+                kernel(B, H, T, step, *args, stream=stream)
+            if then is not None:
+                then()
 
-        self.run_graph(f"fused_{cell.mode}_backward", enqueue, args)
-        return True
+        self.run_graph(name, enqueue, (T,) + args)
 
     def _fused_kernel(self, cell, dtype, backward):
         """The fused step kernel's launcher, or None when ``fused`` is off or the cell or dtype
