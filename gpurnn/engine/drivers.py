@@ -24,6 +24,7 @@ float32 for float16 and bfloat16.  A 16-bit LSTM runs its cell state in float32
 (``c_carry``) and keeps it rounded in ``cs`` for the backward.  ``backend.matmul`` accumulates
 in the compute dtype.
 """
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -196,7 +197,7 @@ def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
 
     # [T, B, G*H] pre-activation gradients (input path), in the forward's xg buffer (its
     # first half when they are 16-bit and xg float32)
-    scratch = scratch_buffers(cell, T, B, H, dtype, training=True)
+    scratch = scratch_buffers(cell, T, B, H, dtype, True)  # the backward of a training forward
     preact = be.scratch("preact", *scratch["preact"])
     dg = preact
     if dtype != compute:
@@ -247,6 +248,7 @@ def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
     return dx, dh0, dc0
 
 
+@functools.lru_cache(maxsize=64)  # asked on every call: a lookup, not a new table
 def scratch_buffers(cell, T, B, H, dtype, training):
     """``{name: (shape, dtype)}`` of the backend's scratch buffers (``Backend.scratch``) that a
     forward (and, when ``training``, its backward) of ``cell`` over T steps of B rows takes for

@@ -6,6 +6,7 @@ named and laid out as PyTorch's (``params.py``), so a PyTorch state dict loads a
 parts of a layer live in their own modules: input checks in ``validation.py``, initial
 values in ``init.py``, inference and streaming in ``inference.py``, export in ``export.py``.
 """
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -317,7 +318,7 @@ class RNNBase:
         item, fitem = self.dtype.itemsize, self.param_dtype.itemsize  # stored, computed
         lstm = self.cell.has_cell_state
         # once for the whole stack: the scratch buffers every layer and direction uses in turn
-        scratch = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in
+        scratch = sum(math.prod(shape) * dtype.itemsize for shape, dtype in
                       drivers.scratch_buffers(self.cell, T, B, H, self.dtype, training).values())
         # per direction, in bytes: y, hg, W_hh^T
         per_direction = T * B * H * item + B * G * H * fitem + H * G * H * item
