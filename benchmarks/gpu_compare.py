@@ -8,7 +8,9 @@ fp32 by default:
 * inference: ``eval()`` forward (torch: under ``torch.inference_mode()``);
 * activation memory of training: bytes a training forward keeps for the backward, beside its
   input, output and final state.  gpurnn: the tape (``layer.activation_bytes``) and, measured,
-  the growth of CuPy's pool over a first training forward (tape plus workspaces).  torch: the
+  the growth of CuPy's pool over a first training forward (tape plus workspaces), of which the
+  backend's scratch buffers (``drivers.scratch_buffers``: held once for a whole stack and
+  reused call after call, where cuDNN's workspace goes back to torch's cache).  torch: the
   growth of ``torch.cuda.memory_allocated`` over a training forward, less the output and final
   state: cuDNN's reserve space (torch does not expose it directly).
 
@@ -36,6 +38,7 @@ measuring nothing.
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -193,9 +196,11 @@ def _parts(state):
 def measure_cell(cell, T, B, H, dtype, warmup, repeat):
     """Times (ms) and memory (bytes) of one cell and shape, for both libraries."""
     import cupy
+    import numpy as np
     import torch
 
     import gpurnn
+    from gpurnn.engine import drivers
 
     ours, theirs, gxs, txs, gdout, tdout = build_pair(cell, T, B, H, dtype, seed=T + B + H)
     row = {"rel_err": agreement(ours, theirs, gxs[0], txs[0])}
@@ -210,6 +215,9 @@ def measure_cell(cell, T, B, H, dtype, warmup, repeat):
     states = sum(int(s.nbytes) for s in _parts(state))
     row["ours_kept_bytes"] = pool.used_bytes() - before - int(out.nbytes) - states
     row["ours_tape_bytes"] = fresh.activation_bytes(T, B)
+    row["ours_scratch_bytes"] = sum(
+        math.prod(shape) * np.dtype(kind).itemsize for shape, kind in drivers.scratch_buffers(
+            fresh.cell, T, B, H, fresh.dtype, True).values())
     del fresh, out, state
 
     def ours_train(i):
@@ -351,7 +359,8 @@ def fmt_table(results):
     head = (f"{'variant':<18} {'prec':<8} {'cell':<5} {'T,B,H':<13} {'train ours':>10} "
             f"{'cuDNN':>8} "
             f"{'ratio':>6} {'infer ours':>10} {'cuDNN':>8} {'ratio':>6} {'tape MB':>8} "
-            f"{'kept MB':>8} {'cuDNN MB':>8} {'rel err':>8} {'own loop':>10} {'graphs':>6}")
+            f"{'kept MB':>8} {'scratch':>8} {'cuDNN MB':>8} {'rel err':>8} {'own loop':>10} "
+            f"{'graphs':>6}")
     lines = [head, "-" * len(head)]
     for r in results:
         mb = 1 / 2**20
@@ -363,7 +372,7 @@ def fmt_table(results):
             f"{r['ours_infer_ms']:>10.3f} {r['torch_infer_ms']:>8.3f} "
             f"{r['ours_infer_ms'] / r['torch_infer_ms']:>6.2f} "
             f"{r['ours_tape_bytes'] * mb:>8.2f} {r['ours_kept_bytes'] * mb:>8.2f} "
-            f"{r['torch_kept_bytes'] * mb:>8.2f} {r['rel_err']:>8.1e} "
+            f"{r.get('ours_scratch_bytes', 0) * mb:>8.2f} {r['torch_kept_bytes'] * mb:>8.2f} {r['rel_err']:>8.1e} "
             f"{r['own_loop_ran']:>10} {r.get('graphs', 0):>6}")
     return "\n".join(lines)
 

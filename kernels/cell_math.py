@@ -10,7 +10,8 @@ So the CPU and CUDA paths cannot drift apart.
 Names: ``a*`` are pre-activations (``x W_ih^T + b_ih + h W_hh^T + b_hh`` of one gate), ``d*``
 gradients of the loss; the forward functions return the post-activation gates the backward
 needs, the backward functions the pre-activation gradients (flushed, below).  Derivatives use the saved
-post-activation values (``s*(1-s)``, ``1-t*t``) and the saved ``tanh(c)`` of the LSTM.
+post-activation values (``s*(1-s)``, ``1-t*t``); the LSTM's backward recomputes ``tanh(c)``
+from the saved cell state.
 
 Numerics:
 
@@ -142,22 +143,28 @@ def make_cell_math(dtype):
     # ---------------------------------------------------------------- LSTM (gates i, f, g, o)
     @numba.njit(inline="always")
     def lstm_forward(ai, af, ag, ao, c_prev):
-        """(i, f, g, o, tanh(c), c, h): c = f*c_prev + i*g, h = o*tanh(c)."""
+        """(i, f, g, o, c, h): c = f*c_prev + i*g, h = o*tanh(c)."""
         i = sigmoid(ai)
         f = sigmoid(af)
         g = tanh(ag)
         o = sigmoid(ao)
         c = f * c_prev + i * g
-        tanh_c = tanh(c)
-        return i, f, g, o, tanh_c, c, o * tanh_c
+        return i, f, g, o, c, o * tanh(c)
 
     @numba.njit(inline="always")
-    def lstm_backward(dh, dc, i, f, g, o, tanh_c, c_prev):
-        """(dai, daf, dag, dao, dc_prev) from dL/dh, dL/dc of this step and the saved values."""
-        dct = dc + dh * o * (one - tanh_c * tanh_c)
-        return (flush(dct * g * i * (one - i)), flush(dct * c_prev * f * (one - f)),
-                flush(dct * i * (one - g * g)), flush(dh * tanh_c * o * (one - o)),
-                flush(dct * f))
+    def lstm_backward(dh, dc, i, f, g, o, c, c_prev):
+        """(dai, daf, dag, dao, dc_prev, h) from dL/dh, dL/dc of this step and the saved
+        values; ``tanh(c)`` is recomputed from the saved ``c`` (the same function of the same
+        value as the forward's), and with it ``h = o*tanh(c)``, the state the step made, which
+        the backward rebuilds instead of the forward keeping it."""
+        tanh_c = tanh(c)
+        dct = dc + dh * o * (one - tanh_c * tanh_c)  # dL/dc_t: through h = o*tanh(c), and on
+        return (flush(dct * g * i * (one - i)),     # dai = dct * g * s'(ai)
+                flush(dct * c_prev * f * (one - f)),  # daf = dct * c_prev * s'(af)
+                flush(dct * i * (one - g * g)),     # dag = dct * i * tanh'(ag)
+                flush(dh * tanh_c * o * (one - o)),  # dao = dh * tanh(c) * s'(ao)
+                flush(dct * f),                     # dL/dc_prev
+                o * tanh_c)                         # h, rebuilt
 
     # ------------------------------------------ GRU, reset after the product (cuDNN/PyTorch)
     @numba.njit(inline="always")

@@ -203,7 +203,7 @@ def _step_kernels(m, s):
     def lstm_forward_step(B, H, y, h_new, c_new, c_saved, gates, xg, hg, b_ih, b_hh, h_prev,
                           c_prev, lengths, t, save):
         pre = _stack_tile(4, xg)  # pre-activations of i, f, g, o
-        out = _stack_tile(7, xg)  # i, f, g, o, tanh(c) (the saved gate blocks), c, h
+        out = _stack_tile(6, xg)  # i, f, g, o (the saved gate blocks), c, h
         for b in range(B):
             if t >= lengths[b]:
                 _copy(h_new[b], h_prev[b], H)
@@ -219,39 +219,43 @@ def _step_kernels(m, s):
                           _at(b_ih, k, H, j0), _at(b_hh, k, H, j0), n)
                 c_prev_ = c_prev[b, j0:]
                 for u in range(n):
-                    (out[0, u], out[1, u], out[2, u], out[3, u], out[4, u], out[5, u],
-                     out[6, u]) = lstm_forward(pre[0, u], pre[1, u], pre[2, u], pre[3, u],
+                    (out[0, u], out[1, u], out[2, u], out[3, u], out[4, u],
+                     out[5, u]) = lstm_forward(pre[0, u], pre[1, u], pre[2, u], pre[3, u],
                                                c_prev_[u])
                 if save:
-                    for k in range(5):
+                    for k in range(4):
                         _put(_at(gates[b], k, H, j0), out[k], n)
-                _copy(c_new[b, j0:], out[5], n)
-                _put(c_saved[b, j0:], out[5], n)
-                _put(h_new[b, j0:], out[6], n)
-                _put(y[b, j0:], out[6], n)
+                _copy(c_new[b, j0:], out[4], n)
+                _put(c_saved[b, j0:], out[4], n)
+                _put(h_new[b, j0:], out[5], n)
+                _put(y[b, j0:], out[5], n)
 
     @sig.step_kernel(sig.LSTM_BACKWARD_STEP)
-    def lstm_backward_step(B, H, dg, dh_carry, dc, dy, dh_rec, gates, c_prev, lengths, t):
-        out = _stack_tile(5, dh_carry)  # dai, daf, dag, dao, dc_prev
+    def lstm_backward_step(B, H, dg, dh_carry, dc, dy, dh_rec, gates, c, c_prev, h, h0, lengths,
+                           t):
+        out = _stack_tile(6, dh_carry)  # dai, daf, dag, dao, dc_prev, h
         for b in range(B):
             if t >= lengths[b]:  # padding: dL/dh and dL/dc pass on unchanged
                 _fill(dg[b], zero, 4 * H)
                 _add(dh_carry[b], dh_rec[b], H)
+                _copy(h[b], h0[b], H)
                 continue
             for tile in range(_tiles(H)):
                 j0 = tile * TILE
                 n = min(TILE, H - j0)
                 carry, rec, dy_, dc_ = dh_carry[b, j0:], dh_rec[b, j0:], dy[b, j0:], dc[b, j0:]
                 i, f, g = _at(gates[b], 0, H, j0), _at(gates[b], 1, H, j0), _at(gates[b], 2, H, j0)
-                o, tanh_c = _at(gates[b], 3, H, j0), _at(gates[b], 4, H, j0)
-                c_prev_ = c_prev[b, j0:]
+                o = _at(gates[b], 3, H, j0)
+                c_, c_prev_ = c[b, j0:], c_prev[b, j0:]
                 for u in range(n):
-                    out[0, u], out[1, u], out[2, u], out[3, u], out[4, u] = lstm_backward(
+                    (out[0, u], out[1, u], out[2, u], out[3, u], out[4, u],
+                     out[5, u]) = lstm_backward(
                         carry[u] + rec[u] + load(dy_[u]), dc_[u], load(i[u]), load(f[u]),
-                        load(g[u]), load(o[u]), load(tanh_c[u]), load(c_prev_[u]))
+                        load(g[u]), load(o[u]), load(c_[u]), load(c_prev_[u]))
                 for k in range(4):
                     _put(_at(dg[b], k, H, j0), out[k], n)
                 _copy(dc_, out[4], n)
+                _put(h[b, j0:], out[5], n)
             _fill(dh_carry[b], fzero, H)
 
     # ------------------------------------------------------ GRU, reset after the product

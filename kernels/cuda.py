@@ -97,7 +97,7 @@ def element_functions(dtype):
     def lstm_forward_elem(b, j, H, y, h_new, c_new, c_saved, gates, xg, hg, b_ih, b_hh, h_prev,
                           c_prev, lengths, t, save):
         if t < lengths[b]:
-            i, f, g, o, tanh_c, c, h = lstm_forward(
+            i, f, g, o, c, h = lstm_forward(
                 preactivation(xg, hg, b_ih, b_hh, b, 0, H, j),
                 preactivation(xg, hg, b_ih, b_hh, b, 1, H, j),
                 preactivation(xg, hg, b_ih, b_hh, b, 2, H, j),
@@ -107,7 +107,6 @@ def element_functions(dtype):
                 gates[b, H + j] = store(f)
                 gates[b, 2 * H + j] = store(g)
                 gates[b, 3 * H + j] = store(o)
-                gates[b, 4 * H + j] = store(tanh_c)
             c_new[b, j] = c
             c_saved[b, j] = store(c)
             h = store(h)
@@ -121,12 +120,13 @@ def element_functions(dtype):
             y[b, j] = zero
 
     @_device
-    def lstm_backward_elem(b, j, H, dg, dh_carry, dc, dy, dh_rec, gates, c_prev, lengths, t):
+    def lstm_backward_elem(b, j, H, dg, dh_carry, dc, dy, dh_rec, gates, c, c_prev, h, h0,
+                           lengths, t):
         dh = dh_carry[b, j] + dh_rec[b, j]
         if t < lengths[b]:
-            dai, daf, dag, dao, dc_prev = lstm_backward(
+            dai, daf, dag, dao, dc_prev, h_t = lstm_backward(
                 dh + load(dy[b, j]), dc[b, j], load(gates[b, j]), load(gates[b, H + j]),
-                load(gates[b, 2 * H + j]), load(gates[b, 3 * H + j]), load(gates[b, 4 * H + j]),
+                load(gates[b, 2 * H + j]), load(gates[b, 3 * H + j]), load(c[b, j]),
                 load(c_prev[b, j]))
             dg[b, j] = store(dai)
             dg[b, H + j] = store(daf)
@@ -134,10 +134,12 @@ def element_functions(dtype):
             dg[b, 3 * H + j] = store(dao)
             dc[b, j] = dc_prev
             dh_carry[b, j] = fzero
+            h[b, j] = store(h_t)
         else:
             for k in range(4):
                 dg[b, k * H + j] = zero
             dh_carry[b, j] = dh
+            h[b, j] = h0[b, j]
 
     # ------------------------------------------------------ GRU, reset after the product
     @_device
@@ -281,10 +283,12 @@ def make_cuda_python_kernels(dtype):
                               h_prev, c_prev, lengths, t, save)
 
     @sig.step_kernel(sig.LSTM_BACKWARD_STEP)
-    def lstm_backward_step(B, H, dg, dh_carry, dc, dy, dh_rec, gates, c_prev, lengths, t):
+    def lstm_backward_step(B, H, dg, dh_carry, dc, dy, dh_rec, gates, c, c_prev, h, h0, lengths,
+                           t):
         j, b = cuda.grid(2)
         if j < H and b < B:
-            lstm_backward_elem(b, j, H, dg, dh_carry, dc, dy, dh_rec, gates, c_prev, lengths, t)
+            lstm_backward_elem(b, j, H, dg, dh_carry, dc, dy, dh_rec, gates, c, c_prev, h, h0,
+                               lengths, t)
 
     @sig.step_kernel(sig.GRU_RESET_AFTER_FORWARD_STEP)
     def gru_reset_after_forward_step(B, H, y, h_new, gates, xg, hg, b_ih, b_hh, h_prev,

@@ -117,7 +117,8 @@ def _backward_kernel(cell_back, recurrent_grad, zero, shared_type, slots_of):
         # Loop step ``step`` of T, counted from the sequence's end (t = T-1, or 0 when
         # reverse).  dg, dgh [T, B, G*H] (dgh: the reset-after GRU's recurrent-path gradient,
         # any such array otherwise); dh_carry, dc, dh_rec [B, H] (dc any such array unless
-        # LSTM; dh_rec zero before step 0); dy [T, B, H]; hs, cs [T+1, B, H]; gates
+        # LSTM; dh_rec zero before step 0); dy [T, B, H]; hs, cs [T+1, B, H] (hs rebuilt by
+        # the LSTM, as the time loop's); gates
         # [T, B, S*H]; w_hh [G*H, H]; lengths [B]
         K = w_hh.shape[0]
         part = cuda.shared.array((SPLITS, UNITS), shared_type)  # partial sums
@@ -140,9 +141,10 @@ def _backward_kernel(cell_back, recurrent_grad, zero, shared_type, slots_of):
                     total += part[p, u]
                 dh_rec[b, j] = total
         t, before, after, _ = slots_of(T, T - 1 - step, reverse, 1)
+        first = slots_of(T, 0, reverse, 1)[1]  # the slot of h0
         if s == 0 and j < H:
-            cell_back(b, j, H, t, before, after, dg, dgh, dh_carry, dc, dy, dh_rec, hs, cs,
-                      gates, lengths, relu)
+            cell_back(b, j, H, t, before, after, first, dg, dgh, dh_carry, dc, dy, dh_rec, hs,
+                      cs, gates, lengths, relu)
 
     return fused_backward
 

@@ -32,7 +32,11 @@ the RNN only):
   dg [T, B, G*H] out, pre-activation gradients (input path); dgh the recurrent path's (``dg``
   itself unless the reset-after GRU); dh_carry, dc, dh_rec [B, H] in/out (``dh_carry`` the part
   of dL/dh that does not go through ``W_hh``, ``dh_rec`` the part that does, ``dc`` dL/dc);
-  dy [T, B, H]; hs, cs [T+1, B, H]; gates [T, B, S*H]; w_hh [G*H, H].
+  dy [T, B, H]; hs, cs [T+1, B, H]; gates [T, B, S*H]; w_hh [G*H, H].  The LSTM keeps no
+  states ``h`` for its backward: its backward loop writes them into ``hs``, rebuilt from the
+  saved ``o`` and ``c`` (``h = o*tanh(c)``), starting from ``h0`` in the first slot; a padding
+  step writes ``h0``, the state padding carries in the reverse direction (its padding comes
+  first; in the forward direction no valid step reads it).
 """
 
 
@@ -137,10 +141,11 @@ def make_loops(matmul, kernels, slots):
     def lstm_backward(dg, dgh, dh_carry, dc, dh_rec, dy, hs, cs, gates, w_hh, lengths,
                       reverse, relu):
         T, B, H = dy.shape
+        first = slots(T, 0, reverse, True)[1]  # the slot of h0
         for step in range(T - 1, -1, -1):
-            t, before, _, _ = slots(T, step, reverse, True)
-            lstm_backward_step(B, H, dg[t], dh_carry, dc, dy[t], dh_rec, gates[t], cs[before],
-                               lengths, t)
+            t, before, after, _ = slots(T, step, reverse, True)
+            lstm_backward_step(B, H, dg[t], dh_carry, dc, dy[t], dh_rec, gates[t], cs[after],
+                               cs[before], hs[after], hs[first], lengths, t)
             matmul(dg[t], w_hh, dh_rec)
 
     def gru_reset_after_backward(dg, dgh, dh_carry, dc, dh_rec, dy, hs, cs, gates, w_hh,

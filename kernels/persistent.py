@@ -125,22 +125,23 @@ def cell_steps(dtype):
         gru(b, j, H, y[t], hs[after], gates[saved], xg[t], hg, b_ih, b_hh, hs[before], lengths,
             t, training)
 
-    # dg, dgh [T, B, G*H]; dh_carry, dc, dh_rec [B, H]; dy [T, B, H]; hs, cs [T+1, B, H];
-    # gates [T, B, S*H]
+    # dg, dgh [T, B, G*H]; dh_carry, dc, dh_rec [B, H]; dy [T, B, H]; hs, cs [T+1, B, H]
+    # (the LSTM writes hs: it rebuilds the states there, from h0 in slot ``first``); gates
+    # [T, B, S*H]
     @_device
-    def rnn_backward(b, j, H, t, before, after, dg, dgh, dh_carry, dc, dy, dh_rec, hs, cs,
-                     gates, lengths, relu):
+    def rnn_backward(b, j, H, t, before, after, first, dg, dgh, dh_carry, dc, dy, dh_rec,
+                     hs, cs, gates, lengths, relu):
         rnn_back(b, j, H, dg[t], dh_carry, dy[t], dh_rec, hs[after], lengths, t, relu)
 
     @_device
-    def lstm_backward(b, j, H, t, before, after, dg, dgh, dh_carry, dc, dy, dh_rec, hs, cs,
-                      gates, lengths, relu):
-        lstm_back(b, j, H, dg[t], dh_carry, dc, dy[t], dh_rec, gates[t], cs[before], lengths,
-                  t)
+    def lstm_backward(b, j, H, t, before, after, first, dg, dgh, dh_carry, dc, dy, dh_rec,
+                      hs, cs, gates, lengths, relu):
+        lstm_back(b, j, H, dg[t], dh_carry, dc, dy[t], dh_rec, gates[t], cs[after], cs[before],
+                  hs[after], hs[first], lengths, t)
 
     @_device
-    def gru_backward(b, j, H, t, before, after, dg, dgh, dh_carry, dc, dy, dh_rec, hs, cs,
-                     gates, lengths, relu):
+    def gru_backward(b, j, H, t, before, after, first, dg, dgh, dh_carry, dc, dy, dh_rec,
+                     hs, cs, gates, lengths, relu):
         gru_back(b, j, H, dg[t], dgh[t], dh_carry, dy[t], dh_rec, gates[t], hs[before],
                  lengths, t)
 
@@ -269,7 +270,8 @@ def _backward_kernel(cell_back, recurrent_grad, zero, shared_type, slots_of, row
                             cs, gates, w_hh, lengths, arrivals, reverse, relu):
         # dg, dgh [T, B, G*H] (dgh: GRU's recurrent-path gradient, any such array otherwise);
         # dh_carry, dc, dh_rec [B, H] (in place; dc any such array unless LSTM; dh_rec zero on
-        # entry, dg_first @ W_hh on exit); dy [T, B, H]; hs, cs [T+1, B, H]; gates
+        # entry, dg_first @ W_hh on exit); dy [T, B, H]; hs, cs [T+1, B, H] (hs rebuilt by the
+        # LSTM, as the time loop's); gates
         # [T, B, S*H]; w_hh [G*H, H]; lengths [B]; arrivals [1] scratch.  The same work, in
         # the same order, as the time loop.
         G = w_hh.shape[0] // H
@@ -299,12 +301,13 @@ def _backward_kernel(cell_back, recurrent_grad, zero, shared_type, slots_of, row
                          n_blocks, G, U, H, n_slices, lanes, zero)
             if it < T:
                 t, before, after, _ = slots_of(T, T - 1 - it, reverse, 1)
+                first = slots_of(T, 0, reverse, 1)[1]  # the slot of h0
                 for idx in range(tid, rows * B, n_threads):
                     r = idx // B
                     j = unit_of(r, block, n_blocks, U, H, n_slices)
                     if j >= 0:
-                        cell_back(idx - r * B, j, H, t, before, after, dg, dgh, dh_carry, dc, dy,
-                                  dh_rec, hs, cs, gates, lengths, relu)
+                        cell_back(idx - r * B, j, H, t, before, after, first, dg, dgh, dh_carry,
+                                  dc, dy, dh_rec, hs, cs, gates, lengths, relu)
             barrier(arrivals, (it + 1) * n_blocks)
 
     return persistent_backward

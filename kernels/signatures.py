@@ -68,12 +68,12 @@ RNN_BACKWARD_STEP = _GRID + (
     _stored("h", 2),        # [B, H] state after step t
 ) + _MASK + (_int("relu"),)
 
-# ------------------------------------------------------------------------- LSTM (G=4, S=5)
+# ------------------------------------------------------------------------- LSTM (G=4, S=4)
 LSTM_FORWARD_STEP = _GRID + (
     _stored("y", 2), _stored("h_new", 2),  # [B, H]
     _float("c_new", 2),    # [B, H] out: c of step t, the value the next step reads
     _stored("c_saved", 2),  # [B, H] out: c of step t as the backward reads it (may be c_new)
-    _stored("gates", 2),  # [B, 5H] out: saved i, f, g, o, tanh(c)
+    _stored("gates", 2),  # [B, 4H] out: saved i, f, g, o
     _float("xg", 2), _float("hg", 2),  # [B, 4H]
     _float("b_ih", 1), _float("b_hh", 1),  # [4H]
     _stored("h_prev", 2),
@@ -85,8 +85,11 @@ LSTM_BACKWARD_STEP = _GRID + (
     _float("dh_carry", 2),  # [B, H] in/out
     _float("dc", 2),        # [B, H] in/out: dL/dc_t in, dL/dc_{t-1} out
     _stored("dy", 2), _float("dh_rec", 2),  # [B, H]
-    _stored("gates", 2),    # [B, 5H] saved by the forward
-    _stored("c_prev", 2),   # [B, H] saved by the forward (c_saved)
+    _stored("gates", 2),    # [B, 4H] saved by the forward
+    _stored("c", 2),        # [B, H] c of step t, saved by the forward (c_saved)
+    _stored("c_prev", 2),   # [B, H] c of the step before, the same
+    _stored("h", 2),        # [B, H] out: h of step t rebuilt, o*tanh(c) (h0 where padding)
+    _stored("h0", 2),       # [B, H] the initial state, which padding steps carry
 ) + _MASK
 
 # ------------------------------------------------- GRU, reset after the product (G=3, S=4)

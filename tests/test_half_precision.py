@@ -114,6 +114,12 @@ def test_padding_keeps_the_state_exactly_and_outputs_zero(dtype, rng):
     assert (c[0, 1].view(np.uint16) == c0[0, 1].view(np.uint16)).all()
 
 
+def tape_nbytes(direction):
+    """Bytes of the arrays a direction's tape holds beside its input and final states."""
+    kept = (direction.hs, direction.h0, direction.cs, direction.gates)
+    return sum(a.nbytes for a in kept if a is not None)
+
+
 @cell_params()
 def test_activation_memory_is_half_of_float32s(cell, opts):
     T, B, H = 50, 8, 16
@@ -123,9 +129,7 @@ def test_activation_memory_is_half_of_float32s(cell, opts):
     x = np.zeros((T, B, 4), ml_dtypes.bfloat16)
     _, _, tape = bf16.forward_with_tape(x)
     (d_tape,) = tape.directions.values()
-    kept = d_tape.hs.nbytes + (d_tape.gates.nbytes if d_tape.gates is not None else 0) + (
-        d_tape.cs.nbytes if d_tape.cs is not None else 0)
-    assert kept == bf16.activation_bytes(T, B)
+    assert tape_nbytes(d_tape) == bf16.activation_bytes(T, B)
     bf16.backward_through(tape, np.zeros((T, B, H), ml_dtypes.bfloat16))
     held = sum(ws.nbytes() for ws in bf16._workspaces.values())
     assert held <= bf16.call_bytes(T, B, True)
@@ -158,11 +162,11 @@ def test_drivers_keep_gemm_operands_in_16_bits_and_the_rest_in_float32(rng):
     _, _, tape = layer.forward_with_tape(x)
     t = tape.directions[(0, 0)]
     w = tape.weights[(0, 0)]
-    assert t.hs.dtype == t.cs.dtype == t.gates.dtype == w.w_ih.dtype == w.w_hh.dtype == \
+    assert t.hs is None  # the LSTM's backward rebuilds the states, from h0
+    assert t.h0.dtype == t.cs.dtype == t.gates.dtype == w.w_ih.dtype == w.w_hh.dtype == \
         layer.dtype
     assert w.b_ih.dtype == np.float32
     np.testing.assert_array_equal(w.w_hh.astype(np.float32),
                                   layer.params["weight_hh_l0"].astype(ml_dtypes.bfloat16)
                                   .astype(np.float32))
-    assert drivers.activation_bytes(layer.cell, 5, 2, 4, layer.dtype) == \
-        t.hs.nbytes + t.gates.nbytes + t.cs.nbytes
+    assert drivers.activation_bytes(layer.cell, 5, 2, 4, layer.dtype) == tape_nbytes(t)

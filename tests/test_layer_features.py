@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 
 import gpurnn
+from gpurnn.engine import drivers
+from gpurnn.engine.backend import CPUBackend
+from gpurnn.kernels.loops import time_slots
 from conftest import cell_params
 from helpers import central_difference, host, make, random_state, state_tuple, to_device
 
@@ -87,16 +90,58 @@ def test_inference_memory_does_not_grow_with_T(rng):
     layer.train()
     layer._workspaces.clear()
     layer(rng.standard_normal((40, 2, 3)))
-    kept = sum(ws._buffers[k].nbytes for ws in layer._workspaces.values() for k in ("hs", "cs", "gates"))
+    # (the LSTM keeps h0, not the states: its backward rebuilds them)
+    kept = sum(ws._buffers[k].nbytes for ws in layer._workspaces.values()
+               for k in ("h0", "cs", "gates"))
+    assert "hs" not in layer._workspaces[(0, 0)]._buffers
     assert kept == layer.activation_bytes(40, 2) > 10 * sizes[0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_lstm_backward_rebuilds_the_states_of_its_forward(dtype, reverse, rng):
+    """The LSTM's tape keeps no states ``h``: its backward rebuilds them as ``o*tanh(c)`` from
+    the saved gates and cell states, into the scratch buffer its forward wrote them to (which
+    another layer may have overwritten since).  They are the forward's, bit for bit, at every
+    step within a sequence; past its length a slot holds ``h0``, which is what the reverse
+    direction carries there (and no valid step of the forward direction reads)."""
+    cell = drivers.CellSpec("lstm")
+    T, B, I, H = 6, 3, 2, 5
+    cpu = CPUBackend()
+    ws = drivers.Workspace(cpu)
+    w = drivers.Weights(*(rng.standard_normal(shape).astype(dtype) for shape in
+                          [(4 * H, I), (4 * H, H), (4 * H,), (4 * H,)]))
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    h0, c0 = (rng.standard_normal((B, H)).astype(dtype) for _ in range(2))
+    lengths = np.array([6, 2, 0], np.int32)
+    y, tape = drivers.forward(cpu, cell, w, x, h0, c0, lengths, reverse, True, ws)
+    assert tape.hs is None
+    states = cpu.scratch("states", (T + 1, B, H), x.dtype)
+    made = states.copy()
+    states[...] = np.nan  # as another layer's forward would leave it
+    grads = drivers.Weights(*(np.empty_like(a) for a in vars(w).values()))
+    drivers.backward(cpu, cell, w, tape, rng.standard_normal(y.shape).astype(dtype),
+                     np.zeros((B, H), dtype), np.zeros((B, H), dtype), grads, ws)
+    rebuilt = cpu.scratch("states", (T + 1, B, H), x.dtype)
+    for b, length in enumerate(lengths):
+        steps = range(T - length, T) if reverse else range(length)  # loop steps of t < length
+        valid = [time_slots(T, step, reverse, True)[2] for step in steps]
+        first = time_slots(T, 0, reverse, True)[1]
+        np.testing.assert_array_equal(rebuilt[valid + [first], b], made[valid + [first], b])
+        padding = sorted(set(range(T + 1)) - set(valid) - {first})
+        np.testing.assert_array_equal(rebuilt[padding, b], np.broadcast_to(
+            h0[b], (len(padding), H)))
+        if reverse:  # the forward carried h0 there too
+            np.testing.assert_array_equal(made[padding, b], rebuilt[padding, b])
 
 
 @cell_params()
 def test_training_holds_one_projection_sized_buffer_per_stack(cell, opts, rng):
     """The backward's pre-activation gradients reuse the forward's x W_ih^T buffer, and every
     layer and direction the same one: a training step of a two-layer bidirectional layer holds
-    one [T, B, G*H] buffer (the backend's scratch), and the reset-after GRU one more for its
-    recurrent path's gradients, shared the same way; another thread gets buffers of its own."""
+    one [T, B, G*H] buffer (the backend's scratch), the reset-after GRU one more for its
+    recurrent path's gradients and the LSTM one [T+1, B, H] for its states (rebuilt by its
+    backward), shared the same way; another thread gets buffers of its own."""
     T, B, I, H = 5, 3, 2, 4
     layer = make(cell, opts, I, H, num_layers=2, bidirectional=True, seed=0)
     G = layer.cell.gates
@@ -105,23 +150,31 @@ def test_training_holds_one_projection_sized_buffer_per_stack(cell, opts, rng):
     layer.backward(np.ones_like(out))
     projection = be.scratch("preact", (T, B, G * H), layer.param_dtype)
     for ws in layer._workspaces.values():
-        shapes = [b.shape for b in ws._buffers.values()]
+        shapes = [b.shape for name, b in ws._buffers.items() if name != "gates"]
         assert (T, B, G * H) not in shapes, shapes
-    recurrent = be.scratch("dgh", (T, B, G * H), layer.dtype) if layer.cell.reset_after else None
+        assert not layer.cell.has_cell_state or "hs" not in ws._buffers
+    others = {}  # the other scratch buffers of this cell
+    if layer.cell.reset_after:
+        others["dgh"] = ((T, B, G * H), layer.dtype)
+    if layer.cell.has_cell_state:
+        others["states"] = ((T + 1, B, H), layer.dtype)
+    assert set(drivers.scratch_buffers(layer.cell, T, B, H, layer.dtype, True)) == {
+        "preact", *others}
+    recurrent = {name: be.scratch(name, *spec) for name, spec in others.items()}
     again, _ = layer(rng.standard_normal((T, B, I)))
     layer.backward(np.ones_like(again))
     # the same buffers for the whole stack, call after call
     assert be.scratch("preact", (T, B, G * H), layer.param_dtype) is projection
-    if recurrent is not None:
-        assert be.scratch("dgh", (T, B, G * H), layer.dtype) is recurrent
+    for name, spec in others.items():
+        assert be.scratch(name, *spec) is recurrent[name]
     elsewhere = []
     worker = threading.Thread(target=lambda: elsewhere.append(
         be.scratch("preact", (T, B, G * H), layer.param_dtype)))
     worker.start()
     worker.join()
     assert elsewhere[0] is not projection
-    held = sum(ws.nbytes() for ws in layer._workspaces.values()) + projection.nbytes + (
-        recurrent.nbytes if recurrent is not None else 0)
+    held = sum(ws.nbytes() for ws in layer._workspaces.values()) + projection.nbytes + sum(
+        buf.nbytes for buf in recurrent.values())
     assert layer.call_bytes(T, B, True) >= held
     layer.eval()
     layer._workspaces.clear()

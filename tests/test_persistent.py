@@ -97,11 +97,24 @@ def _buffers(cell, w, x, h0, c0, training, reverse):
     return xg, y, hs, cs, gates, hg
 
 
-def _check(cell, dtype, training, reverse, got, want_y, tape, lengths):
+def _forward_reference(cell, w, x, h0, c0, lengths, reverse, training):
+    """The CPU driver's forward: ``(y, tape, hs)``, ``hs`` every state slot it wrote (the
+    LSTM's training forward writes them to the backend's scratch, not to its tape)."""
+    cpu = CPUBackend()
+    y, tape = drivers.forward(cpu, cell, w, x, h0, c0, lengths, reverse, training,
+                              drivers.Workspace(cpu))
+    hs = tape.hs
+    if hs is None:
+        T, B, _ = x.shape
+        hs = cpu.scratch("states", (T + 1, B, h0.shape[1]), x.dtype).copy()
+    return y, tape, hs
+
+
+def _check(cell, dtype, training, reverse, got, want_y, want_hs, tape, lengths):
     y, hs, cs, gates = got
     np.testing.assert_allclose(y, want_y, **TOL[dtype])
     if training:
-        np.testing.assert_allclose(hs, tape.hs, **TOL[dtype])
+        np.testing.assert_allclose(hs, want_hs, **TOL[dtype])
         if cs is not None:
             np.testing.assert_allclose(cs, tape.cs, **TOL[dtype])
         if gates is not None:  # gates of padded steps are never written, by either path
@@ -118,9 +131,7 @@ def test_persistent_kernel_matches_cpu(name, dtype, training, reverse, n_slices,
     cell = CELLS[name]
     T, B, I, H = 3, 2, 2, 5
     w, x, h0, c0, lengths = _problem(cell, dtype, T, B, I, H, rng)
-    cpu = CPUBackend()
-    want_y, tape = drivers.forward(cpu, cell, w, x, h0, c0, lengths, reverse, training,
-                                   drivers.Workspace(cpu))
+    want_y, tape, want_hs = _forward_reference(cell, w, x, h0, c0, lengths, reverse, training)
     xg, y, hs, cs, gates, hg = _buffers(cell, w, x, h0, c0, training, reverse)
     U = -(-H // n_slices)
     lanes, threads = 2, 4
@@ -130,7 +141,7 @@ def test_persistent_kernel_matches_cpu(name, dtype, training, reverse, n_slices,
     persistent.launch_persistent(kernel, shape, T, B, H, y, hs, cs, gates, xg, hg, w.w_hh,
                                  w.b_ih, w.b_hh, lengths, np.full(1, 7, np.int32), reverse,
                                  training, cell.relu)
-    _check(cell, dtype, training, reverse, (y, hs, cs, gates), want_y, tape, lengths)
+    _check(cell, dtype, training, reverse, (y, hs, cs, gates), want_y, want_hs, tape, lengths)
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru"])
@@ -139,9 +150,7 @@ def test_backend_forward_sequence(name, rng):
     cell = CELLS[name]
     T, B, I, H = 2, 1, 3, 4
     w, x, h0, c0, lengths = _problem(cell, "float64", T, B, I, H, rng)
-    cpu = CPUBackend()
-    want_y, tape = drivers.forward(cpu, cell, w, x, h0, c0, lengths, False, True,
-                                   drivers.Workspace(cpu))
+    want_y, tape, want_hs = _forward_reference(cell, w, x, h0, c0, lengths, False, True)
     bufs = _buffers(cell, w, x, h0, c0, True, False)
     xg, y, hs, cs, gates, hg = bufs
     assert not CUDABackend(persistent=False).forward_sequence(cell, w, _w_hh_t(w), *bufs,
@@ -149,7 +158,7 @@ def test_backend_forward_sequence(name, rng):
     assert np.isnan(y).all()
     assert CUDABackend(persistent=True).forward_sequence(cell, w, _w_hh_t(w), *bufs, lengths,
                                                          False, True)
-    _check(cell, "float64", True, False, (y, hs, cs, gates), want_y, tape, lengths)
+    _check(cell, "float64", True, False, (y, hs, cs, gates), want_y, want_hs, tape, lengths)
 
 
 def test_reset_before_gru_is_left_to_the_step_path(rng):
@@ -242,24 +251,33 @@ def _backward_reference(cell, dtype, training_reverse, rng):
         left["dc"] = ws.get("dc", (B, H), x.dtype).copy()
     if cell.mode == "gru":
         left["dgh"] = cpu.scratch("dgh", (T, B, G * H), x.dtype).copy()
+    if tape.hs is None:  # the LSTM's states, rebuilt by its backward
+        left["hs"] = cpu.scratch("states", (T + 1, B, H), x.dtype).copy()
     return w, tape, dy, dh_last, dc_last, left
 
 
 def _backward_buffers(cell, tape, dy, dh_last, dc_last):
-    """What the driver hands its backward loop: poisoned gradients, the carried ones set."""
+    """What the driver hands its backward loop: the states (the tape's, or for the LSTM a
+    poisoned buffer holding h0 in its first slot), poisoned gradients, the carried ones set:
+    ``(hs, dg, dgh, dh_carry, dc, dh_rec)``."""
     T, B, H = dy.shape
     G = cell.gates
+    hs = tape.hs
+    if hs is None:
+        hs = np.full((T + 1, B, H), np.nan, dy.dtype)
+        hs[time_slots(T, 0, tape.reverse, True)[1]] = tape.h0
     dg = np.full((T, B, G * H), np.nan, dy.dtype)
     dgh = np.full((T, B, G * H), np.nan, dy.dtype) if cell.mode == "gru" else dg
     dc = dc_last.copy() if dc_last is not None else None
-    return dg, dgh, dh_last.copy(), dc, np.zeros((B, H), dy.dtype)
+    return hs, dg, dgh, dh_last.copy(), dc, np.zeros((B, H), dy.dtype)
 
 
 def _check_backward(cell, dtype, got, left):
-    dg, dgh, dh_carry, dc, dh_rec = got
+    hs, dg, dgh, dh_carry, dc, dh_rec = got
     for name, value in [("dg", dg), ("dh_carry", dh_carry), ("dh_rec", dh_rec)] + (
             [("dc", dc)] if dc is not None else []) + (
-            [("dgh", dgh)] if cell.mode == "gru" else []):
+            [("dgh", dgh)] if cell.mode == "gru" else []) + (
+            [("hs", hs)] if "hs" in left else []):
         np.testing.assert_allclose(value, left[name], err_msg=name, **TOL[dtype])
 
 
@@ -270,17 +288,17 @@ def test_persistent_backward_matches_cpu(name, dtype, reverse, n_slices, rng):
     cell = CELLS[name]
     w, tape, dy, dh_last, dc_last, left = _backward_reference(cell, dtype, reverse, rng)
     T, B, H = dy.shape
-    dg, dgh, dh_carry, dc, dh_rec = _backward_buffers(cell, tape, dy, dh_last, dc_last)
+    hs, dg, dgh, dh_carry, dc, dh_rec = _backward_buffers(cell, tape, dy, dh_last, dc_last)
     U = -(-H // n_slices)
     lanes, threads = 2, 4
     shape = (1, n_slices, U, lanes, threads, persistent.shared_bytes(
         cell.gates, U, n_slices, 1, B, H, threads, dy.itemsize, backward=True))
     kernel = persistent.persistent_kernels(dtype)[cell.mode][1]
     persistent.launch_persistent_backward(kernel, shape, T, B, H, dg, dgh, dh_carry, dc, dy,
-                                          dh_rec, tape.hs, tape.cs, tape.gates, w.w_hh,
+                                          dh_rec, hs, tape.cs, tape.gates, w.w_hh,
                                           tape.lengths, np.full(1, 7, np.int32), reverse,
                                           cell.relu)
-    _check_backward(cell, dtype, (dg, dgh, dh_carry, dc, dh_rec), left)
+    _check_backward(cell, dtype, (hs, dg, dgh, dh_carry, dc, dh_rec), left)
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru"])
@@ -288,10 +306,10 @@ def test_backend_backward_sequence(name, rng):
     cell = CELLS[name]
     w, tape, dy, dh_last, dc_last, left = _backward_reference(cell, "float64", False, rng)
     bufs = _backward_buffers(cell, tape, dy, dh_last, dc_last)
-    assert not CUDABackend(persistent=False).backward_sequence(cell, w, tape, *bufs[:4], dy,
-                                                               bufs[4])
-    assert np.isnan(bufs[0]).all()
-    assert CUDABackend(persistent=True).backward_sequence(cell, w, tape, *bufs[:4], dy, bufs[4])
+    assert not CUDABackend(persistent=False).backward_sequence(cell, w, tape, *bufs[:5], dy,
+                                                               bufs[5])
+    assert np.isnan(bufs[1]).all()
+    assert CUDABackend(persistent=True).backward_sequence(cell, w, tape, *bufs[:5], dy, bufs[5])
     _check_backward(cell, "float64", bufs, left)
 
 
@@ -340,9 +358,7 @@ def test_fused_forward_matches_cpu(name, dtype, training, reverse, H, rng):
     cell = CELLS[name]
     T, B, I = 3, 2, 2
     w, x, h0, c0, lengths = _problem(cell, dtype, T, B, I, H, rng)
-    cpu = CPUBackend()
-    want_y, tape = drivers.forward(cpu, cell, w, x, h0, c0, lengths, reverse, training,
-                                   drivers.Workspace(cpu))
+    want_y, tape, want_hs = _forward_reference(cell, w, x, h0, c0, lengths, reverse, training)
     backend = CUDABackend(persistent=False, fused=True)
     on = _on_device(backend)  # the fast launcher (a real GPU) takes device arrays only
     xg, y, hs, cs, gates, hg = map(on, _buffers(cell, w, x, h0, c0, training, reverse))
@@ -350,7 +366,7 @@ def test_fused_forward_matches_cpu(name, dtype, training, reverse, H, rng):
                                     on(_w_hh_t(w)), xg, y, hs, cs, gates, hg, on(lengths),
                                     reverse, training)
     got = tuple(None if a is None else backend.to_numpy(a) for a in (y, hs, cs, gates))
-    _check(cell, dtype, training, reverse, got, want_y, tape, lengths)
+    _check(cell, dtype, training, reverse, got, want_y, want_hs, tape, lengths)
 
 
 @pytest.mark.parametrize("name", list(CELLS))
@@ -361,13 +377,13 @@ def test_fused_backward_matches_cpu(name, dtype, reverse, rng):
     w, tape, dy, dh_last, dc_last, left = _backward_reference(cell, dtype, reverse, rng)
     backend = CUDABackend(persistent=False, fused=True)
     on = _on_device(backend)
-    dg, dgh, dh_carry, dc, dh_rec = _backward_buffers(cell, tape, dy, dh_last, dc_last)
+    hs, dg, dgh, dh_carry, dc, dh_rec = _backward_buffers(cell, tape, dy, dh_last, dc_last)
     dg_on = on(dg)
-    bufs = (dg_on, dg_on if dgh is dg else on(dgh), on(dh_carry), on(dc), on(dh_rec))
+    bufs = (on(hs), dg_on, dg_on if dgh is dg else on(dgh), on(dh_carry), on(dc), on(dh_rec))
     tape = dataclasses.replace(tape, hs=on(tape.hs), cs=on(tape.cs), gates=on(tape.gates),
                                lengths=on(tape.lengths))
     assert backend.backward_sequence(cell, drivers.Weights(*map(on, vars(w).values())), tape,
-                                     *bufs[:4], on(dy), bufs[4])
+                                     *bufs[:5], on(dy), bufs[5])
     got = tuple(None if a is None else backend.to_numpy(a) for a in bufs)
     _check_backward(cell, dtype, got, left)
 

@@ -142,11 +142,13 @@ class Backend:
         ``cs``) already holding ``h0``."""
         return False
 
-    def backward_sequence(self, cell, w, tape, dg, dgh, dh_carry, dc, dy, dh_rec):
+    def backward_sequence(self, cell, w, tape, hs, dg, dgh, dh_carry, dc, dy, dh_rec):
         """Run a whole direction's backward loop in one go, if this backend can; return whether
-        it did.  Arguments as the driver's loop uses them (``dgh`` is ``dg`` unless the
-        reset-after GRU, ``dc`` None unless LSTM; ``dh_rec`` zero): on return ``dg``/``dgh``
-        hold every step's gradients and ``dh_carry``, ``dc``, ``dh_rec`` what the loop leaves."""
+        it did.  Arguments as the driver's loop uses them (``hs`` the tape's states, or the
+        LSTM's buffer for rebuilding them, its first slot holding ``h0``; ``dgh`` is ``dg``
+        unless the reset-after GRU, ``dc`` None unless LSTM; ``dh_rec`` zero): on return
+        ``dg``/``dgh`` hold every step's gradients and ``dh_carry``, ``dc``, ``dh_rec`` (and
+        the LSTM's ``hs``) what the loop leaves."""
         return False
 
     def graphs_active(self):
@@ -396,7 +398,7 @@ class CUDABackend(Backend):
         self._run_fused_steps(f"fused_{cell.mode}_forward", fused, T, B, H, args)
         return True
 
-    def backward_sequence(self, cell, w, tape, dg, dgh, dh_carry, dc, dy, dh_rec):
+    def backward_sequence(self, cell, w, tape, hs, dg, dgh, dh_carry, dc, dy, dh_rec):
         """The persistent kernel, else the fused step kernels, else False (as
         ``forward_sequence``); after the fused ones, one GEMM leaves ``dh_rec`` the first
         step's product, as the per-step loop does."""
@@ -408,14 +410,14 @@ class CUDABackend(Backend):
         if launch is not None:
             kernel, shape, stream, arrivals = launch
             persistent.launch_persistent_backward(
-                kernel, shape, T, B, H, dg, dgh, dh_carry, dc, dy, dh_rec, tape.hs, tape.cs,
+                kernel, shape, T, B, H, dg, dgh, dh_carry, dc, dy, dh_rec, hs, tape.cs,
                 tape.gates, w.w_hh, tape.lengths, arrivals, tape.reverse, cell.relu, stream)
             return True
         fused = self._fused_kernel(cell, dy.dtype, backward=True)
         if fused is None:
             return False
         args = (dg, dg[:0] if dgh is dg else dgh, dh_carry, dh_carry[:0] if dc is None else dc,
-                dy, dh_rec, tape.hs, tape.hs[:0] if tape.cs is None else tape.cs,
+                dy, dh_rec, hs, hs[:0] if tape.cs is None else tape.cs,
                 dg[:0] if tape.gates is None else tape.gates, w.w_hh, tape.lengths,
                 int(tape.reverse), int(cell.relu))
         done_last = dgh[time_slots(T, 0, tape.reverse, True)[0]]  # [B, G*H] the step done last

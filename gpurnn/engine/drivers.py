@@ -9,18 +9,26 @@ all steps, and whole-sequence GEMMs for the weight gradients.  Time slots of the
 What the forward keeps for the backward (the ``Tape``):
 
 * ``x``      [T, B, I]   the input (for ``dW_ih``)
-* ``hs``     [T+1, B, H] the hidden states (for ``dW_hh`` and the gate derivatives)
+* ``hs``     [T+1, B, H] the hidden states (for ``dW_hh`` and the gate derivatives); None for
+                          the LSTM: its backward loop rebuilds them (``kernels/loops.py``)
+* ``h0``     [B, H]      the LSTM's initial state, where the rebuilt states start (None for the
+                          others)
 * ``cs``     [T+1, B, H] the LSTM cell states
-* ``gates``  [T, B, S*H] post-activation gates: LSTM i, f, g, o and ``tanh(c)`` (S=5); GRU r, z,
-                          n and ``W_hn h + b_hn`` (reset after) or ``r * h`` (reset before) (S=4);
-                          none (RNN)
+* ``gates``  [T, B, S*H] post-activation gates: LSTM i, f, g, o (S=4; ``tanh(c)`` recomputed
+                          from ``c``); GRU r, z, n and ``W_hn h + b_hn`` (reset after) or
+                          ``r * h`` (reset before) (S=4); none (RNN)
 * ``lengths`` [B] int32  valid steps of each sequence
 
-Precision.  The tape (``x``, ``hs``, ``cs``, ``gates``), ``y``, the weights ``W_ih``/``W_hh``
-and the pre-activation gradients (the GEMMs' operands) have the layer's dtype; what the GEMMs
-produce (``xg``, ``hg``, ``dh_rec``, the weight gradients), the biases and the carried gradients
-have the compute dtype (``kernels/storage.py``): the same dtype for float32 and float64,
-float32 for float16 and bfloat16.  A 16-bit LSTM runs its cell state in float32
+The LSTM's tape is then 5H values per row and step (cuDNN's LSTM reserve space: 5H + 10 at
+(T, B, H) = (100, 64, 512), BENCHMARKS.md): the backward pays one tanh per element and step and
+a [T+1, B, H] buffer shared by the stack (``scratch_buffers``) for 2H fewer values kept per
+layer and direction.
+
+Precision.  The tape (``x``, ``hs``, ``h0``, ``cs``, ``gates``), ``y``, the weights
+``W_ih``/``W_hh`` and the pre-activation gradients (the GEMMs' operands) have the layer's
+dtype; what the GEMMs produce (``xg``, ``hg``, ``dh_rec``, the weight gradients), the biases
+and the carried gradients have the compute dtype (``kernels/storage.py``): the same dtype for
+float32 and float64, float32 for float16 and bfloat16.  A 16-bit LSTM runs its cell state in float32
 (``c_carry``) and keeps it rounded in ``cs`` for the backward.  ``backend.matmul`` accumulates
 in the compute dtype.
 """
@@ -48,7 +56,7 @@ class CellSpec:
     @property
     def saved_gates(self):
         """Gate blocks saved per step for the backward."""
-        return {"rnn": 0, "lstm": 5, "gru": 4}[self.mode]
+        return {"rnn": 0, "lstm": 4, "gru": 4}[self.mode]
 
     @property
     def has_cell_state(self):
@@ -76,6 +84,7 @@ class Tape:
     reverse: bool
     h_last: Any
     c_last: Optional[Any]
+    h0: Optional[Any] = None
 
 
 class Workspace:
@@ -146,7 +155,10 @@ def forward(be, cell, w, x, h0, c0, lengths, reverse, training, ws):
         lengths = staged
     else:
         y = be.empty((T, B, H), dtype)  # [T, B, H]
-    hs = ws.get("hs", (n_slots, B, H), dtype)  # [T+1 or 2, B, H]
+    if training and cell.has_cell_state:  # read by the loop alone: the backward rebuilds it
+        hs = be.scratch("states", *scratch_buffers(cell, T, B, H, dtype, training)["states"])
+    else:
+        hs = ws.get("hs", (n_slots, B, H), dtype)  # [T+1 or 2, B, H]
     first = time_slots(T, 0, reverse, training)[1]
     hs[first] = h0
     cs = gates = c_carry = None
@@ -175,8 +187,12 @@ def forward(be, cell, w, x, h0, c0, lengths, reverse, training, ws):
     c_last = None
     if cs is not None:
         c_last = (cs[last] if c_carry is None else c_carry[T % 2]).copy()
-    tape = Tape(x=x, hs=hs, cs=cs, gates=gates, lengths=lengths, reverse=reverse,
-                h_last=h_last, c_last=c_last)
+    kept_h0 = None
+    if training and cell.has_cell_state:  # the start of the backward's rebuilt states
+        kept_h0 = ws.get("h0", (B, H), dtype)  # [B, H]
+        kept_h0[...] = h0
+    tape = Tape(x=x, hs=None if cell.has_cell_state else hs, cs=cs, gates=gates,
+                lengths=lengths, reverse=reverse, h_last=h_last, c_last=c_last, h0=kept_h0)
     return (y.copy() if graphed else y), tape
 
 
@@ -195,9 +211,12 @@ def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
     compute = compute_dtype(dtype)
     reverse = tape.reverse
 
+    scratch = scratch_buffers(cell, T, B, H, dtype, True)  # the backward of a training forward
+    if hs is None:  # the LSTM: the loop rebuilds the states [T+1, B, H], from h0
+        hs = be.scratch("states", *scratch["states"])
+        hs[time_slots(T, 0, reverse, True)[1]] = tape.h0
     # [T, B, G*H] pre-activation gradients (input path), in the forward's xg buffer (its
     # first half when they are 16-bit and xg float32)
-    scratch = scratch_buffers(cell, T, B, H, dtype, True)  # the backward of a training forward
     preact = be.scratch("preact", *scratch["preact"])
     dg = preact
     if dtype != compute:
@@ -218,7 +237,7 @@ def backward(be, cell, w, tape, dy, dh_last, dc_last, grads, ws):
         staged = ws.get("dy", (T, B, H), dtype)  # [T, B, H]
         staged[...] = dy
         dy = staged
-    if not be.backward_sequence(cell, w, tape, dg, dgh, dh_carry, dc, dy, dh_rec):
+    if not be.backward_sequence(cell, w, tape, hs, dg, dgh, dh_carry, dc, dy, dh_rec):
         _run_loop(be, dtype, _loop_name(cell, "backward"),
                   (dg, dgh, dh_carry, dc, dh_rec, dy, hs, cs, gates, w.w_hh, lengths, reverse,
                    int(cell.relu)))
@@ -253,20 +272,22 @@ def scratch_buffers(cell, T, B, H, dtype, training):
     """``{name: (shape, dtype)}`` of the backend's scratch buffers (``Backend.scratch``) that a
     forward (and, when ``training``, its backward) of ``cell`` over T steps of B rows takes for
     a layer of ``dtype``: ``preact`` [T, B, G*H] in the compute dtype (``x W_ih^T``, then the
-    pre-activation gradients), and the reset-after GRU's ``dgh`` [T, B, G*H] (its recurrent
-    path's gradients, in ``dtype``)."""
+    pre-activation gradients), the reset-after GRU's ``dgh`` [T, B, G*H] (its recurrent
+    path's gradients, in ``dtype``), and the training LSTM's ``states`` [T+1, B, H] (``h`` of
+    every step, in ``dtype``: the forward's, then the backward's rebuilt ones)."""
     shape = (T, B, cell.gates * H)
     buffers = {"preact": (shape, compute_dtype(dtype))}
     if training and cell.mode == "gru" and cell.reset_after:
         buffers["dgh"] = (shape, dtype)
+    if training and cell.has_cell_state:
+        buffers["states"] = ((T + 1, B, H), dtype)
     return buffers
 
 
 def activation_bytes(cell, T, B, H, dtype):
     """Bytes the tape of one training forward holds per layer and direction, beside the input
-    and the output, all in ``dtype``: ``hs`` (and the LSTM's ``cs``) [T+1, B, H] and the saved
-    gates [T, B, S*H]: S = 4 for the GRU, 5 for the LSTM (its four gates and ``tanh(c)``, which
-    spares the backward one tanh per element and step for T*B*H more elements), none for the
-    RNN."""
-    states = (T + 1) * B * H * (2 if cell.has_cell_state else 1)
+    and the output, all in ``dtype``: ``hs`` [T+1, B, H] (the LSTM: ``cs`` [T+1, B, H] and
+    ``h0`` [B, H] instead) and the saved gates [T, B, S*H]: S = 4 for the GRU and the LSTM,
+    none for the RNN."""
+    states = (T + 2 if cell.has_cell_state else T + 1) * B * H
     return int(dtype.itemsize) * (states + T * B * cell.saved_gates * H)
