@@ -236,9 +236,39 @@ def test_retain_graph_repeats_backward():
     out, h = m(x)
     loss = out.pow(2).sum() + h.sum()
     first = torch.autograd.grad(loss, [x, m.weight_hh_l0], retain_graph=True)
+    kept = [g.clone() for g in first]
     m(torch.randn(5, 2, 3, dtype=F64, requires_grad=True))[0].sum().backward()  # another call between
+    assert_same(first, kept)  # gradients handed out are not written by a later backward
     second = torch.autograd.grad(loss, [x, m.weight_hh_l0])
     assert_same(first, second)
+
+
+def test_backward_runs_with_its_own_forwards_weights():
+    """Two forwards with different weights (``functional_call``) before the first's backward:
+    the gpurnn layer is bound to the second's weights then, and the first's backward must run
+    with its own, as torch.nn's does."""
+    torch.manual_seed(16)
+    m = gt.LSTM(3, 4, dtype=F64)
+    ref = torch.nn.LSTM(3, 4, dtype=F64)
+    first = {n: p.detach().clone().requires_grad_() for n, p in m.named_parameters()}
+    second = {n: (2 * p.detach()).requires_grad_() for n, p in m.named_parameters()}
+    x = torch.randn(5, 2, 3, dtype=F64)
+    out = torch.func.functional_call(m, first, (x,))[0]
+    torch.func.functional_call(m, second, (x,))
+    want = torch.autograd.grad(torch.func.functional_call(ref, first, (x,))[0].sum(),
+                               list(first.values()))
+    assert_same(torch.autograd.grad(out.sum(), list(first.values())), want)
+
+
+def test_a_parameter_changed_in_place_before_backward_is_an_error():
+    """The backward runs on views of the forward's weights, as torch.nn's does on the weights
+    it saved: a change in place between the two is refused, as there."""
+    m = gt.GRU(3, 4, dtype=F64)
+    out, _ = m(torch.randn(5, 2, 3, dtype=F64))
+    with torch.no_grad():
+        m.weight_hh_l0.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 def test_dropout_follows_torch_seed_and_eval():

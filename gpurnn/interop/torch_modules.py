@@ -183,10 +183,11 @@ class _RNNFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, *dfinals):
-        x, h0, c0, *params = ctx.saved_tensors
+        # Unpacking checks every saved tensor's version: a parameter changed in place since the
+        # forward raises here, as the tape's weights are views of its memory.
+        x, h0, c0, *_ = ctx.saved_tensors
         layer, acts = ctx.engine.layer, ctx.activations
-        with _on_device(x.device):
-            _bind(ctx.engine, ctx.names, params)
+        with _on_device(x.device):  # the tape holds the forward's weights: nothing to bind
             xp = layer.backend.xp
             tape = acts.tape
             dout = xp.zeros(tape.out_shape, layer.dtype) if dout is None else _array(dout)
@@ -196,6 +197,9 @@ class _RNNFunction(torch.autograd.Function):
                 parts = tuple(xp.zeros(shape, layer.dtype) if d is None else _array(d)
                               for d in dfinals)
                 dstate = parts if len(parts) == 2 else parts[0]
+            # The weight gradients go to arrays of this backward's own, handed to autograd as
+            # they are (no copy): the next backward writes into new ones.
+            layer.grads = {n: xp.empty(g.shape, g.dtype) for n, g in layer.grads.items()}
             dx, dstate0 = layer.backward_through(tape, dout, dstate)
             need = ctx.needs_input_grad
             dstates = dstate0 if isinstance(dstate0, tuple) else (dstate0, None)
@@ -203,8 +207,7 @@ class _RNNFunction(torch.autograd.Function):
             grads.append(_tensor(dx, x.device) if need[4] else None)
             grads += [_tensor(d, x.device) if d is not None and need[5 + i] else None
                       for i, d in enumerate(dstates)]
-            # layer.grads is overwritten by the next backward: hand autograd copies.
-            grads += [_tensor(layer.grads[n].copy(), x.device) if need[_N_ARGS + i] else None
+            grads += [_tensor(layer.grads[n], x.device) if need[_N_ARGS + i] else None
                       for i, n in enumerate(ctx.names)]
         return tuple(grads)
 
