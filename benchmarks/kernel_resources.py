@@ -140,7 +140,8 @@ def main():
                                  f"{occ:.0%}"))
                 if not rows:
                     rows.append(("-", "-", "-", "-"))  # float64: shapes not tabulated
-            else:  # step kernels; fused step kernels: UNITS x SPLITS threads, static smem
+            else:  # step kernels and the optimisers' updates (the same launch shape); fused
+                # step kernels: UNITS x SPLITS threads, static smem
                 threads = UNITS * SPLITS if name.startswith("fused_") else THREADS
                 blocks, occ = occupancy(r["registers"], threads, r["smem"])
                 rows.append((threads, 0, blocks, f"{occ:.0%}"))

@@ -6,7 +6,8 @@ the parameters of every step kernel; ``cpu``: the CPU step kernels (vectorised r
 the compiled time loops; ``cuda``: the CUDA step kernels (one thread per element);
 ``persistent``: CUDA kernels that run a whole sequence in one launch; ``fused``: CUDA kernels
 that run one step and make its recurrent product; ``loops``: the time loops over the step
-kernels; ``ptx``: every CUDA kernel compiled to PTX.  Each backend's kernels are built per
+kernels; ``updates``: the optimisers' elementwise updates, a CPU loop and a CUDA kernel each;
+``ptx``: every CUDA kernel compiled to PTX.  Each backend's kernels are built per
 dtype, on first use.
 """
 import functools

@@ -429,7 +429,8 @@ def pack_args(sig, args):
 
     An array of ``ndim`` dims becomes ``meminfo, parent, nitems, itemsize, data, *shape,
     *strides`` (Numba's array model, as ``numba.cuda.dispatcher._Kernel._prepare_args`` packs
-    it); an int64 a ``ctypes.c_int64``.  Arrays are CuPy arrays (``.data.ptr``); each one is
+    it); an int64 a ``ctypes.c_int64``, a float32 or float64 a ``ctypes.c_float`` or
+    ``ctypes.c_double``.  Arrays are CuPy arrays (``.data.ptr``); each one is
     checked against the signature, since a mismatched array would be read wrongly, not refused.
     """
     if len(args) != len(sig):
@@ -445,6 +446,10 @@ def pack_args(sig, args):
             out += [0, 0, a.size, a.itemsize, a.data.ptr, *a.shape, *a.strides]
         elif ty == numba.int64:
             out.append(ctypes.c_int64(a))
+        elif ty == numba.float32:
+            out.append(ctypes.c_float(a))
+        elif ty == numba.float64:
+            out.append(ctypes.c_double(a))
         else:
             raise TypeError(f"kernel argument {i}: unsupported parameter type {ty}")
     return out

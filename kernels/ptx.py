@@ -38,12 +38,14 @@ def compile_ptx(fn, sig, cc):
 def all_kernels(dtype):
     """``{kernel name: (python function, signature)}`` of every CUDA kernel for layers of
     ``dtype`` (a name): the step kernels for every dtype; the persistent kernels, the fused
-    step kernels and ``add_one`` for float32 and float64 only (the 16-bit dtypes have none)."""
+    step kernels, the optimisers' updates and ``add_one`` for float32 and float64 only (the
+    16-bit dtypes have none)."""
     from .cuda import add_one, make_cuda_python_kernels
     from .fused import fused_signature, make_fused_python_kernels
     from .persistent import make_persistent_python_kernels, persistent_signature
     from .signatures import FLOAT, Param, numba_signature
     from .storage import HALF_DTYPES, dtype_name
+    from .updates import CUDA_UPDATE_FUNCTIONS, UPDATE_KERNELS
 
     dtype = dtype_name(dtype)
     out = {name: (fn, numba_signature(fn.params, dtype))
@@ -59,6 +61,8 @@ def all_kernels(dtype):
     for mode, (fwd, back) in make_fused_python_kernels(dtype).items():
         out[f"fused_{mode}_forward"] = (fwd, fwd_sig)
         out[f"fused_{mode}_backward"] = (back, back_sig)
+    for name, fn in CUDA_UPDATE_FUNCTIONS.items():
+        out[name] = (fn, numba_signature(UPDATE_KERNELS[name], dtype))
     out["add_one"] = (add_one, numba_signature((Param("a", FLOAT, 1),), dtype))
     return out
 

@@ -13,8 +13,9 @@ the kernels compute in (GEMM outputs, biases, the LSTM cell state, carried gradi
 dtype for float32 and float64 layers, float32 under 16-bit ``STORED`` arrays
 (``kernels/storage.py``).  All C-contiguous.  ``LENGTHS`` the int32 array of valid steps per
 sequence, ``COUNTER`` an int32 array the kernel counts in (the persistent kernels' barrier),
-``INT`` an int64 scalar.  Shapes: ``G`` gate blocks of ``H`` units
-along the last axis (gate ``k`` of unit ``j`` at column ``k*H + j``), ``S`` saved blocks.
+``INT`` an int64 scalar, ``REAL`` a scalar of the compute dtype (the optimisers' updates,
+``kernels/updates.py``).  Shapes: ``G`` gate blocks of ``H`` units along the last axis (gate
+``k`` of unit ``j`` at column ``k*H + j``), ``S`` saved blocks.
 """
 import inspect
 from dataclasses import dataclass
@@ -24,13 +25,13 @@ import numpy as np
 
 from .storage import compute_dtype, kernel_dtype
 
-STORED, FLOAT, LENGTHS, COUNTER, INT = "stored", "float", "lengths", "counter", "int"
+STORED, FLOAT, LENGTHS, COUNTER, INT, REAL = "stored", "float", "lengths", "counter", "int", "real"
 
 
 @dataclass(frozen=True)
 class Param:
     name: str
-    role: str  # STORED, FLOAT, LENGTHS, COUNTER or INT
+    role: str  # STORED, FLOAT, LENGTHS, COUNTER, INT or REAL
     rank: int = 0
 
 
@@ -161,6 +162,8 @@ def numba_type(param, dtype):
     """The Numba type of one parameter for kernels of layers of ``dtype``."""
     if param.role == INT:
         return numba.int64
+    if param.role == REAL:
+        return numba.from_dtype(compute_dtype(dtype))
     element = {LENGTHS: np.dtype(np.int32), COUNTER: np.dtype(np.int32),
                STORED: kernel_dtype(dtype), FLOAT: compute_dtype(dtype)}[param.role]
     return numba.types.Array(numba.from_dtype(element), param.rank, "C")

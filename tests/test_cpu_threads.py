@@ -300,7 +300,8 @@ def test_no_cpu_kernel_or_loop_is_parallel():
     # compiles for the CPU may use parallel=True / prange.
     be = CPUBackend()
     for dtype in (np.float32, np.float64):
-        for fn in list(be.kernels(dtype).values()) + list(be.compiled_loops(dtype).values()):
+        for fn in (list(be.kernels(dtype).values()) + list(be.compiled_loops(dtype).values())
+                   + list(be.update_kernels(dtype).values())):
             assert not fn.targetoptions.get("parallel"), fn
 
 

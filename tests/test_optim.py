@@ -97,6 +97,72 @@ def test_state_round_trip_continues_identically(cls, rng):
         cls(twin, twin_grads, lr=0.5).load_state_dict(opt.state_dict())
 
 
+def _by_array_expressions(cls, params, grads, state, t, opt):
+    """One step of ``cls`` as NumPy array expressions, in place: the formulas of
+    ``kernels/updates.py`` in their order, each operation rounded to the arrays' dtype."""
+    for name, p in params.items():
+        f, g = p.dtype.type, grads[name]
+        if cls is SGD:
+            p -= f(opt.lr) * g
+        elif cls is Momentum:
+            v = state["velocity"][name]
+            v *= f(opt.momentum)
+            v += g
+            p -= f(opt.lr) * v
+        else:
+            (b1, b2), m, v = opt.betas, state["m"][name], state["v"][name]
+            m *= f(b1)
+            m += f(1 - b1) * g
+            v *= f(b2)
+            v += f(1 - b2) * (g * g)
+            denom = np.sqrt(v / f(1 - b2 ** t))
+            denom += f(opt.eps)
+            p -= f(opt.lr / (1 - b1 ** t)) * (m / denom)
+
+
+@pytest.mark.parametrize("cls", [SGD, Momentum, Adam])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_pass_updates_round_as_the_array_expressions(cls, dtype, rng):
+    """The compiled CPU loops (one pass a parameter) give the array expressions' results to
+    the bit, step after step, for 2-D and 1-D parameters."""
+    params, grads = _pair(rng, dtype)
+    twin = {k: v.copy() for k, v in params.items()}
+    opt = cls(params, grads, lr=3e-2)
+    state = {slot: {k: np.zeros_like(v) for k, v in params.items()} for slot in cls.slots}
+    for t in range(1, 5):
+        for k in grads:
+            grads[k][...] = rng.standard_normal(grads[k].shape)
+        opt.step()
+        _by_array_expressions(cls, twin, grads, state, t, opt)
+        for k in params:
+            np.testing.assert_array_equal(params[k], twin[k], err_msg=f"{k}, step {t}")
+            for slot in cls.slots:
+                np.testing.assert_array_equal(opt.state[slot][k], state[slot][k])
+
+
+@pytest.mark.parametrize("cls", [SGD, Momentum, Adam])
+def test_cuda_update_kernels_match_the_cpu_loops(cls, rng):
+    """The CUDA kernels of the updates (the simulator here, a GPU where present) against the CPU
+    loops, on a parameter wider than one block of threads and over several rows."""
+    from gpurnn.engine.backend import get_backend
+
+    be = get_backend("cuda")
+    for dtype in (np.float32, np.float64):
+        p = rng.standard_normal((3, 130)).astype(dtype)
+        g = rng.standard_normal(p.shape).astype(dtype)
+        buffers = [rng.random(p.shape).astype(dtype) for _ in cls.slots]
+        opt = cls({"p": p.copy()}, {"p": g}, lr=1e-2)
+        opt.t = 3
+        scalars = [dtype(c) for c in opt._scalars()]
+        want = [a.copy() for a in (p, g, *buffers)]
+        get_backend("cpu").update_kernels(dtype)[cls.kernel](3, 130, *want, *scalars)
+        got = [be.asarray(a) for a in (p, g, *buffers)]
+        be.update_kernels(dtype)[cls.kernel](3, 130, *got, *scalars)
+        for name, a, b in zip(("p", "g", *cls.slots), got, want):
+            np.testing.assert_allclose(be.to_numpy(a), b, rtol=4 * np.finfo(dtype).eps,
+                                       atol=0, err_msg=f"{dtype.__name__} {name}")
+
+
 def test_clip_grad_norm(rng):
     _, grads = _pair(rng)
     total = np.sqrt(sum((g ** 2).sum() for g in grads.values()))
@@ -129,6 +195,11 @@ def test_bad_arguments(rng):
         Adam(params, grads, betas=(1.0, 0.9))
     with pytest.raises(ValueError, match="max_norm"):
         clip_grad_norm(grads, 0)
+    with pytest.raises(TypeError, match="param a and its grad must both be float32 or float64, "
+                                        "got float16 and float64"):
+        SGD({**params, "a": params["a"].astype(np.float16)}, grads, lr=0.1)
+    with pytest.raises(ValueError, match="param a and its grad must be C-contiguous"):
+        SGD({**params, "a": np.asfortranarray(params["a"])}, grads, lr=0.1)
 
 
 @pytest.mark.parametrize("cls,lr", [(SGD, 0.05), (Momentum, 0.02), (Adam, 0.02)])

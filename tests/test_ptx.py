@@ -3,6 +3,7 @@ kernels in float16 and bfloat16), on a machine without a GPU; the float32 and 16
 float64 instruction (a bare ``1.0`` in the math would add them); the 16-bit kernels move 16-bit
 values and compute in float32; no kernel takes a float min or max (PTX's drop a NaN); and the
 fast launcher packs exactly the parameters each compiled kernel declares."""
+import ctypes
 import os
 import re
 import subprocess
@@ -15,7 +16,8 @@ import pytest
 from gpurnn.kernels.cuda import kernel_signature, pack_args
 from gpurnn.kernels.fused import fused_signature
 from gpurnn.kernels.ptx import all_kernels
-from gpurnn.kernels.signatures import STEP_KERNELS
+from gpurnn.kernels.signatures import STEP_KERNELS, numba_signature
+from gpurnn.kernels.updates import UPDATE_KERNELS
 
 NAMES = sorted(all_kernels(np.float32))
 HALF_NAMES = sorted(all_kernels("float16"))
@@ -93,6 +95,8 @@ def _args_for(sig, dtype):
         if hasattr(ty, "ndim"):
             shape = (3, 5, 7)[:ty.ndim]
             args.append(_device_like(np.zeros(shape, np.dtype(str(ty.dtype)))))
+        elif str(ty).startswith("float"):
+            args.append(0.5)
         else:
             args.append(4)
     return args
@@ -100,21 +104,29 @@ def _args_for(sig, dtype):
 
 def _fast_launched(name):
     """The dtypes a kernel the fast launcher runs is built for, and its signature of a dtype:
-    the step kernels (every dtype) and the fused step kernels (float32, float64)."""
+    the step kernels (every dtype), the fused step kernels and the optimisers' updates (float32,
+    float64)."""
     if name in STEP_KERNELS:
         return ("float32", "float64", "float16", "bfloat16"), lambda d: kernel_signature(name, d)
+    if name in UPDATE_KERNELS:
+        return ("float32", "float64"), lambda d: numba_signature(UPDATE_KERNELS[name], d)
     return ("float32", "float64"), lambda d: fused_signature(d, name.endswith("_backward"))
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n in STEP_KERNELS or n.startswith("fused_")])
+def _ptx_type(packed):
+    """The PTX parameter type a packed argument fills: a float scalar its own width, the rest
+    (pointers, sizes, int64 scalars) 8 bytes."""
+    return {ctypes.c_float: ".f32", ctypes.c_double: ".f64"}.get(type(packed), ".u64")
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n in STEP_KERNELS or n in UPDATE_KERNELS
+                                  or n.startswith("fused_")])
 def test_fast_launch_packs_the_declared_parameters(ptx, name):
     dtypes, signature = _fast_launched(name)
     for dtype in dtypes:
         sig = signature(dtype)
         packed = pack_args(sig, _args_for(sig, dtype))
-        params = _entry_params(ptx[name, dtype, (9, 0)])
-        assert len(packed) == len(params)
-        assert set(params) == {".u64"}  # pointers, sizes, int64 scalars: all 8 bytes
+        assert [_ptx_type(p) for p in packed] == _entry_params(ptx[name, dtype, (9, 0)])
 
 
 def test_fast_launch_refuses_mismatched_arrays():

@@ -39,6 +39,13 @@ class Backend:
         """``{name: launch(B, H, *args)}`` step kernels for ``dtype``."""
         raise NotImplementedError
 
+    def update_kernels(self, dtype):
+        """``{name: run(rows, cols, *args)}``: the optimisers' elementwise updates of
+        ``kernels/updates.py`` for parameters of ``dtype`` (float32 or float64)."""
+        from ..kernels.updates import cpu_update_kernels
+
+        return cpu_update_kernels()
+
     def empty(self, shape, dtype):
         return self.xp.empty(shape, dtype=dtype)
 
@@ -328,6 +335,17 @@ class CUDABackend(Backend):
         from .. import kernels
 
         launchers = kernels.cuda_kernels(dtype, self.launch)
+        if self.simulator:
+            return launchers
+        stream = self._launch_stream()
+        return {name: functools.partial(fn, stream=stream) for name, fn in launchers.items()}
+
+    def update_kernels(self, dtype):
+        """The updates as CUDA kernels (launched as the step kernels, on CuPy's current
+        stream)."""
+        from ..kernels.updates import cuda_update_kernels
+
+        launchers = cuda_update_kernels(np.dtype(dtype).name, self.launch)
         if self.simulator:
             return launchers
         stream = self._launch_stream()

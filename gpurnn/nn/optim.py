@@ -1,9 +1,11 @@
 """Optimisers and gradient clipping, updating parameters in place on their own device.
 
 ``params`` and ``grads`` are dicts name -> array (NumPy, or CuPy on a GPU), the same names in
-both, as ``Model.params`` / ``Model.grads`` and the layers' ``params`` / ``grads``.  Every
-update is a few in-place elementwise array operations on the device through the arrays' own
-module: no weight, gradient or optimiser state is copied to the host.
+both, as ``Model.params`` / ``Model.grads`` and the layers' ``params`` / ``grads``: float32 or
+float64, C-contiguous.  Every update is one pass over a parameter, its gradient and its
+buffers, in place on their device (``kernels/updates.py``: a compiled loop on the CPU, one
+kernel launch a parameter on a GPU): no weight, gradient or optimiser state is copied to the
+host.
 
 Elementwise updates and the global norm (a sum over a fixed order of arrays) add no
 nondeterminism: given bit-identical gradients they give bit-identical weights.  The gradients
@@ -13,6 +15,7 @@ them by float32 rounding (docs/guarantees.md, Determinism).
 import numpy as np
 
 from ..engine.arrays import array_module, to_numpy
+from ..engine.backend import get_backend
 
 
 def _check_dicts(params, grads):
@@ -24,9 +27,27 @@ def _check_dicts(params, grads):
                          f"{sorted(set(params) - set(grads))}, only in grads "
                          f"{sorted(set(grads) - set(params))}")
     for name, p in params.items():
-        if tuple(p.shape) != tuple(grads[name].shape):
+        g = grads[name]
+        if tuple(p.shape) != tuple(g.shape):
             raise ValueError(f"grad {name} must have the shape of its parameter "
-                             f"{tuple(p.shape)}, got {tuple(grads[name].shape)}")
+                             f"{tuple(p.shape)}, got {tuple(g.shape)}")
+        if p.dtype not in _UPDATE_DTYPES or g.dtype != p.dtype:
+            raise TypeError(f"param {name} and its grad must both be float32 or float64, got "
+                            f"{p.dtype} and {g.dtype}")
+        if not (p.flags.c_contiguous and g.flags.c_contiguous):
+            raise ValueError(f"param {name} and its grad must be C-contiguous arrays (the "
+                             f"update runs over their memory in one pass), got strides "
+                             f"{p.strides} and {g.strides}")
+
+
+_UPDATE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _rows(a):
+    """``a`` as a 2-D view ``[rows, cols]`` of its memory (a C-contiguous array)."""
+    if a.ndim == 2:
+        return a
+    return a.reshape(1, -1) if a.ndim < 2 else a.reshape(a.shape[0], -1)
 
 
 def global_norm(grads):
@@ -67,6 +88,9 @@ class Optimizer:
 
     #: names of the per-parameter buffers (same shape as the parameter)
     slots = ()
+    #: the update of ``kernels/updates.py`` this optimiser runs: its arrays are the parameter,
+    #: the gradient and the buffers of ``slots`` in order, its scalars ``_scalars()``
+    kernel = None
 
     def __init__(self, params, grads, lr):
         _check_dicts(params, grads)
@@ -79,10 +103,20 @@ class Optimizer:
 
     def step(self):
         self.t += 1
+        runs = {}  # (array type, dtype) -> (update kernel, its scalars in that dtype)
         for name, p in self.params.items():
-            self._update(name, p, self.grads[name])
+            key = (type(p), p.dtype)
+            if key not in runs:
+                runs[key] = (_update_kernels(p)[self.kernel],
+                             tuple(p.dtype.type(c) for c in self._scalars()))
+            update, scalars = runs[key]
+            arrays = [_rows(a) for a in (p, self.grads[name],
+                                         *(self.state[slot][name] for slot in self.slots))]
+            update(*arrays[0].shape, *arrays, *scalars)
 
-    def _update(self, name, p, g):
+    def _scalars(self):
+        """The update's scalars at step ``self.t``, as Python floats (rounded to the
+        parameter's dtype by ``step``)."""
         raise NotImplementedError
 
     def hyperparams(self):
@@ -118,14 +152,17 @@ class Optimizer:
 class SGD(Optimizer):
     """The seed's update ``W <- W - lr * dL/dW``."""
 
-    def _update(self, name, p, g):
-        p -= p.dtype.type(self.lr) * g
+    kernel = "sgd_update"
+
+    def _scalars(self):
+        return (self.lr,)
 
 
 class Momentum(Optimizer):
     """SGD with momentum (PyTorch's form): ``v <- mu v + g``, ``W <- W - lr v``."""
 
     slots = ("velocity",)
+    kernel = "momentum_update"
 
     def __init__(self, params, grads, lr, momentum=0.9):
         if not 0 <= momentum < 1:
@@ -136,11 +173,8 @@ class Momentum(Optimizer):
     def hyperparams(self):
         return {"lr": self.lr, "momentum": self.momentum}
 
-    def _update(self, name, p, g):
-        v = self.state["velocity"][name]
-        v *= p.dtype.type(self.momentum)
-        v += g
-        p -= p.dtype.type(self.lr) * v
+    def _scalars(self):
+        return self.momentum, self.lr
 
 
 class Adam(Optimizer):
@@ -149,6 +183,7 @@ class Adam(Optimizer):
     ``W <- W - lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)``."""
 
     slots = ("m", "v")
+    kernel = "adam_update"
 
     def __init__(self, params, grads, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
         b1, b2 = betas
@@ -162,19 +197,16 @@ class Adam(Optimizer):
     def hyperparams(self):
         return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps}
 
-    def _update(self, name, p, g):
+    def _scalars(self):
         b1, b2 = self.betas
-        f = p.dtype.type
-        m, v = self.state["m"][name], self.state["v"][name]
-        xp = array_module(p)
-        m *= f(b1)
-        m += f(1 - b1) * g
-        v *= f(b2)
-        v += f(1 - b2) * (g * g)
-        step_size = self.lr / (1 - b1 ** self.t)
-        denom = xp.sqrt(v / f(1 - b2 ** self.t))
-        denom += f(self.eps)
-        p -= f(step_size) * (m / denom)
+        return (b1, 1 - b1, b2, 1 - b2, self.lr / (1 - b1 ** self.t), 1 - b2 ** self.t,
+                self.eps)
 
 
 OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam}
+
+
+def _update_kernels(p):
+    """The update kernels of the backend that holds ``p``: the CPU's for a NumPy array, the
+    GPU's for a CuPy one."""
+    return get_backend("cpu" if array_module(p) is np else "cuda").update_kernels(p.dtype)
