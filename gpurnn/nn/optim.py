@@ -69,8 +69,11 @@ def clip_grad_norm(grads, max_norm, eps=1e-6, norm=None):
     norm = global_norm(grads) if norm is None else norm
     xp = array_module(norm)
     scale = xp.minimum(1.0, max_norm / (norm + eps))  # stays on the device
+    scales = {}  # dtype -> the scale in it, cast once (on a GPU a cast is a launch)
     for g in grads.values():
-        g *= scale.astype(g.dtype)
+        if g.dtype not in scales:
+            scales[g.dtype] = scale.astype(g.dtype)
+        g *= scales[g.dtype]
     return norm
 
 
