@@ -183,6 +183,25 @@ def test_training_holds_one_projection_sized_buffer_per_stack(cell, opts, rng):
                                              + projection.nbytes)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_calls_without_lengths_share_one_lengths_array_a_shape(device, rng):
+    """A call without lengths sends none to the device: the all-T lengths of a shape are made
+    once and kept (the last ``FULL_LENGTHS_KEPT`` shapes), and no call writes into them."""
+    from gpurnn.nn.layers import FULL_LENGTHS_KEPT
+
+    layer = make("LSTM", {}, 3, 4, device=device, seed=0, bidirectional=True)
+    kept = layer._lengths_of_full_sequences(5, 2)
+    for _ in range(2):
+        out, _ = layer(to_device(layer, rng.standard_normal((5, 2, 3))))
+        layer.backward(out)
+    assert layer._lengths_of_full_sequences(5, 2) is kept
+    np.testing.assert_array_equal(host(layer, kept), [5, 5])
+    for T in range(1, FULL_LENGTHS_KEPT + 1):  # newer shapes push the oldest out
+        layer._lengths_of_full_sequences(T, 7)
+    assert len(layer._full_lengths) == FULL_LENGTHS_KEPT
+    assert layer._lengths_of_full_sequences(5, 2) is not kept
+
+
 @cell_params()
 def test_zero_length_sequence(cell, opts, rng):
     """Defined behaviour: zero outputs, the initial state as final state, and the final-state

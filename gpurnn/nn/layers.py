@@ -16,6 +16,9 @@ from ..engine.backend import get_backend
 from ..kernels.storage import compute_dtype
 from . import export, inference, init, params, validation
 
+#: Shapes (T, B) whose all-T lengths a layer keeps on its device (``_lengths_of_full_sequences``)
+FULL_LENGTHS_KEPT = 4
+
 
 @dataclass
 class LayerTape:
@@ -88,6 +91,7 @@ class RNNBase:
         self._dropout_rng = np.random.default_rng(seed)
         self._tape = None  # the last training forward's LayerTape, for backward()
         self._workspaces = {}  # the layer's own workspace set
+        self._full_lengths = {}  # (T, B) -> lengths [B] on the device, all T (lengths=None)
         self._fit_check = memory.FitCheck(self.backend)
 
         shapes = params.param_shapes(self.input_size, self.hidden_size, self.cell.gates,
@@ -132,6 +136,18 @@ class RNNBase:
         return drivers.Weights(w_ih=w_ih, w_hh=w_hh,
                                b_ih=w.b_ih.astype(self.param_dtype, copy=False),
                                b_hh=w.b_hh.astype(self.param_dtype, copy=False))
+
+    def _lengths_of_full_sequences(self, T, B):
+        """lengths [B] int32, all ``T``, on the device: made once per shape and kept (the last
+        ``FULL_LENGTHS_KEPT`` shapes), so a call without lengths sends nothing to a GPU (a copy
+        from pageable host memory waits for the stream first).  Only read, by every call."""
+        lengths = self._full_lengths.pop((T, B), None)
+        if lengths is None:
+            lengths = self.backend.asarray(validation.check_lengths(self.backend, None, T, B))
+            while len(self._full_lengths) >= FULL_LENGTHS_KEPT:
+                self._full_lengths.pop(next(iter(self._full_lengths)))
+        self._full_lengths[T, B] = lengths  # the most recently used last
+        return lengths
 
     def _grad_weights(self, workspaces, layer, direction):
         w = self._weights(self.grads, layer, direction)
@@ -187,8 +203,11 @@ class RNNBase:
             raise ValueError(f"x must have at least one step and one sequence, got T={T}, B={B}")
         parts = validation.check_state(self.backend, self.dtype, self.cell, state,
                                        self.state_shape(B), "state")
-        lengths_host = validation.check_lengths(self.backend, lengths, T, B)
-        lengths_dev = self.backend.asarray(lengths_host)
+        if lengths is None:
+            lengths_dev = self._lengths_of_full_sequences(T, B)
+        else:
+            lengths_dev = self.backend.asarray(
+                validation.check_lengths(self.backend, lengths, T, B))
         training = self.training and inference.is_grad_enabled()
         self._check_fits(T, B, training, workspaces)
         H, D = self.hidden_size, self.num_directions
