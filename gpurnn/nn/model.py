@@ -195,7 +195,9 @@ class Network:
             self._cache = (T, B, None)
             return y, final
         xp = self.backend.xp
-        last = self.backend.asarray(np.full(B, T - 1) if lengths is None else lengths - 1)
+        # the step each sequence's output is read at [B]: filled on the device when every
+        # sequence is whole (nothing sent from the host, whose copies wait for the GPU)
+        last = xp.full(B, T - 1) if lengths is None else self.backend.asarray(lengths - 1)
         cols = xp.arange(B)
         self._cache = (T, B, (last, cols))
         return self.head.forward(out[last, cols]), final  # [B, K]
