@@ -372,7 +372,8 @@ def fmt_table(results):
             f"{r['ours_infer_ms']:>10.3f} {r['torch_infer_ms']:>8.3f} "
             f"{r['ours_infer_ms'] / r['torch_infer_ms']:>6.2f} "
             f"{r['ours_tape_bytes'] * mb:>8.2f} {r['ours_kept_bytes'] * mb:>8.2f} "
-            f"{r.get('ours_scratch_bytes', 0) * mb:>8.2f} {r['torch_kept_bytes'] * mb:>8.2f} {r['rel_err']:>8.1e} "
+            f"{r.get('ours_scratch_bytes', 0) * mb:>8.2f} {r['torch_kept_bytes'] * mb:>8.2f} "
+            f"{r['rel_err']:>8.1e} "
             f"{r['own_loop_ran']:>10} {r.get('graphs', 0):>6}")
     return "\n".join(lines)
 
