@@ -23,8 +23,10 @@ NumPy and Numba versions (``name_environment``).
 What is measured (``--bench`` replaces it): on a CPU machine the instruction counts of every cell
 (``instructions.Instructions``, about a minute under valgrind) and the wall-clock forward and
 training step of every cell, gpurnn and torch, float32, at (T, B, I, H) = (100, 32, 256, 256),
-five samples each (``TIMING``); with ``--gpu`` the same wall-clock benchmarks on ``cuda`` at
-every shape.  ``--quick`` takes one sample of each timing.
+five samples each (``TIMING``), and one optimiser step over a two-layer LSTM's parameters
+(``optim``: SGD, momentum, Adam at H = 256 and 1024, gpurnn and torch.optim); with ``--gpu``
+the same wall-clock benchmarks on ``cuda`` at every shape.  ``--quick`` takes one sample of
+each timing.
 """
 import argparse
 import json
@@ -41,8 +43,10 @@ import instructions
 
 ASV_DIR = Path(__file__).resolve().parents[1] / "asv_benches"
 _TIMED = r"recurrent\.(Gpurnn|Torch)(Inference|Training)\.time_"
-CPU_BENCH = r"^instructions\.Instructions\.|^" + _TIMED + r".*'100x32x256x256', 'cpu', 'float32'\)"
-GPU_BENCH = "^" + _TIMED + r".*'cuda', 'float32'\)"
+_OPTIM = r"optim\.(Gpurnn|Torch)Step\.time_step"
+CPU_BENCH = (r"^instructions\.Instructions\.|^" + _TIMED + r".*'100x32x256x256', 'cpu', 'float32'\)"
+             + "|^" + _OPTIM + r".*'cpu', 'float32'\)")
+GPU_BENCH = "^" + _TIMED + r".*'cuda', 'float32'\)|^" + _OPTIM + r".*'cuda', 'float32'\)"
 #: Five samples in one round, shorter warm-up than the suite's: about 2 minutes of timing a commit
 #: on 2 cores instead of 10; the instruction counts are exact whatever these are.
 TIMING = ["-a", "rounds=1", "-a", "repeat=5", "-a", "warmup_time=0.2"]
