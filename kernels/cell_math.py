@@ -210,8 +210,21 @@ def make_cell_math(dtype):
         """(dar, dh_prev) from drh = dL/d(r*h_prev); dh_prev the part through r*h_prev."""
         return flush(drh * h_prev * r * (one - r)), flush(drh * r)
 
+    # ----------------------------------------------------------- dropout between layers
+    bits = 24 if dtype == np.float32 else 53  # a uniform draw with the dtype's mantissa
+    drop_shift = np.uint64(64 - bits)
+    unit = dtype(2.0 ** -bits)
+
+    @numba.njit(inline="always")
+    def dropout(seed, position, p, scale):
+        """``scale``, or zero with probability ``p``: draw number ``position`` of the stream
+        ``seed`` starts (``splitmix64``), its top bits a uniform ``u`` in [0, 1), dropped
+        where ``u < p``."""
+        u = dtype(splitmix64(seed, position) >> drop_shift) * unit
+        return scale if u >= p else zero
+
     return SimpleNamespace(
-        dtype=dtype, zero=zero, tanh=tanh, sigmoid=sigmoid, flush=flush,
+        dtype=dtype, zero=zero, tanh=tanh, sigmoid=sigmoid, flush=flush, dropout=dropout,
         rnn_forward=rnn_forward, rnn_backward=rnn_backward,
         lstm_forward=lstm_forward, lstm_backward=lstm_backward,
         gru_reset_after_forward=gru_reset_after_forward,
@@ -221,6 +234,27 @@ def make_cell_math(dtype):
         gru_reset_before_candidate_backward=gru_reset_before_candidate_backward,
         gru_reset_before_gates_backward=gru_reset_before_gates_backward,
     )
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment, 2^64 / golden ratio
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_SHIFTS = (np.uint64(30), np.uint64(27), np.uint64(31))
+_ONE64 = np.uint64(1)
+
+
+@numba.njit(inline="always")
+def splitmix64(seed, position):
+    """Output number ``position`` (from 0) of SplitMix64 seeded with ``seed`` (Steele, Lea and
+    Flood 2014; Vigna's ``splitmix64.c``), computed on its own: the generator's state after
+    ``position + 1`` steps is ``seed + (position + 1) * GOLDEN``, and an output is a mix of its
+    state alone.  So any element of a dropout mask is a function of (seed, position) and the
+    CPU loop, the CUDA kernel and the simulator draw the same masks.  uint64 arithmetic wraps
+    (the simulator's NumPy scalars warn of it, the tests silence that)."""
+    s30, s27, s31 = _SHIFTS
+    z = numba.uint64(seed) + (numba.uint64(position) + _ONE64) * _GOLDEN
+    z = (z ^ (z >> s30)) * _MIX1
+    z = (z ^ (z >> s27)) * _MIX2
+    return z ^ (z >> s31)
 
 
 def _make_tanh(dtype):

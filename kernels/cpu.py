@@ -401,8 +401,18 @@ def _step_kernels(m, s):
                 _put(dg[b, j0:], out[0], n)
                 _add(dh_carry[b, j0:], out[1], n)
 
+    # ---------------------------------------------------------------- dropout mask
+    dropout = m.dropout
+
+    @sig.step_kernel(sig.DROPOUT_MASK)
+    def dropout_mask(B, H, mask, seed, offset, p, scale):
+        for b in range(B):
+            row = offset + b * H
+            for j in range(H):
+                mask[b, j] = store(dropout(seed, row + j, p, scale))
+
     return {fn.__name__: fn for fn in (
-        rnn_forward_step, rnn_backward_step, lstm_forward_step, lstm_backward_step,
+        dropout_mask, rnn_forward_step, rnn_backward_step, lstm_forward_step, lstm_backward_step,
         gru_reset_after_forward_step, gru_reset_after_backward_step,
         gru_reset_before_gates_step, gru_reset_before_candidate_step,
         gru_reset_before_candidate_backward_step, gru_reset_before_gates_backward_step)}

@@ -237,7 +237,14 @@ def element_functions(dtype):
         else:
             dg[b, j] = zero
 
-    return {"rnn_forward_step": rnn_forward_elem, "rnn_backward_step": rnn_backward_elem,
+    dropout = m.dropout
+
+    @_device
+    def dropout_mask_elem(b, j, H, mask, seed, offset, p, scale):
+        mask[b, j] = store(dropout(seed, offset + b * H + j, p, scale))
+
+    return {"dropout_mask": dropout_mask_elem,
+            "rnn_forward_step": rnn_forward_elem, "rnn_backward_step": rnn_backward_elem,
             "lstm_forward_step": lstm_forward_elem, "lstm_backward_step": lstm_backward_elem,
             "gru_reset_after_forward_step": gru_reset_after_forward_elem,
             "gru_reset_after_backward_step": gru_reset_after_backward_elem,
@@ -251,6 +258,7 @@ def make_cuda_python_kernels(dtype):
     """``{kernel name: kernel}`` as plain Python functions, not yet jitted (``cuda.jit`` and
     ``compile_ptx`` take these); each one thread per ``(b, j)`` calling its element function."""
     e = element_functions(dtype)
+    dropout_mask_elem = e["dropout_mask"]
     rnn_forward_elem = e["rnn_forward_step"]
     rnn_backward_elem = e["rnn_backward_step"]
     lstm_forward_elem = e["lstm_forward_step"]
@@ -261,6 +269,12 @@ def make_cuda_python_kernels(dtype):
     gru_reset_before_candidate_elem = e["gru_reset_before_candidate_step"]
     gru_reset_before_candidate_backward_elem = e["gru_reset_before_candidate_backward_step"]
     gru_reset_before_gates_backward_elem = e["gru_reset_before_gates_backward_step"]
+
+    @sig.step_kernel(sig.DROPOUT_MASK)
+    def dropout_mask(B, H, mask, seed, offset, p, scale):
+        j, b = cuda.grid(2)
+        if j < H and b < B:
+            dropout_mask_elem(b, j, H, mask, seed, offset, p, scale)
 
     @sig.step_kernel(sig.RNN_FORWARD_STEP)
     def rnn_forward_step(B, H, y, h_new, xg, hg, b_ih, b_hh, h_prev, lengths, t, relu):
@@ -337,7 +351,7 @@ def make_cuda_python_kernels(dtype):
                                                  lengths, t)
 
     return {fn.__name__: fn for fn in (
-        rnn_forward_step, rnn_backward_step, lstm_forward_step, lstm_backward_step,
+        dropout_mask, rnn_forward_step, rnn_backward_step, lstm_forward_step, lstm_backward_step,
         gru_reset_after_forward_step, gru_reset_after_backward_step,
         gru_reset_before_gates_step, gru_reset_before_candidate_step,
         gru_reset_before_candidate_backward_step, gru_reset_before_gates_backward_step)}

@@ -47,6 +47,10 @@ def _stored(name, rank):
     return Param(name, STORED, rank)
 
 
+def _real(name):
+    return Param(name, REAL)
+
+
 _GRID = (_int("B"), _int("H"))
 # lengths [B] int32 and the step t: step t of sequence b is padding when t >= lengths[b]
 _MASK = (Param("lengths", LENGTHS, 1), _int("t"))
@@ -143,8 +147,18 @@ GRU_RESET_BEFORE_GATES_BACKWARD_STEP = _GRID + (
     _stored("h_prev", 2),   # [B, H]
 ) + _MASK
 
-#: Every step kernel's name and parameters.
+# ------------------------------------------------------------------ dropout between layers
+DROPOUT_MASK = _GRID + (
+    _stored("mask", 2),  # [B, H] out: scale where kept, else 0 (any 2-D array: rows, columns)
+    _int("seed"),        # the layer's dropout seed
+    _int("offset"),      # draws made before: element (b, j) is draw offset + b*H + j
+    _real("p"),          # the probability of a zero
+    _real("scale"),      # 1 / (1 - p)
+)
+
+#: Every step kernel's name and parameters (the dropout mask's too: the same [B, H] grid).
 STEP_KERNELS = {
+    "dropout_mask": DROPOUT_MASK,
     "rnn_forward_step": RNN_FORWARD_STEP,
     "rnn_backward_step": RNN_BACKWARD_STEP,
     "lstm_forward_step": LSTM_FORWARD_STEP,

@@ -137,3 +137,27 @@ def test_a_vanishing_gradient_reaches_zero_not_the_subnormals(rng):
     magnitude = np.abs(dg).max(axis=(1, 2))  # [T] the largest pre-activation gradient per step
     assert magnitude[-1] > 1e-2 and magnitude[0] == 0  # it did vanish on the way back
     assert np.all((dg == 0) | (np.abs(dg) >= np.finfo(np.float32).tiny))
+
+
+def _splitmix64_reference(seed, count):
+    """The first ``count`` outputs of SplitMix64 seeded with ``seed``, as Vigna's
+    ``splitmix64.c`` steps it, in Python integers."""
+    mask, state, out = 2 ** 64 - 1, seed, []
+    for _ in range(count):
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        out.append(z ^ (z >> 31))
+    return out
+
+
+def test_dropout_draws_are_splitmix64_outputs():
+    """Each draw is SplitMix64's output at its position, computed on its own; the first output
+    for seed 0 is the generator's published first value."""
+    from gpurnn.kernels.cell_math import splitmix64
+
+    assert int(splitmix64(0, 0)) == 0xE220A8397B1DCDAF
+    for seed in (0, 1, 2 ** 63 - 1):
+        want = _splitmix64_reference(seed, 50)
+        assert [int(splitmix64(seed, k)) for k in range(50)] == want

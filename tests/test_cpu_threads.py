@@ -151,6 +151,8 @@ def test_loops_call_each_kernel_with_its_declared_signature(dtype):
     for cell in SPECS.values():
         for reverse in (False, True):
             _run(be, cell, 6, 3, 5, 7, reverse, np.random.default_rng(1), lengths, dtype)
+    f = np.dtype(dtype).type  # the dropout mask, as a layer calls it (layers._dropout_mask)
+    be.kernels(dtype)["dropout_mask"](4, 6, np.empty((4, 6), dtype), 7, 0, f(0.5), f(2.0))
     for name, kernel in be.kernels(dtype).items():
         want = numba_signature(STEP_KERNELS[name], dtype)
         assert kernel.signatures == [want], name

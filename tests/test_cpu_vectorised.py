@@ -32,8 +32,10 @@ def _llvm_ir(dispatcher, signature):
     return fresh.inspect_llvm(signature)
 
 
-@pytest.mark.parametrize("name", sorted(STEP_KERNELS))
+@pytest.mark.parametrize("name", sorted(n for n in STEP_KERNELS if n != "dropout_mask"))
 def test_float32_step_kernel_is_vectorised(name):
+    """The gate math's kernels (the dropout mask's is an integer hash: whether it vectorises
+    depends on the CPU's 64-bit multiplies)."""
     kernel = CPUBackend().kernels(np.float32)[name]
     lanes = packed_fmul_lanes(_llvm_ir(kernel, numba_signature(STEP_KERNELS[name], np.float32)))
     assert lanes, f"{name}: no packed float32 multiplication, the gate math runs scalar"

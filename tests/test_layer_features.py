@@ -32,14 +32,40 @@ def test_dropout_between_layers_only_and_reproducible(device, rng):
     np.testing.assert_array_equal(out(a), out_plain)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_dropout_masks_are_drawn_on_the_device_alike_on_every_device(dtype):
+    """The masks come from the layer's counter-based stream: values 0 and 1/(1-p) only, about
+    a fraction p of zeros, a new mask each call, and the same masks for the same seed on the
+    CPU and on the CUDA backend (the simulator here, a GPU where present)."""
+    masks = {}
+    for device, shape in (("cpu", (40, 25, 100)), ("cuda", (3, 4, 10))):  # the simulator: few
+        layer = make("LSTM", {}, 3, 5, device=device, num_layers=2, dropout=0.3, seed=11,
+                     dtype=dtype)
+        first = host(layer, layer._dropout_mask(shape))
+        second = host(layer, layer._dropout_mask(shape))
+        assert layer._dropout_drawn == 2 * first.size
+        masks[device] = (first, second)
+    first, second = masks["cpu"]
+    # 1/(1-p) in the kernels' compute dtype, stored in the layer's
+    scale = np.asarray(1 / 0.7, layer.param_dtype).astype(layer.dtype).astype(np.float64)
+    assert set(np.unique(first.astype(np.float64))) == {0.0, float(scale)}
+    n = first.size  # 100,000 draws: the zeros' share within 5 standard deviations of p
+    assert abs((first == 0).mean() - 0.3) < 5 * np.sqrt(0.3 * 0.7 / n)
+    assert (first != second).any()
+    cpu = make("LSTM", {}, 3, 5, num_layers=2, dropout=0.3, seed=11, dtype=dtype)
+    for got in masks["cuda"]:  # the CPU's stream from its start, at the same shape
+        want = host(cpu, cpu._dropout_mask((3, 4, 10)))
+        np.testing.assert_array_equal(got.astype(np.float64), want.astype(np.float64))
+
+
 @cell_params()
 def test_dropout_backward_matches_finite_differences(cell, opts, rng):
     T, B, I, H = 3, 2, 2, 3
     layer = make(cell, opts, I, H, num_layers=2, bidirectional=True, dropout=0.4, seed=5)
     x = rng.standard_normal((T, B, I))
 
-    def run():  # the same masks on every call
-        layer._dropout_rng = np.random.default_rng(99)
+    def run():  # the same masks on every call: the draws from the stream's start again
+        layer._dropout_drawn = 0
         return layer(x)[0]
 
     R = rng.standard_normal(run().shape)

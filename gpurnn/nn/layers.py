@@ -88,7 +88,10 @@ class RNNBase:
                                      reset_after=bool(reset_after))
         self.nonlinearity = nonlinearity
         self.training = True
-        self._dropout_rng = np.random.default_rng(seed)
+        # dropout masks: draws of the counter-based generator this seed starts, numbered in
+        # the order the layer made them (``kernels/cell_math.py``, ``dropout``)
+        self._dropout_seed = int(np.random.default_rng(seed).integers(2 ** 63))
+        self._dropout_drawn = 0
         self._tape = None  # the last training forward's LayerTape, for backward()
         self._workspaces = {}  # the layer's own workspace set
         self._full_lengths = {}  # (T, B) -> lengths [B] on the device, all T (lengths=None)
@@ -136,6 +139,20 @@ class RNNBase:
         return drivers.Weights(w_ih=w_ih, w_hh=w_hh,
                                b_ih=w.b_ih.astype(self.param_dtype, copy=False),
                                b_hh=w.b_hh.astype(self.param_dtype, copy=False))
+
+    def _dropout_mask(self, shape):
+        """A dropout mask of ``shape``: ``1 / (1 - dropout)`` where kept, zero where dropped,
+        drawn where it is used (a step kernel on the layer's device: nothing made on the
+        host); the next draws of this layer's stream, so a seed gives the same masks on every
+        device, call after call."""
+        mask = self.backend.empty(shape, self.dtype)
+        rows = math.prod(shape[:-1])
+        f = np.dtype(self.param_dtype).type  # the kernels' compute dtype
+        self.backend.kernels(self.dtype)["dropout_mask"](
+            rows, shape[-1], mask.reshape(rows, shape[-1]), self._dropout_seed,
+            self._dropout_drawn, f(self.dropout), f(1.0 / (1.0 - self.dropout)))
+        self._dropout_drawn += rows * shape[-1]
+        return mask
 
     def _lengths_of_full_sequences(self, T, B):
         """lengths [B] int32, all ``T``, on the device: made once per shape and kept (the last
@@ -237,13 +254,7 @@ class RNNBase:
                 outs.append(y)  # [T, B, H]
             out = outs[0] if D == 1 else xp.concatenate(outs, axis=2)  # [T, B, D*H]
             if training and self.dropout > 0 and layer < self.num_layers - 1:
-                # float32 draws: a tenth of the time of float64 ones and their divisions
-                keep = self._dropout_rng.random(out.shape, dtype=np.float32) >= np.float32(
-                    self.dropout)
-                mask = keep.astype(self.dtype)  # [T, B, D*H]
-                mask *= mask.dtype.type(1.0 / (1.0 - self.dropout))
-                mask = self.backend.asarray(mask)
-                masks[layer] = mask
+                masks[layer] = mask = self._dropout_mask(out.shape)  # [T, B, D*H]
                 out = out * mask
             inp = out
         tape = LayerTape(tapes, weights, masks, out.shape, workspaces) if training else None
