@@ -13,8 +13,8 @@ the kernels compute in (GEMM outputs, biases, the LSTM cell state, carried gradi
 dtype for float32 and float64 layers, float32 under 16-bit ``STORED`` arrays
 (``kernels/storage.py``).  All C-contiguous.  ``LENGTHS`` the int32 array of valid steps per
 sequence, ``COUNTER`` an int32 array the kernel counts in (the persistent kernels' barrier),
-``INT`` an int64 scalar, ``REAL`` a scalar of the compute dtype (the optimisers' updates,
-``kernels/updates.py``).  Shapes: ``G`` gate blocks of ``H`` units along the last axis (gate
+``INT`` an int64 scalar, ``REAL`` a scalar of the compute dtype (the dropout mask's
+probability and scale below; the optimisers' updates, ``kernels/updates.py``).  Shapes: ``G`` gate blocks of ``H`` units along the last axis (gate
 ``k`` of unit ``j`` at column ``k*H + j``), ``S`` saved blocks.
 """
 import inspect
