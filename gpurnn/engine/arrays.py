@@ -1,12 +1,32 @@
 """Arrays of any library: NumPy (CPU, the CUDA simulator), CuPy (a GPU), and any other array
 that speaks DLPack (a torch tensor, a JAX array), taken without a copy where its memory already
 is on the backend's device."""
+import math
+
 import numpy as np
 
 #: DLPack device types (``__dlpack_device__()[0]``) whose memory the host can read, and those
 #: of CUDA device memory.
 DLPACK_HOST = (1,)  # kDLCPU
 DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
+
+
+#: Byte boundary of the start of the CPU backend's kept arrays (``aligned_empty``,
+#: ``CPUBackend.buffer``).
+HOST_ALIGNMENT = 64
+
+
+def aligned_empty(shape, dtype, alignment=HOST_ALIGNMENT):
+    """An uninitialised C-contiguous NumPy array whose first element sits on an ``alignment``-
+    byte boundary (a cache line).  NumPy's own allocations are aligned to 16 bytes only
+    (glibc's malloc); in an array that starts 16 or 48 bytes into a line, every 64-byte
+    (AVX-512) load straddles two lines and so does every other 32-byte one, in the step
+    kernels' rows and in OpenBLAS's unpacked operands.  The array is a view of a byte buffer
+    it keeps alive (``.base``); the allocation costs about 2 us against ``numpy.empty``'s 0.2."""
+    dtype = np.dtype(dtype)
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    raw = np.empty(math.prod(shape) * dtype.itemsize + alignment, np.uint8)
+    return np.ndarray(shape, dtype, raw, -raw.ctypes.data % alignment)
 
 
 def array_module(a):

@@ -100,7 +100,7 @@ class Workspace:
     def get(self, name, shape, dtype):
         buf = self._buffers.get(name)
         if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
-            buf = self.backend.empty(tuple(map(int, shape)), dtype)
+            buf = self.backend.buffer(tuple(map(int, shape)), dtype)
             self._buffers[name] = buf
         return buf
 

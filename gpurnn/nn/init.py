@@ -15,5 +15,6 @@ def uniform_params(shapes, hidden_size, dtype, backend, rng, forget_bias=None):
         host = rng.uniform(-bound, bound, size=shape)
         if forget_bias is not None and name.startswith("bias"):
             host[H:2 * H] = forget_bias if name.startswith("bias_ih") else 0.0
-        params[name] = backend.asarray(host.astype(dtype))
+        params[name] = backend.buffer(shape, dtype)
+        params[name][...] = backend.asarray(host.astype(dtype))
     return params
