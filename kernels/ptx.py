@@ -72,7 +72,8 @@ def write_all(out_dir, dtypes=("float32", "float64", "float16", "bfloat16"),
     """Write ``{name}-{dtype}-sm_{cc}.ptx`` for every kernel into ``out_dir``; return the paths.
 
     Needs Numba's real CUDA target: run it in a process without ``NUMBA_ENABLE_CUDASIM=1``
-    (``python -m gpurnn.kernels.ptx OUT_DIR``), as the tests and the resource report do."""
+    (``python -m gpurnn.kernels.ptx OUT_DIR [SM ...]``), as the tests and the resource report
+    do."""
     import os
 
     if cuda.config.ENABLE_CUDASIM:
@@ -91,7 +92,9 @@ def write_all(out_dir, dtypes=("float32", "float64", "float16", "bfloat16"),
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m gpurnn.kernels.ptx OUT_DIR")
-    for path in write_all(sys.argv[1]):
+    usage = "usage: python -m gpurnn.kernels.ptx OUT_DIR [SM ...]  (SM: 80, 90, ...; default 80 90)"
+    if len(sys.argv) < 2 or not all(sm.isdigit() and len(sm) == 2 for sm in sys.argv[2:]):
+        sys.exit(usage)
+    targets = tuple((int(sm[0]), int(sm[1])) for sm in sys.argv[2:]) or ((8, 0), (9, 0))
+    for path in write_all(sys.argv[1], ccs=targets):
         print(path)

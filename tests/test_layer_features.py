@@ -278,7 +278,8 @@ def test_zero_length_sequence(cell, opts, rng):
     for f, s in zip(state_tuple(final), state_tuple(state)):
         np.testing.assert_array_equal(f[:, 0], s[:, 0])
     dfinal = tuple(rng.standard_normal(f.shape) for f in state_tuple(final))
-    dx, d0 = layer.backward(rng.standard_normal(out.shape), dfinal if len(dfinal) == 2 else dfinal[0])
+    dx, d0 = layer.backward(rng.standard_normal(out.shape),
+                            dfinal if len(dfinal) == 2 else dfinal[0])
     assert not dx[:, 0].any()
     for d, df in zip(state_tuple(d0), dfinal):
         np.testing.assert_array_equal(d[:, 0], df[:, 0])

@@ -21,6 +21,7 @@ from gpurnn.kernels.updates import UPDATE_KERNELS
 
 NAMES = sorted(all_kernels(np.float32))
 HALF_NAMES = sorted(all_kernels("float16"))
+CCS = [(8, 0), (9, 0)]
 _F64 = re.compile(r"\.f64\b")
 _F32_MATH = re.compile(r"\b(fma\.rn|mul\.rn|add\.rn|mul|add|sub)\.f32\b")
 _MOVE_16 = re.compile(r"\b(ld|st)\.global\.(u16|b16)\b")
@@ -29,12 +30,17 @@ _FLOAT_MIN_MAX = re.compile(r"\b(?:min|max)(?:\.[a-zA-Z]+)*\.f(?:16|32|64)\b")
 
 @pytest.fixture(scope="module")
 def ptx(tmp_path_factory):
-    """{(name, dtype, cc): PTX text}, compiled once for the module, in a child process: this
-    session runs Numba's CUDA simulator (conftest.py), which has no compiler."""
+    """{(name, dtype, cc): PTX text}, compiled once for the module in child processes (this
+    session runs Numba's CUDA simulator, conftest.py, which has no compiler), one per target,
+    side by side: the slowest set-up of the suite, halved on two cores."""
     out_dir = tmp_path_factory.mktemp("ptx")
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    subprocess.run([sys.executable, "-m", "gpurnn.kernels.ptx", str(out_dir)], env=env,
-                   check=True, capture_output=True, timeout=900)
+    children = [subprocess.Popen([sys.executable, "-m", "gpurnn.kernels.ptx", str(out_dir),
+                                  f"{major}{minor}"], env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE) for major, minor in CCS]
+    for child in children:
+        _, err = child.communicate(timeout=900)
+        assert child.returncode == 0, err.decode()[-3000:]
     out = {}
     for path in out_dir.iterdir():
         name, dtype, sm = path.stem.split("-")
@@ -51,7 +57,7 @@ def _entry_params(text):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("cc", [(8, 0), (9, 0)], ids=["sm_80", "sm_90"])
+@pytest.mark.parametrize("cc", CCS, ids=["sm_80", "sm_90"])
 def test_compiles_and_float32_has_no_float64(ptx, name, cc):
     f32, f64 = ptx[name, "float32", cc], ptx[name, "float64", cc]
     target = f".target sm_{cc[0]}{cc[1]}"
@@ -62,7 +68,7 @@ def test_compiles_and_float32_has_no_float64(ptx, name, cc):
 
 @pytest.mark.parametrize("name", HALF_NAMES)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("cc", [(8, 0), (9, 0)], ids=["sm_80", "sm_90"])
+@pytest.mark.parametrize("cc", CCS, ids=["sm_80", "sm_90"])
 def test_half_step_kernels_store_16_bits_and_compute_in_float32(ptx, name, dtype, cc):
     text = ptx[name, dtype, cc]
     assert f".target sm_{cc[0]}{cc[1]}" in text
