@@ -349,18 +349,18 @@ class CUDABackend(Backend):
     def kernels(self, dtype):
         from .. import kernels
 
-        launchers = kernels.cuda_kernels(dtype, self.launch)
-        if self.simulator:
-            return launchers
-        stream = self._launch_stream()
-        return {name: functools.partial(fn, stream=stream) for name, fn in launchers.items()}
+        return self._on_current_stream(kernels.cuda_kernels(dtype, self.launch))
 
     def update_kernels(self, dtype):
         """The updates as CUDA kernels (launched as the step kernels, on CuPy's current
         stream)."""
         from ..kernels.updates import cuda_update_kernels
 
-        launchers = cuda_update_kernels(np.dtype(dtype).name, self.launch)
+        return self._on_current_stream(cuda_update_kernels(np.dtype(dtype).name, self.launch))
+
+    def _on_current_stream(self, launchers):
+        """``launchers`` (``{name: launch(..., stream)}``) bound to CuPy's current stream as it
+        is now; as they are under the simulator."""
         if self.simulator:
             return launchers
         stream = self._launch_stream()
